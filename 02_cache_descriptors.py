@@ -1,0 +1,104 @@
+"""Stage 02: one pass of the frozen CLIP text encoder over all text; cached, normalised features.
+
+Reads   corpus.json (stage 01) and the CLIP model.
+Writes  text_features.pt: corpus (N x d) + corpus_labels (N), descriptors (C x M x d) + desc_mask (C x M),
+        classname (C x d, the 80-template ensemble used for zero-shot and to initialise the classifier),
+        logit_scale, meta. This is the only stage that runs the text encoder (paper section 3.2).
+
+    python 02_cache_descriptors.py --corpus runs/places_lt/corpus.json --out runs/places_lt/text_features.pt \
+        --model ViT-B-16-quickgelu --pretrained openai
+
+Typical time: ImageNet-LT (100k corpus sentences + 10k descriptors + 80k prompts) about 1 min on one
+A100-class GPU; the toy world a few seconds on a laptop CPU.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, sentences, device, batch_size):
+    """Normalised text features (N, d) in float32, in input order; counts truncated sentences."""
+    feats, truncated = [], 0
+    context = getattr(tokenizer, "context_length", 77)
+    for i in tqdm(range(0, len(sentences), batch_size), desc="text", leave=False, disable=len(sentences) < 5000):
+        tokens = tokenizer(sentences[i:i + batch_size])
+        truncated += int((tokens[:, -1] != 0).sum())  # the last slot is only filled when the text did not fit
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            f = model.encode_text(tokens.to(device))
+        feats.append(F.normalize(f.float(), dim=-1).cpu())
+    if truncated:
+        print(f"note: {truncated} of {len(sentences)} sentences were longer than {context} tokens and truncated")
+    return torch.cat(feats), truncated
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", required=True, help="corpus.json from stage 01")
+    p.add_argument("--out", required=True, help="text_features.pt to write")
+    p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (paper: ViT-B/16)")
+    p.add_argument("--pretrained", default="openai", help="weights: hub tag, local file, or none (paper: OpenAI CLIP)")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    p.add_argument("--batch-size", type=int, default=1024, help="sentences per text-encoder batch")
+    args = p.parse_args(argv)
+
+    # ---- setup ----
+    t0 = time.time()
+    device = common.pick_device(args.device)
+    corpus = json.loads(Path(args.corpus).read_text(encoding="utf-8"))
+    classnames, sentences, descriptors = corpus["classnames"], corpus["sentences"], corpus["descriptors"]
+    num_classes = len(classnames)
+    if len(sentences) != num_classes or len(descriptors) != num_classes:
+        raise SystemExit(f"{args.corpus}: {num_classes} class names but {len(sentences)} sentence lists and "
+                         f"{len(descriptors)} descriptor lists")
+
+    # ---- model ----
+    import open_clip
+    torch.manual_seed(0)  # random-weight models ('none') are then reproducible
+    model, _, _, name = common.load_clip(args.model, args.pretrained, device)
+    tokenizer = open_clip.get_tokenizer(name)
+    embed_dim = model.text_projection.shape[-1] if model.text_projection is not None else model.visual.output_dim
+
+    # ---- encode ----
+    flat = [s for c in range(num_classes) for s in sentences[c]]
+    labels = torch.tensor([c for c in range(num_classes) for _ in sentences[c]])
+    corpus_feats, trunc_corpus = encode_texts(model, tokenizer, flat, device, args.batch_size)
+
+    m = max(len(d) for d in descriptors)
+    flat_desc = [d for ds in descriptors for d in ds]
+    desc_flat, trunc_desc = encode_texts(model, tokenizer, flat_desc, device, args.batch_size)
+    desc_feats = torch.zeros(num_classes, m, desc_flat.shape[1])
+    desc_mask = torch.zeros(num_classes, m, dtype=torch.bool)
+    i = 0
+    for c, ds in enumerate(descriptors):
+        desc_feats[c, :len(ds)] = desc_flat[i:i + len(ds)]
+        desc_mask[c, :len(ds)] = True
+        i += len(ds)
+
+    # zero-shot classifier: mean of the 80 template features per class (CLIP's prompt ensemble)
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+    prompts = [t(n) for n in classnames for t in OPENAI_IMAGENET_TEMPLATES]
+    prompt_feats, _ = encode_texts(model, tokenizer, prompts, device, args.batch_size)
+    classname_feats = F.normalize(prompt_feats.view(num_classes, len(OPENAI_IMAGENET_TEMPLATES), -1).mean(1), dim=-1)
+
+    # ---- save ----
+    meta = common.make_meta("02_cache_descriptors", args, dataset=corpus["meta"]["dataset"], num_classes=num_classes,
+                            model=name, pretrained=args.pretrained, embed_dim=int(embed_dim),
+                            truncated={"corpus": trunc_corpus, "descriptors": trunc_desc})
+    common.atomic_torch_save(dict(corpus=corpus_feats.half(), corpus_labels=labels, descriptors=desc_feats,
+                                  desc_mask=desc_mask, classname=classname_feats,
+                                  descriptor_texts=descriptors,
+                                  logit_scale=float(model.logit_scale.exp()), meta=meta), args.out)
+    print(f"text features: {len(flat)} corpus, {len(flat_desc)} descriptors (M = {m}), {num_classes} class prompts, "
+          f"d = {embed_dim} in {time.time() - t0:.1f}s on {device} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+# HLC reproducibility kit. `make help` lists the targets; `make -n all DATASET=imagenet_lt` previews a chain.
+SHELL := bash
+.DELETE_ON_ERROR:
+.SUFFIXES:
+.DEFAULT_GOAL := all
+
+# ---- knobs (override on the command line: make all DATASET=places_lt DATA_ROOT=/data/places365) ----
+DATASET   ?= toy
+DATA_ROOT ?= data/$(DATASET)
+RUN       ?= runs/$(DATASET)
+SEED      ?= 0
+DEVICE    ?= auto
+ifeq ($(DATASET),toy)
+MODEL       ?= $(DATA_ROOT)/clip/toy-clip.json
+PRETRAINED  ?= $(DATA_ROOT)/clip/toy-clip.pt
+EPOCHS      ?= 10
+DESCRIPTORS ?= $(DATA_ROOT)/descriptors.json
+WIKI        ?= $(DATA_ROOT)/wiki
+TOY_DATA    := $(DATA_ROOT)/.complete
+TRAIN_ARGS  ?= --batch-size 32 --workers 2
+EVAL_ARGS   ?= --workers 2
+else
+MODEL       ?= ViT-B-16-quickgelu
+PRETRAINED  ?= openai
+EPOCHS      ?= 30
+DESCRIPTORS ?= $(wildcard $(DATA_ROOT)/descriptors.json)
+WIKI        ?= $(wildcard $(DATA_ROOT)/wiki)
+TOY_DATA    :=
+endif
+CORPUS_ARGS ?=
+FEATURE_ARGS ?=
+TRAIN_ARGS  ?=
+EVAL_ARGS   ?=
+
+# ---- python: a virtual environment from requirements.txt, unless PY points at your own interpreter ----
+VENV := .venv
+PY   ?= $(VENV)/bin/python
+SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
+
+# ---- each stage's arguments; written to $(RUN)/params/<stage> only when they change, so make re-runs
+#      exactly the stages whose inputs or knobs changed ----
+CORPUS_PARAMS  := --dataset $(DATASET) --data-root $(DATA_ROOT) --seed $(SEED) \
+                  $(if $(WIKI),--wiki $(WIKI)) $(if $(DESCRIPTORS),--descriptors $(DESCRIPTORS)) $(CORPUS_ARGS)
+FEATURE_PARAMS := --model $(MODEL) --pretrained $(PRETRAINED) --device $(DEVICE) $(FEATURE_ARGS)
+TRAIN_PARAMS   := --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) --pretrained $(PRETRAINED) \
+                  --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) $(TRAIN_ARGS)
+EVAL_PARAMS    := --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) --pretrained $(PRETRAINED) \
+                  --device $(DEVICE) --seed $(SEED) $(EVAL_ARGS)
+write_params = $(shell mkdir -p $(RUN)/params && echo '$(strip $(2))' | cmp -s - $(RUN)/params/$(1) \
+                 || echo '$(strip $(2))' > $(RUN)/params/$(1))
+ifneq ($(filter-out help test test-fast setup clean clean-toy,$(or $(MAKECMDGOALS),all)),)
+_ := $(call write_params,corpus,$(CORPUS_PARAMS))$(call write_params,features,$(FEATURE_PARAMS))
+_ := $(call write_params,train,$(TRAIN_PARAMS))$(call write_params,eval,$(EVAL_PARAMS))
+endif
+
+.PHONY: all corpus features train eval test test-fast setup help clean clean-toy toy
+
+all: $(RUN)/results.json ## the whole chain: corpus -> text features -> training -> evaluation
+	@cat $(RUN)/results.md
+
+corpus: $(RUN)/corpus.json ## stage 01: class names, text corpus, descriptors
+features: $(RUN)/text_features.pt ## stage 02: cached CLIP text features
+train: $(RUN)/coarse.pt ## stage 03: prompts, classifier, descriptor weights
+eval: $(RUN)/results.json ## stage 04: variants, K sweep, predictions, explanations
+toy: $(DATA_ROOT)/.complete ## stage 00: build the toy world (DATASET=toy only)
+
+$(DATA_ROOT)/.complete: 00_make_toy.py common.py $(SETUP)
+	$(PY) 00_make_toy.py --out $(DATA_ROOT) --seed $(SEED)
+
+$(RUN)/corpus.json: 01_build_corpus.py common.py $(RUN)/params/corpus $(DESCRIPTORS) $(TOY_DATA) $(SETUP)
+	$(PY) 01_build_corpus.py $(CORPUS_PARAMS) --out $@
+
+$(RUN)/text_features.pt: 02_cache_descriptors.py common.py $(RUN)/corpus.json $(RUN)/params/features
+	$(PY) 02_cache_descriptors.py --corpus $(RUN)/corpus.json $(FEATURE_PARAMS) --out $@
+
+$(RUN)/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(RUN)/params/train
+	$(PY) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) --out $@
+
+$(RUN)/results.json: 04_eval_hlc.py common.py $(RUN)/coarse.pt $(RUN)/text_features.pt $(RUN)/params/eval
+	$(PY) 04_eval_hlc.py --features $(RUN)/text_features.pt --coarse $(RUN)/coarse.pt $(EVAL_PARAMS) --out $@
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	touch $@
+
+setup: $(SETUP) ## create the virtual environment (make all and make test do this themselves)
+
+test: $(SETUP) ## every test, the slow toy-world run included
+	$(PY) -m pytest -q tests
+
+test-fast: $(SETUP) ## the tests without the slow toy-world run
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean: ## remove this dataset's run directory
+	rm -rf $(RUN)
+
+clean-toy: ## remove the generated toy world
+	rm -rf data/toy runs/toy
+
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
+	@echo; echo "Variables: DATASET=$(DATASET) DATA_ROOT=$(DATA_ROOT) RUN=$(RUN) MODEL=$(MODEL) PRETRAINED=$(PRETRAINED)"
+	@echo "           EPOCHS=$(EPOCHS) SEED=$(SEED) DEVICE=$(DEVICE) DESCRIPTORS=$(DESCRIPTORS) WIKI=$(WIKI) PY=$(PY)"
+	@echo "           CORPUS_ARGS, FEATURE_ARGS, TRAIN_ARGS, EVAL_ARGS pass any other flag to a stage"

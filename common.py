@@ -1,0 +1,468 @@
+"""What two or more HLC stages share: dataset facts and loaders, CLIP loading, the VPT-deep wrapper,
+the scoring functions of the method (Eq. 2, 4, Algorithm 1), metrics and atomic I/O.
+
+Nothing here runs on import. Each function is small enough to read in one go.
+"""
+import difflib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------
+# datasets (SPEC section 3)
+# ---------------------------------------------------------------------------------------------------
+
+# Per-dataset facts. Any other dataset name uses the generic layout (train.txt, val.txt, test.txt,
+# classnames.txt under the data root).
+DATASETS = {
+    "imagenet_lt": dict(
+        num_classes=1000, eval_split="test",
+        splits={"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"},
+        lines={"train": 115846, "val": 20000, "test": 50000},
+        source="the OLTR release (github.com/zhmiao/OpenLongTailRecognition-OLTR, ImageNet_LT_*.txt), "
+               "paths relative to the ILSVRC2012 root (train/<wnid>/..., val/<wnid>/...)"),
+    "places_lt": dict(
+        num_classes=365, eval_split="test",
+        splits={"train": "Places_LT_train.txt", "val": "Places_LT_val.txt", "test": "Places_LT_test.txt"},
+        lines={"train": 62500, "val": 7300, "test": 36500},
+        source="the OLTR release (Places_LT_*.txt), paths relative to the Places365-standard root"),
+    "inat2018": dict(
+        num_classes=8142, eval_split="val",
+        splits={"train": "iNaturalist18_train.txt", "val": "iNaturalist18_val.txt"},
+        json={"train": "train2018.json", "val": "val2018.json"},
+        lines={"train": 437513, "val": 24426},
+        source="the iNaturalist 2018 competition (train2018.json, val2018.json, categories.json) or the "
+               "iNaturalist18_{train,val}.txt lists of the LT codebases (e.g. PaCo, RIDE)"),
+}
+GENERIC_SPLITS = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
+
+
+def dataset_info(name):
+    """Facts for a known dataset, or the generic layout's."""
+    if name in DATASETS:
+        return DATASETS[name]
+    return dict(num_classes=None, eval_split="test", splits=GENERIC_SPLITS, lines={},
+                source="you: one 'relative/path label' per line, next to classnames.txt (one name per line)")
+
+
+def readable_name(folder):
+    """'/b/bakery/shop' -> 'bakery shop'; 'swimming_pool-outdoor' -> 'swimming pool outdoor'."""
+    name = re.sub(r"^/[a-z]/", "", folder.strip())
+    return re.sub(r"\s+", " ", re.sub(r"[_/\-]", " ", name)).strip()
+
+
+def class_names(dataset, root):
+    """Class names indexed by label. A classnames.txt under the root overrides the defaults."""
+    root = Path(root)
+    override = root / "classnames.txt"
+    if override.exists():
+        names = [ln.strip() for ln in override.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    elif dataset == "imagenet_lt":
+        import open_clip
+        names = list(open_clip.IMAGENET_CLASSNAMES)  # two names repeat: everything is keyed by index
+    elif dataset == "places_lt":
+        cats = root / "categories_places365.txt"
+        if cats.exists():  # '/a/airfield 0' per line
+            rows = [ln.rsplit(maxsplit=1) for ln in cats.read_text().splitlines() if ln.strip()]
+            names = [readable_name(r[0]) for r in sorted(rows, key=lambda r: int(r[1]))]
+        elif (root / "train").is_dir():
+            names = [readable_name(d.name) for d in sorted((root / "train").iterdir()) if d.is_dir()]
+        else:
+            raise FileNotFoundError(f"{root}: need classnames.txt, categories_places365.txt or a train/ folder "
+                                    "of class folders to name the Places-LT classes")
+    elif dataset == "inat2018":
+        cats = root / "categories.json"
+        if not cats.exists():
+            raise FileNotFoundError(f"{cats}: not found. The names in train2018.json are obfuscated; "
+                                    "categories.json comes with the iNaturalist 2018 competition files")
+        rows = json.loads(cats.read_text())
+        names = [c["name"] for c in sorted(rows, key=lambda c: c["id"])]
+    else:
+        raise FileNotFoundError(f"{override}: not found. A dataset in the generic layout needs "
+                                "classnames.txt (one class name per line, line i = label i)")
+    expected = dataset_info(dataset)["num_classes"]
+    if expected is not None and len(names) != expected:
+        raise ValueError(f"{dataset}: found {len(names)} class names under {root}, expected {expected}")
+    return names
+
+
+def _split_path(root, dataset, split):
+    info = dataset_info(dataset)
+    if split not in info["splits"]:
+        raise ValueError(f"{dataset} has no '{split}' split (it has: {', '.join(info['splits'])})")
+    return Path(root) / info["splits"][split]
+
+
+def read_split(root, dataset, split, num_classes, check_files=True):
+    """Read one split as a list of (image path, label, where), `where` = 'file:line' for error messages.
+
+    OLTR format: 'relative/path label' per line; paths are relative to the data root. iNaturalist
+    2018 may instead come as COCO-style JSON (images and annotations paired by id, label = category_id).
+    """
+    info = dataset_info(dataset)
+    path = _split_path(root, dataset, split)
+    if path.exists():
+        samples = _read_txt_split(path, num_classes)
+    elif "json" in info and (Path(root) / info["json"][split]).exists():
+        samples = _read_coco_split(Path(root) / info["json"][split], num_classes)
+    else:
+        wanted = ", ".join(info["splits"].values())
+        alt = f" (or {', '.join(info['json'].values())})" if "json" in info else ""
+        raise FileNotFoundError(f"{path}: split file not found. {dataset} expects {wanted}{alt} in {root}; "
+                                f"they come from {info['source']}")
+    expected = info["lines"].get(split)
+    if expected is not None and len(samples) != expected:
+        raise ValueError(f"{path}: {len(samples)} entries, but {dataset} '{split}' has {expected}; "
+                         "is this the right file for this dataset?")
+    samples = [(os.path.join(root, rel.lstrip("/")), label, where) for rel, label, where in samples]
+    if check_files:
+        for p, _, where in samples:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{where}: image not found: {p}")
+    return samples
+
+
+def _read_txt_split(path, num_classes):
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(maxsplit=1)
+            where = f"{path}:{lineno}"
+            if len(parts) != 2:
+                raise ValueError(f"{where}: expected 'relative/path label', got {line.strip()!r}")
+            try:
+                label = int(parts[1])
+            except ValueError:
+                raise ValueError(f"{where}: label {parts[1]!r} is not an integer") from None
+            if not 0 <= label < num_classes:
+                raise ValueError(f"{where}: label {label} is outside [0, {num_classes})")
+            samples.append((parts[0], label, where))
+    return samples
+
+
+def _read_coco_split(path, num_classes):
+    data = json.loads(Path(path).read_text())
+    files = {im["id"]: im["file_name"] for im in data["images"]}  # pair by id, never by position
+    samples = []
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}:annotations[{i}]"
+        if ann["image_id"] not in files:
+            raise ValueError(f"{where}: image_id {ann['image_id']} has no entry in 'images'")
+        label = int(ann["category_id"])
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{where}: category_id {label} is outside [0, {num_classes})")
+        samples.append((files[ann["image_id"]], label, where))
+    return samples
+
+
+class ImageList(torch.utils.data.Dataset):
+    """(image, label) from read_split's list; an unreadable image names its split file and line."""
+
+    def __init__(self, samples, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, label, where = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as e:
+            raise RuntimeError(f"{where}: cannot read image {path}: {e}") from None
+        return self.transform(image), label
+
+
+def class_counts(samples, num_classes):
+    return np.bincount([s[1] for s in samples], minlength=num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP (SPEC section 5)
+# ---------------------------------------------------------------------------------------------------
+
+def resolve_model_name(model):
+    """An open_clip model name, or a path to a model-config JSON (registered, named by its stem)."""
+    import open_clip
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: model config not found")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model not in open_clip.list_models():
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=5)
+        raise ValueError(f"unknown open_clip model {model!r}; close names: {', '.join(close)}")
+    return model
+
+
+def load_clip(model, pretrained, device="cpu"):
+    """Frozen open_clip model in eval mode, plus its train and eval transforms and resolved name.
+
+    `pretrained`: a hub tag ('openai'), a local checkpoint file, or 'none' for random weights.
+    """
+    import open_clip
+    name = resolve_model_name(model)
+    tag = None if pretrained in (None, "", "none") else pretrained
+    if tag == "openai" and "quickgelu" not in name.lower() and name.startswith("ViT"):
+        print(f"warning: OpenAI weights were trained with QuickGELU; {name} builds GELU and loses accuracy "
+              f"(open_clip issues #1109, #771). Use {name}-quickgelu.", file=sys.stderr)
+    model_, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(name, pretrained=tag,
+                                                                                     device=device)
+    model_.eval().requires_grad_(False)
+    return model_, preprocess_train, preprocess_val, name
+
+
+def drop_text_tower(model):
+    """Remove the text encoder from a loaded CLIP: past stage 02 only cached text features are used."""
+    for name in ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text"):
+        if hasattr(model, name):
+            delattr(model, name)
+    return model
+
+
+def count_parameters(module):
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def image_autocast(device):
+    """bf16 autocast for the image tower on CUDA; a no-op elsewhere (CPU bf16 is slow and lossy)."""
+    device = torch.device(device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class PromptedVisual(nn.Module):
+    """VPT-deep (paper Eq. 3) around a frozen open_clip VisionTransformer.
+
+    Layer i < depth sees `num_tokens` learnable prompts spliced in after CLS (layer 0 inserts them,
+    later layers overwrite the previous layer's prompt outputs); layers from `depth` on run without
+    them. With num_tokens = 0 this is exactly `visual(images)`.
+    """
+
+    def __init__(self, visual, num_tokens=20, depth=12):
+        super().__init__()
+        self.visual = visual
+        blocks = visual.transformer.resblocks
+        if not getattr(visual.transformer, "batch_first", True):
+            raise ValueError("PromptedVisual needs a batch-first open_clip VisionTransformer (open_clip >= 3)")
+        self.num_tokens, self.depth = num_tokens, min(depth, len(blocks)) if num_tokens else 0
+        width = visual.conv1.out_channels
+        patch = visual.conv1.kernel_size[0]
+        bound = math.sqrt(6.0 / (3 * patch * patch + width))  # VPT's init: +-0.0625 for ViT-B/16
+        self.prompts = nn.Parameter(torch.empty(self.depth, num_tokens, width).uniform_(-bound, bound))
+        self.grad_checkpointing = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.visual.eval()  # frozen backbone stays in eval mode (no dropout, fixed norms)
+        return self
+
+    def forward(self, images):
+        v, n = self.visual, self.num_tokens
+        x = v._embeds(images)  # (B, 1 + P, width), CLS first
+        for i, block in enumerate(v.transformer.resblocks):
+            if i < self.depth:
+                prompts = self.prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)
+                rest = x[:, 1:] if i == 0 else x[:, 1 + n:]
+                x = torch.cat([x[:, :1], prompts, rest], dim=1)  # (B, 1 + N + P, width)
+            elif i == self.depth and n:
+                x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        if self.depth == len(v.transformer.resblocks) and n:
+            x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+        pooled, _ = v._pool(x)
+        return pooled @ v.proj if v.proj is not None else pooled
+
+
+# ---------------------------------------------------------------------------------------------------
+# the method's arithmetic
+# ---------------------------------------------------------------------------------------------------
+
+def cosine_logits(features, weights, scale):
+    """Eq. 1: scale * cos(W_cls, v). features (B, d), weights (C, d) -> (B, C)."""
+    return scale * F.normalize(features, dim=-1) @ F.normalize(weights, dim=-1).T
+
+
+def mixup(features, targets, lam, perm):
+    """Eq. 2, shared-space mixup: mix features (B, d) and soft targets (B, C) with a shuffled copy."""
+    return lam * features + (1 - lam) * features[perm], lam * targets + (1 - lam) * targets[perm]
+
+
+def soft_cross_entropy(logits, targets):
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def descriptor_weights(w_llm, mask):
+    """softmax over each class's descriptors (C, M); padded slots (mask False) get weight 0."""
+    return torch.softmax(w_llm.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def descriptor_scores(features, desc_feats, mask, w_llm=None):
+    """Algorithm 1's re-ranking score for every class: sum_m softmax(W_llm[c])_m * cos(v, D[c, m]).
+
+    features (B, d), desc_feats (C, M, d) normalised, mask (C, M) bool, w_llm (C, M) or None for the
+    plain average. Algorithm 1 prints a mean over M, i.e. this sum / M: the same argmax whenever every
+    class has M descriptors, and a proper weighted average when some have fewer. Because cosines are
+    linear in v, the weighted sum collapses into one prototype per class: (B, d) @ (d, C).
+    """
+    if w_llm is None:
+        w_llm = torch.zeros(mask.shape, device=desc_feats.device)
+    w = descriptor_weights(w_llm, mask)  # (C, M)
+    prototypes = (w.unsqueeze(-1) * desc_feats).sum(1)  # (C, d)
+    return F.normalize(features, dim=-1) @ prototypes.T
+
+
+def logit_adjust(logits, prior, tau=1.0):
+    """Eq. 4, post-hoc logit adjustment: z - tau * log(pi). Works on torch tensors and numpy arrays."""
+    if isinstance(logits, np.ndarray):
+        return logits - tau * np.log(prior)
+    return logits - tau * torch.log(prior)
+
+
+def class_prior(counts):
+    """pi_c = n_c / sum n. A class with no training image counts as one, so log(pi) stays finite."""
+    counts = np.maximum(np.asarray(counts, dtype=np.float64), 1)
+    return (counts / counts.sum()).astype(np.float32)
+
+
+def rerank(adjusted, scores, k):
+    """Top-k of the adjusted logits, then the candidate with the highest descriptor score (numpy).
+
+    adjusted, scores: (B, C). Candidates are ranked by adjusted logit (stable order); ties in score go
+    to the better-ranked candidate. k >= C re-ranks over every class.
+    """
+    k = min(k, adjusted.shape[1])
+    cand = np.argsort(-adjusted, axis=1, kind="stable")[:, :k]  # (B, k)
+    best = np.argmax(np.take_along_axis(scores, cand, axis=1), axis=1)
+    return cand[np.arange(len(cand)), best]
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------
+
+SHOT_RULES = {
+    # LIFT, LPT, Imbalance-VLM: many n > 100, medium 20 <= n <= 100, few n < 20
+    "lift": lambda n: np.where(n > 100, 0, np.where(n >= 20, 1, 2)),
+    # VL-LTR and current OLTR code: many n >= 100, few n <= 20
+    "vl-ltr": lambda n: np.where(n >= 100, 0, np.where(n > 20, 1, 2)),
+}
+GROUPS = ("many", "medium", "few")
+
+
+def shot_groups(counts, rule="lift"):
+    """Group index per class: 0 many, 1 medium, 2 few."""
+    return SHOT_RULES[rule](np.asarray(counts))
+
+
+def accuracy_report(preds, labels, counts, rule="lift"):
+    """{overall, many, medium, few} in percent. Overall is plain top-1; a group's accuracy is the mean
+    of its classes' accuracies (classes without test images are left out; an empty group is None)."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    num_classes = len(counts)
+    correct = np.bincount(labels, weights=(preds == labels), minlength=num_classes)
+    seen = np.bincount(labels, minlength=num_classes)
+    per_class = np.divide(correct, seen, out=np.zeros(num_classes), where=seen > 0)
+    groups = shot_groups(counts, rule)
+    report = {"overall": round(100.0 * float((preds == labels).mean()), 2)}
+    for g, name in enumerate(GROUPS):
+        members = (groups == g) & (seen > 0)
+        report[name] = round(100.0 * float(per_class[members].mean()), 2) if members.any() else None
+    return report
+
+
+def shot_counts(counts, rule="lift"):
+    groups = shot_groups(counts, rule)
+    return {name: int((groups == g).sum()) for g, name in enumerate(GROUPS)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# files: atomic writes and meta
+# ---------------------------------------------------------------------------------------------------
+
+def atomic_write_text(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def atomic_torch_save(obj, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_savez(path, **arrays):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what):
+    """torch.load(weights_only=True) with a clear message when the file is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; it is written by {what}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_meta(stage, args, **facts):
+    """The meta dict every stage output carries: what made it and from what."""
+    import open_clip
+    versions = {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(np.__version__),
+                "open_clip": str(open_clip.__version__)}
+    return dict(stage=stage, args=vars(args), versions=versions, git_commit=git_commit(), **facts)
+
+
+def check_meta(meta, path, **expected):
+    """Stop with a clear message when an input file was made for another dataset, model or width."""
+    wrong = [f"{k}: file has {meta.get(k)!r}, this run needs {v!r}"
+             for k, v in expected.items() if meta.get(k) != v]
+    if wrong:
+        raise SystemExit(f"{path} does not fit this run ({'; '.join(wrong)}). It was made by "
+                         f"{meta.get('stage', 'another stage')} with other settings: rebuild it "
+                         "(make removes stale files) or point this stage at the right file.")

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny dataset in the generic layout and a tiny random CLIP config, made on the fly."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY_CLIP = {
+    "embed_dim": 32, "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+COLOURS = {"red square": (220, 30, 30), "green square": (30, 200, 40), "blue square": (30, 40, 220),
+           "yellow square": (230, 220, 30), "purple square": (150, 40, 170)}
+TRAIN_COUNTS = (24, 12, 6, 3, 2)  # long-tailed
+TEST_PER_CLASS = 4
+
+
+def load_stage(name):
+    """Import a numbered stage script (its file name is not a valid module name)."""
+    spec = importlib.util.spec_from_file_location(name.replace(".py", "").replace("0", "s0", 1), ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_tiny_world(root):
+    """A few classes of coloured squares, a few dozen 32 px images, in the generic layout."""
+    from PIL import Image
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    names = list(COLOURS)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = {"train": [], "test": []}
+    for label, name in enumerate(names):
+        for split, n in (("train", TRAIN_COUNTS[label]), ("test", TEST_PER_CLASS)):
+            for i in range(n):
+                img = np.full((32, 32, 3), 245, np.uint8)
+                x, y = rng.integers(0, 12, size=2)
+                img[y:y + 20, x:x + 20] = COLOURS[name]
+                img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+                rel = f"images/{split}_{label}_{i}.png"
+                Image.fromarray(img).save(root / rel)
+                lines[split].append(f"{rel} {label}")
+    for split, rows in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    (root / "classnames.txt").write_text("\n".join(names) + "\n")
+    descriptors = {n: [f"a {n.split()[0]} colour", "four straight edges", "a flat shape", "it smells of paint"]
+                   for n in names}
+    descriptors[names[-1]] = descriptors[names[-1]][:2]  # a class with fewer descriptors than the others
+    (root / "descriptors.json").write_text(json.dumps(descriptors))
+    (root / "wiki").mkdir(exist_ok=True)
+    for label, name in enumerate(names):
+        (root / "wiki" / f"desc_{label}.txt").write_text(
+            f"== {name} ==\nA {name} is a shape. It is {name.split()[0]}.\n== References ==\nIgnored text here.\n")
+    (root / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    return make_tiny_world(tmp_path_factory.mktemp("tiny"))
