@@ -87,6 +87,7 @@ def main(argv=None):
     device = common.pick_device(args.device)
     out = Path(args.out)
     last_path, log_path = out.with_name("last.pt"), out.with_name("log.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
     # ---- data ----

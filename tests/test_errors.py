@@ -1,0 +1,131 @@
+"""Bad input gets a clear error naming the file and line or value."""
+import json
+import shutil
+
+import pytest
+
+import common
+from conftest import load_stage
+
+corpus_stage = load_stage("01_build_corpus.py")
+
+
+def copy_world(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_split_file_says_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        common.read_split(tmp_path, "places_lt", "train", 365)
+    msg = str(e.value)
+    assert "Places_LT_train.txt" in msg and "Places_LT_test.txt" in msg and "OLTR" in msg and str(tmp_path) in msg
+    with pytest.raises(FileNotFoundError, match="train2018.json"):
+        common.read_split(tmp_path, "inat2018", "train", 8142)
+    with pytest.raises(FileNotFoundError, match="test.txt.*classnames.txt"):
+        common.read_split(tmp_path, "mydata", "test", 3)
+
+
+def test_bad_label_names_file_and_line(tiny_world, tmp_path):
+    root = copy_world(tiny_world, tmp_path / "w")
+    lines = (root / "train.txt").read_text().splitlines()
+    lines[6] = lines[6].rsplit(maxsplit=1)[0] + " seven"
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"train.txt:7: label 'seven' is not an integer"):
+        common.read_split(root, "tiny", "train", 5)
+    lines[6] = lines[6].rsplit(maxsplit=1)[0] + " 5"
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"train.txt:7: label 5 is outside \[0, 5\)"):
+        common.read_split(root, "tiny", "train", 5)
+
+
+def test_missing_and_unreadable_images(tiny_world, tmp_path):
+    root = copy_world(tiny_world, tmp_path / "w")
+    first = (root / "test.txt").read_text().splitlines()[2].split()[0]
+    (root / first).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"test.txt:3: image not found: .*{first}"):
+        common.read_split(root, "tiny", "test", 5)
+    (root / first).write_bytes(b"this is not a png")
+    samples = common.read_split(root, "tiny", "test", 5)
+    with pytest.raises(RuntimeError, match=rf"test.txt:3: cannot read image .*{first}"):
+        common.ImageList(samples, lambda im: im)[2]
+
+
+def test_wrong_line_count_for_known_dataset(tmp_path):
+    (tmp_path / "Places_LT_train.txt").write_text("a/b.jpg 0\n")
+    with pytest.raises(ValueError, match=r"Places_LT_train.txt: 1 entries, but places_lt 'train' has 62500"):
+        common.read_split(tmp_path, "places_lt", "train", 365, check_files=False)
+
+
+def test_inat_json_pairs_images_and_annotations_by_id(tmp_path):
+    images = [{"id": 10, "file_name": "train_val2018/A/1/x.jpg"}, {"id": 3, "file_name": "train_val2018/B/2/y.jpg"}]
+    annotations = [{"image_id": 3, "category_id": 2}, {"image_id": 10, "category_id": 1}]
+    (tmp_path / "train2018.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    info = common.DATASETS["inat2018"]
+    old = info["lines"]["train"]
+    info["lines"]["train"] = 2
+    try:
+        samples = common.read_split(tmp_path, "inat2018", "train", 8142, check_files=False)
+    finally:
+        info["lines"]["train"] = old
+    assert [(s[0].split("/")[-1], s[1]) for s in samples] == [("y.jpg", 2), ("x.jpg", 1)]
+
+
+def test_name_normalisation():
+    assert corpus_stage.normalise_name("Swimming_Pool/Indoor") == "swimming pool indoor"
+    assert corpus_stage.normalise_name("crane (bird)") == "crane"
+    assert corpus_stage.normalise_name("  bakery-shop ") == "bakery shop"
+
+
+def test_descriptor_names_are_matched_by_name_and_aliases(tmp_path):
+    classnames = ["airfield", "bakery shop", "corn field", "swimming pool indoor", "hockey arena"]
+    data = {"swimming_pool/indoor": ["blue water"], "Airfield (place)": ["runways", "a control tower"],
+            "bakery-shop": ["bread on shelves"], "corn_field": [], "ice hockey rink": ["a rink with ice"]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as e:
+        corpus_stage.read_named_json(path, classnames, {})
+    msg = str(e.value)
+    assert "1 names match no class name" in msg and "'ice hockey rink'" in msg and "hockey arena" in msg
+    assert "--aliases" in msg
+    per_class = corpus_stage.read_named_json(path, classnames, {"ice hockey rink": "hockey arena"})
+    assert per_class == [["runways", "a control tower"], ["bread on shelves"], [], ["blue water"],
+                         ["a rink with ice"]]
+
+
+def test_descriptor_keys_are_mapped_by_name_not_order(tiny_world, tmp_path):
+    root = copy_world(tiny_world, tmp_path / "w")
+    data = json.loads((root / "descriptors.json").read_text())
+    reordered = {k: [f"This sentence is only for the {k}."] for k in reversed(list(data))}
+    (root / "descriptors.json").write_text(json.dumps(reordered))
+    corpus_stage.main(["--dataset", "tiny", "--data-root", str(root), "--descriptors", str(root / "descriptors.json"),
+                       "--out", str(tmp_path / "corpus.json")])
+    corpus = json.loads((tmp_path / "corpus.json").read_text())
+    for name, descs in zip(corpus["classnames"], corpus["descriptors"]):
+        assert descs == [f"This sentence is only for the {name}."]
+
+
+def test_stage01_without_descriptor_source_says_how(tiny_world, tmp_path):
+    with pytest.raises(SystemExit, match="--descriptors"):
+        corpus_stage.main(["--dataset", "tiny", "--data-root", str(tiny_world), "--out", str(tmp_path / "c.json")])
+
+
+def test_wiki_reader_drops_reference_sections(tmp_path):
+    (tmp_path / "desc_0.txt").write_text(
+        "== Airfield ==\nAn airfield has runways. It has hangars!\n== External links ==\nSee http://x.\n"
+        "== History ==\nBuilt in 1920.\n== References ==\n1. A book.\n", encoding="utf-8")
+    (tmp_path / "desc_1.txt").write_bytes("== 机场 ==\n机场有跑道.\n".encode("gbk"))
+    assert corpus_stage.read_wiki_file(tmp_path / "desc_0.txt") == \
+        ["An airfield has runways.", "It has hangars!", "Built in 1920."]
+    assert corpus_stage.read_wiki_file(tmp_path / "desc_1.txt") == ["机场有跑道."]
+
+
+def test_class_names_for_places_categories_file(tmp_path):
+    (tmp_path / "categories_places365.txt").write_text("/b/bakery/shop 1\n/a/airfield 0\n")
+    info = dict(common.DATASETS["places_lt"], num_classes=2)
+    old = common.DATASETS["places_lt"]
+    common.DATASETS["places_lt"] = info
+    try:
+        assert common.class_names("places_lt", tmp_path) == ["airfield", "bakery shop"]
+    finally:
+        common.DATASETS["places_lt"] = old

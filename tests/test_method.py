@@ -1,0 +1,92 @@
+"""The method's arithmetic against values computed by hand."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+
+def test_logit_adjust_by_hand():
+    z = torch.tensor([[2.0, 1.0, 0.5]])
+    prior = torch.tensor([0.7, 0.2, 0.1])
+    expected = [2.0 - math.log(0.7), 1.0 - math.log(0.2), 0.5 - math.log(0.1)]  # 2.357, 2.609, 2.803
+    assert torch.allclose(common.logit_adjust(z, prior, 1.0), torch.tensor([expected]))
+    half = common.logit_adjust(z.numpy(), prior.numpy(), 0.5)
+    assert np.allclose(half, [[2.0 - 0.5 * math.log(0.7), 1.0 - 0.5 * math.log(0.2), 0.5 - 0.5 * math.log(0.1)]])
+    # the head class wins before adjustment, the tail class after
+    assert int(z.argmax()) == 0 and int(common.logit_adjust(z, prior).argmax()) == 2
+
+
+def test_class_prior_counts_empty_class_as_one():
+    assert np.allclose(common.class_prior([3, 1, 0]), [3 / 5, 1 / 5, 1 / 5])
+
+
+def test_descriptor_scores_by_hand():
+    # two classes, M = 3; class 1 has only two descriptors (third slot masked)
+    d = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]],
+                      [[-1.0, 0.0], [0.0, -1.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    w = torch.tensor([[0.0, math.log(2.0), 0.0], [0.0, 0.0, 50.0]])  # class 0: softmax = 1/4, 1/2, 1/4
+    v = torch.tensor([[3.0, 4.0]])  # normalised to (0.6, 0.8)
+    # class 0: 1/4 * 0.6 + 1/2 * 0.8 + 1/4 * (0.36 + 0.64) = 0.15 + 0.4 + 0.25 = 0.8
+    # class 1: 1/2 * (-0.6) + 1/2 * (-0.8) = -0.7 (the masked slot's weight 50 and feature are ignored)
+    got = common.descriptor_scores(v, d, mask, w)
+    assert torch.allclose(got, torch.tensor([[0.8, -0.7]]), atol=1e-6)
+    # unweighted: plain average over the valid descriptors
+    # class 0: (0.6 + 0.8 + 1.0) / 3 = 0.8; class 1: -0.7
+    assert torch.allclose(common.descriptor_scores(v, d, mask), torch.tensor([[0.8, -0.7]]), atol=1e-6)
+    w2 = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # class 0 almost all on descriptor 0
+    assert abs(float(common.descriptor_scores(v, d, mask, w2)[0, 0]) - 0.6) < 1e-3
+
+
+def test_descriptor_weights_are_softmax_over_valid_slots():
+    w = common.descriptor_weights(torch.zeros(2, 4), torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool))
+    assert torch.allclose(w, torch.tensor([[0.25] * 4, [1.0, 0, 0, 0]]))
+
+
+def test_mixup_by_hand():
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    y = torch.eye(3)
+    perm = torch.tensor([2, 0, 1])
+    mf, my = common.mixup(f, y, 0.75, perm)
+    assert torch.allclose(mf, torch.tensor([[0.75 + 0.5, 0.5], [0.25, 0.75], [1.5, 1.75]]))
+    assert torch.allclose(my, torch.tensor([[0.75, 0, 0.25], [0.25, 0.75, 0], [0, 0.25, 0.75]]))
+    assert torch.allclose(my.sum(1), torch.ones(3))
+
+
+def test_soft_cross_entropy_matches_hard_on_one_hot():
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
+    y = torch.tensor([1, 2])
+    assert torch.allclose(common.soft_cross_entropy(logits, torch.eye(3)[y]),
+                          torch.nn.functional.cross_entropy(logits, y))
+
+
+def test_shot_groups_both_rules():
+    counts = np.array([101, 100, 20, 19, 500, 21, 5])
+    assert common.shot_groups(counts, "lift").tolist() == [0, 1, 1, 2, 0, 1, 2]
+    assert common.shot_groups(counts, "vl-ltr").tolist() == [0, 0, 2, 2, 0, 1, 2]
+    assert common.shot_counts(counts, "lift") == {"many": 2, "medium": 3, "few": 2}
+
+
+def test_accuracy_report_by_hand():
+    counts = np.array([200, 50, 5])  # many, medium, few
+    labels = np.array([0, 0, 0, 0, 1, 1, 2])
+    preds = np.array([0, 0, 0, 1, 1, 0, 0])
+    r = common.accuracy_report(preds, labels, counts)
+    assert r == {"overall": round(100 * 4 / 7, 2), "many": 75.0, "medium": 50.0, "few": 0.0}
+
+
+def test_rerank_picks_best_scoring_candidate():
+    adjusted = np.array([[5.0, 4.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    scores = np.array([[0.1, 0.2, 0.9, 0.95], [0.5, 0.1, 0.1, 0.2]])
+    assert common.rerank(adjusted, scores, 1).tolist() == [0, 3]  # K = 1: the classifier alone
+    assert common.rerank(adjusted, scores, 3).tolist() == [2, 3]  # class 3 (score .95) is not a candidate
+    assert common.rerank(adjusted, scores, 99).tolist() == [3, 0]  # K >= C: over every class
+
+
+@pytest.mark.parametrize("rule", ["lift", "vl-ltr"])
+def test_shot_rules_cover_every_class(rule):
+    groups = common.shot_groups(np.arange(0, 300), rule)
+    assert set(groups.tolist()) == {0, 1, 2}
