@@ -74,6 +74,9 @@ def main(argv=None):
                    help="temperature t of the descriptor loss; 0 = CLIP's own logit scale (paper: not given)")
     p.add_argument("--desc-loss-weight", type=float, default=1.0,
                    help="weight of the descriptor loss; 0 leaves W_llm uniform (paper: not given, summed)")
+    p.add_argument("--desc-loss-la", type=float, default=1.0,
+                   help="logit-adjusted descriptor loss: add this * log(pi) to the descriptor scores during training, "
+                        "so the re-ranker is not biased to head classes; 0 = plain cross-entropy (paper: not given)")
     p.add_argument("--prompt-tokens", type=int, default=20, help="VPT tokens per layer N; 0 = linear probe (paper: 20)")
     p.add_argument("--prompt-depth", type=int, default=12, help="layers with prompts L_p (paper: 12)")
     p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
@@ -114,6 +117,7 @@ def main(argv=None):
     corpus_feats = text["corpus"].to(device)
     corpus = CorpusSampler(text["corpus_labels"], num_classes)
     desc_temp = args.desc_temp or text["logit_scale"]
+    log_prior = torch.log(torch.from_numpy(common.class_prior(counts))).to(device)  # (C,)
     trainable = [vpt.prompts, w_cls, w_llm]
     total, _ = common.count_parameters(clip)
     n_train = sum(t.numel() for t in trainable)
@@ -177,6 +181,7 @@ def main(argv=None):
             loss = loss_cls
             if args.desc_loss_weight:
                 desc = desc_temp * common.descriptor_scores(v, desc_feats, desc_mask, w_llm)  # (B, C)
+                desc = desc + args.desc_loss_la * log_prior  # LA loss (Menon et al. 2021): a balanced re-ranker
                 loss = loss + args.desc_loss_weight * F.cross_entropy(desc, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

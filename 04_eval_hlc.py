@@ -16,6 +16,7 @@ import argparse
 import base64
 import html
 import io
+import json
 import time
 from pathlib import Path
 
@@ -113,6 +114,22 @@ def write_explanations(path, chosen, samples, feats, adjusted, preds, labels, gr
     common.atomic_write_text(path, page)
 
 
+def planted_weight_means(kinds_path, classnames, descriptor_texts, w_llm, mask):
+    """Mean learned weight of each planted kind of descriptor (toy world: descriptor_kinds.json)."""
+    kinds = json.loads(Path(kinds_path).read_text())
+    weights = common.descriptor_weights(w_llm, mask)
+    by_kind = {}
+    for c, name in enumerate(classnames):
+        for m, text in enumerate(descriptor_texts[c]):
+            kind = kinds.get(name, {}).get(text)
+            if kind:
+                by_kind.setdefault(kind, []).append(float(weights[c, m]))
+    means = {kind: round(float(np.mean(v)), 4) for kind, v in sorted(by_kind.items())}
+    distractors = [w for kind, v in by_kind.items() if kind != "visual" for w in v]
+    means["distractor"] = round(float(np.mean(distractors)), 4) if distractors else None
+    return means
+
+
 def results_table(results):
     lines = [f"# HLC results: {results['dataset']} ({results['num_test']} test images, K = {results['k']}, "
              f"tau = {results['tau']}, shot rule {results['shot_rule']})", "",
@@ -120,6 +137,9 @@ def results_table(results):
     fmt = lambda x: "-" if x is None else f"{x:.2f}"
     for name, r in list(results["variants"].items()) + [(f"K = {k}", r) for k, r in results["topk_sweep"].items()]:
         lines.append(f"| {name} | {fmt(r['many'])} | {fmt(r['medium'])} | {fmt(r['few'])} | {fmt(r['overall'])} |")
+    if "descriptor_weights" in results:
+        dw = results["descriptor_weights"]
+        lines += ["", "Mean learned descriptor weight: " + ", ".join(f"{k} {v}" for k, v in dw.items()) + "."]
     counts = results["shot_counts"]
     lines += ["", f"Classes per group: many {counts['many']}, medium {counts['medium']}, few {counts['few']}."]
     return "\n".join(lines) + "\n"
@@ -210,6 +230,11 @@ def main(argv=None):
                    topk_sweep={k: report(pr) for k, pr in sweep.items()},
                    zero_shot_reweighted=report(arrays["zs_desc_scores"].astype(np.float32).argmax(1)),
                    shot_counts=common.shot_counts(counts, args.shot_rule), shot_rule=args.shot_rule)
+
+    kinds = Path(args.data_root) / "descriptor_kinds.json"
+    if kinds.exists():  # the toy world says which descriptors it planted as right, non-visual or wrong
+        results["descriptor_weights"] = planted_weight_means(kinds, classnames, text["descriptor_texts"],
+                                                             coarse["w_llm"], text["desc_mask"])
 
     # ---- save ----
     arrays.update({f"pred_{name}": preds[name].astype(np.int64) for name in VARIANTS})

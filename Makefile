@@ -13,11 +13,11 @@ DEVICE    ?= auto
 ifeq ($(DATASET),toy)
 MODEL       ?= $(DATA_ROOT)/clip/toy-clip.json
 PRETRAINED  ?= $(DATA_ROOT)/clip/toy-clip.pt
-EPOCHS      ?= 10
+EPOCHS      ?= 30
 DESCRIPTORS ?= $(DATA_ROOT)/descriptors.json
 WIKI        ?= $(DATA_ROOT)/wiki
 TOY_DATA    := $(DATA_ROOT)/.complete
-TRAIN_ARGS  ?= --batch-size 32 --workers 2
+TRAIN_ARGS  ?= --batch-size 32 --lr 5e-3 --workers 2
 EVAL_ARGS   ?= --workers 2
 else
 MODEL       ?= ViT-B-16-quickgelu
@@ -66,6 +66,10 @@ toy: $(DATA_ROOT)/.complete ## stage 00: build the toy world (DATASET=toy only)
 
 $(DATA_ROOT)/.complete: 00_make_toy.py common.py $(SETUP)
 	$(PY) 00_make_toy.py --out $(DATA_ROOT) --seed $(SEED)
+
+ifeq ($(DATASET),toy)
+$(DESCRIPTORS): $(TOY_DATA) ;
+endif
 
 $(RUN)/corpus.json: 01_build_corpus.py common.py $(RUN)/params/corpus $(DESCRIPTORS) $(TOY_DATA) $(SETUP)
 	$(PY) 01_build_corpus.py $(CORPUS_PARAMS) --out $@

@@ -1,0 +1,57 @@
+"""The toy world through make, twice with the same seed (slow: about 7 min on a 2-core CPU)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run_toy(tmp, name):
+    data, run = tmp / f"data_{name}", tmp / f"run_{name}"
+    out = subprocess.run(["make", "-C", str(ROOT), "all", "DATASET=toy", f"DATA_ROOT={data}", f"RUN={run}",
+                          f"PY={sys.executable}"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads((run / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("toy")
+    return run_toy(tmp, "a"), run_toy(tmp, "b")
+
+
+def test_toy_world_shot_groups_are_all_present(toy_runs):
+    counts = toy_runs[0]["shot_counts"]
+    assert all(counts[g] > 0 for g in ("many", "medium", "few")), counts
+
+
+def test_logit_adjustment_lifts_few_shot(toy_runs):
+    v = toy_runs[0]["variants"]
+    assert v["coarse_la"]["few"] >= v["coarse"]["few"] + 5
+
+
+def test_learned_weights_beat_plain_average(toy_runs):
+    v = toy_runs[0]["variants"]
+    assert v["hlc"]["overall"] >= v["hlc_unweighted"]["overall"]
+
+
+def test_learned_weights_silence_planted_distractors(toy_runs):
+    w = toy_runs[0]["descriptor_weights"]
+    assert w["distractor"] < w["visual"], w
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: on the toy world's tiny frozen CLIP, prompts + classifier do not "
+                                       "beat zero-shot by 10 points (README, 'The toy world')")
+def test_hlc_beats_zero_shot_by_ten_points(toy_runs):
+    v = toy_runs[0]["variants"]
+    assert v["hlc"]["overall"] >= v["zero_shot"]["overall"] + 10
+
+
+def test_same_seed_same_numbers(toy_runs):
+    a, b = toy_runs
+    for key in ("variants", "topk_sweep", "descriptor_weights", "shot_counts"):
+        assert a[key] == b[key], key
