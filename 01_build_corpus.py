@@ -13,12 +13,13 @@ sentences are counted and truncated by the tokenizer in stage 02.
 import argparse
 import difflib
 import json
+import os
 import random
 import re
-from collections import Counter
 from pathlib import Path
 
 import common
+import llm
 
 # Wikipedia sections that carry no description of the class (VL-LTR drops them too)
 DROPPED_SECTIONS = {"external links", "references", "further reading", "bibliography", "see also", "notes"}
@@ -142,6 +143,30 @@ def balance(per_class, n, rng):
     return out
 
 
+def ask_llm(args, classnames):
+    """Descriptors (and CuPL sentences) from a chat model, through the on-disk answer cache."""
+    cache = llm.Cache(args.llm_cache or Path(args.out).with_name("llm_cache.jsonl"))
+    jobs = llm.plan_requests(classnames, args.llm_model, cache, args.num_descriptors, args.cupl_answers)
+    missing = sum(not cached for _, cached in jobs)
+    if args.dry_run:
+        raise SystemExit(f"dry run: {len(jobs)} first requests for {len(classnames)} classes, {len(jobs) - missing} "
+                         f"cached, {missing} to ask {args.llm_model} at {args.llm_base_url} (plus re-asks for answers "
+                         f"with fewer than {args.num_descriptors} items)")
+    client = llm.ChatClient(args.llm_base_url, args.llm_model, args.llm_key, args.llm_temperature, args.llm_timeout,
+                           backoff=args.llm_backoff)
+    print(f"asking {args.llm_model} at {args.llm_base_url}: {missing} of {len(jobs)} requests not cached "
+          f"({cache.path})")
+    asked = llm.generate(classnames, client, cache, args.num_descriptors, args.cupl_answers, args.llm_concurrency,
+                         args.llm_max_asks, args.llm_question)
+    print(f"llm: {asked['requests']} requests, {asked['stats']['cached']} answers from the cache")
+    if asked["failures"]:
+        print(f"warning: {len(asked['failures'])} classes got no answer: " + "; ".join(asked["failures"][:5]))
+    if asked["short"]:
+        print(f"warning: {len(asked['short'])} classes have fewer than {args.num_descriptors} descriptors after "
+              f"{args.llm_max_asks} answers: {', '.join(asked['short'][:10])}")
+    return asked
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, help="imagenet_lt, places_lt, inat2018, or any name (generic layout)")
@@ -157,7 +182,23 @@ def main(argv=None):
     p.add_argument("--per-class", type=int, default=100,
                    help="balance the corpus to this many sentences per class, 0 = keep all (paper: balanced, "
                         "count not given; kit: 100)")
-    p.add_argument("--llm-model", default="", help="ask an LLM for descriptors (not in this version of the kit)")
+    p.add_argument("--llm-model", default="", help="ask this chat model for the descriptors (paper: gpt-3.5-turbo); "
+                                                   "naming one turns the LLM on")
+    p.add_argument("--llm-base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+                   help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI)")
+    p.add_argument("--llm-key", default=os.environ.get("OPENAI_API_KEY", ""),
+                   help="API key (default: $OPENAI_API_KEY); never written to disk or logs")
+    p.add_argument("--llm-temperature", type=float, default=0.7, help="sampling temperature (paper: not given)")
+    p.add_argument("--llm-concurrency", type=int, default=8, help="requests in flight at once")
+    p.add_argument("--llm-timeout", type=float, default=60.0, help="seconds before a request is retried")
+    p.add_argument("--llm-backoff", type=float, default=1.0, help="first retry wait in seconds, doubled each retry")
+    p.add_argument("--llm-max-asks", type=int, default=3, help="answers asked per class when one has fewer than M items")
+    p.add_argument("--llm-question", default=llm.DESCRIPTOR_QUESTION,
+                   help="descriptor question; {m} = M, {c} = class name, {a} = a/an (paper: the default)")
+    p.add_argument("--cupl-answers", type=int, default=0,
+                   help="with --llm-model: answers per CuPL question (5 questions) added to the corpus; 0 = none")
+    p.add_argument("--llm-cache", default="", help="answer cache (JSONL; default: llm_cache.jsonl next to --out)")
+    p.add_argument("--dry-run", action="store_true", help="print how many LLM requests this run would make, then stop")
     p.add_argument("--seed", type=int, default=0, help="seed for balancing")
     args = p.parse_args(argv)
 
@@ -175,6 +216,9 @@ def main(argv=None):
         sources["wiki"] = wiki_sentences(args.wiki, num_classes)
     if args.cupl:
         sources["cupl"] = read_named_json(args.cupl, classnames, aliases)
+    asked = ask_llm(args, classnames) if args.llm_model else None
+    if asked and args.cupl_answers:
+        sources["cupl_llm"] = asked["cupl"]
     if not sources:
         raise SystemExit("no corpus source: keep --templates on, or give --wiki or --cupl")
     merged = [sum((src[c] for src in sources.values()), []) for c in range(num_classes)]
@@ -185,12 +229,16 @@ def main(argv=None):
         merged = balance(merged, args.per_class, rng)
 
     # ---- descriptors ----
-    if args.llm_model:
-        raise SystemExit("--llm-model: asking an LLM is not built yet; import descriptors with --descriptors")
-    if not args.descriptors:
+    if asked:
+        raw = asked["descriptors"]
+        if args.descriptors:
+            print(f"note: descriptors come from {args.llm_model}; {args.descriptors} is not used")
+    elif args.descriptors:
+        raw = read_named_json(args.descriptors, classnames, aliases)
+    else:
         raise SystemExit("no descriptor source: give --descriptors FILE.json (VCD-style {class name: [descriptors]}, "
-                         "e.g. from 'Visual Classification via Description' or CuPL). Make: DESCRIPTORS=FILE.json")
-    raw = read_named_json(args.descriptors, classnames, aliases)
+                         "e.g. from 'Visual Classification via Description' or CuPL; Make: DESCRIPTORS=FILE.json), "
+                         "or ask an LLM with --llm-model NAME (Make: LLM_MODEL=NAME; key in OPENAI_API_KEY)")
     descriptors, short = [], []
     for c, name in enumerate(classnames):
         kept = list(dict.fromkeys(raw[c]))[:args.num_descriptors]  # drop repeats, keep order
@@ -204,13 +252,20 @@ def main(argv=None):
               + ", ".join(f"{n} ({k})" for n, k in short[:10]) + (" ..." if len(short) > 10 else ""))
 
     # ---- save ----
-    per_source = {name: dict(Counter(len(s) for s in src).most_common(3)) for name, src in sources.items()}
-    summary = {name: {"sentences": sum(len(s) for s in src),
-                      "min_per_class": min(len(s) for s in src), "max_per_class": max(len(s) for s in src)}
-               for name, src in sources.items()}
+    summary = {name: {"sentences": sum(len(s) for s in src), "min_per_class": min(len(s) for s in src),
+                      "median_per_class": sorted(len(s) for s in src)[num_classes // 2],
+                      "max_per_class": max(len(s) for s in src)} for name, src in sources.items()}
+    for name, row in summary.items():
+        print(f"source {name}: {row['sentences']} sentences, per class min {row['min_per_class']} / median "
+              f"{row['median_per_class']} / max {row['max_per_class']}")
+    per_class = {name: [len(s) for s in src] for name, src in sources.items()}
+    llm_meta = None
+    if asked:
+        llm_meta = dict(model=args.llm_model, base_url=args.llm_base_url, requests=asked["requests"],
+                        stats=asked["stats"], short=asked["short"], failures=asked["failures"])
     meta = common.make_meta("01_build_corpus", args, dataset=args.dataset, num_classes=num_classes,
-                            sources=summary, per_class_lengths=per_source,
-                            classes_short_of_descriptors=[n for n, _ in short])
+                            sources=summary, per_class_sentences=per_class, balanced_to=args.per_class or None,
+                            classes_short_of_descriptors=[n for n, _ in short], llm=llm_meta)
     common.atomic_write_json(args.out, dict(classnames=classnames, sentences=merged, descriptors=descriptors,
                                             meta=meta))
     total = sum(len(s) for s in merged)

@@ -27,6 +27,7 @@ DESCRIPTORS ?= $(wildcard $(DATA_ROOT)/descriptors.json)
 WIKI        ?= $(wildcard $(DATA_ROOT)/wiki)
 TOY_DATA    :=
 endif
+LLM_MODEL   ?=
 CORPUS_ARGS ?=
 FEATURE_ARGS ?=
 TRAIN_ARGS  ?=
@@ -40,7 +41,8 @@ SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
 # ---- each stage's arguments; written to $(RUN)/params/<stage> only when they change, so make re-runs
 #      exactly the stages whose inputs or knobs changed ----
 CORPUS_PARAMS  := --dataset $(DATASET) --data-root $(DATA_ROOT) --seed $(SEED) \
-                  $(if $(WIKI),--wiki $(WIKI)) $(if $(DESCRIPTORS),--descriptors $(DESCRIPTORS)) $(CORPUS_ARGS)
+                  $(if $(WIKI),--wiki $(WIKI)) $(if $(DESCRIPTORS),--descriptors $(DESCRIPTORS)) \
+                  $(if $(LLM_MODEL),--llm-model $(LLM_MODEL)) $(CORPUS_ARGS)
 FEATURE_PARAMS := --model $(MODEL) --pretrained $(PRETRAINED) --device $(DEVICE) $(FEATURE_ARGS)
 TRAIN_PARAMS   := --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) --pretrained $(PRETRAINED) \
                   --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) $(TRAIN_ARGS)
@@ -71,7 +73,7 @@ ifeq ($(DATASET),toy)
 $(DESCRIPTORS): $(TOY_DATA) ;
 endif
 
-$(RUN)/corpus.json: 01_build_corpus.py common.py $(RUN)/params/corpus $(DESCRIPTORS) $(TOY_DATA) $(SETUP)
+$(RUN)/corpus.json: 01_build_corpus.py llm.py common.py $(RUN)/params/corpus $(DESCRIPTORS) $(TOY_DATA) $(SETUP)
 	$(PY) 01_build_corpus.py $(CORPUS_PARAMS) --out $@
 
 $(RUN)/text_features.pt: 02_cache_descriptors.py common.py $(RUN)/corpus.json $(RUN)/params/features
@@ -106,4 +108,5 @@ help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
 	@echo; echo "Variables: DATASET=$(DATASET) DATA_ROOT=$(DATA_ROOT) RUN=$(RUN) MODEL=$(MODEL) PRETRAINED=$(PRETRAINED)"
 	@echo "           EPOCHS=$(EPOCHS) SEED=$(SEED) DEVICE=$(DEVICE) DESCRIPTORS=$(DESCRIPTORS) WIKI=$(WIKI) PY=$(PY)"
+	@echo "           LLM_MODEL=$(LLM_MODEL) (a chat model for the descriptors; key in OPENAI_API_KEY, endpoint in OPENAI_BASE_URL)"
 	@echo "           CORPUS_ARGS, FEATURE_ARGS, TRAIN_ARGS, EVAL_ARGS pass any other flag to a stage"

@@ -455,7 +455,8 @@ def make_meta(stage, args, **facts):
     import open_clip
     versions = {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(np.__version__),
                 "open_clip": str(open_clip.__version__)}
-    return dict(stage=stage, args=vars(args), versions=versions, git_commit=git_commit(), **facts)
+    safe_args = {k: v for k, v in vars(args).items() if "key" not in k}  # an API key never reaches a file
+    return dict(stage=stage, args=safe_args, versions=versions, git_commit=git_commit(), **facts)
 
 
 def check_meta(meta, path, **expected):

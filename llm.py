@@ -1,0 +1,237 @@
+"""Stage 01's LLM client: OpenAI-compatible chat completions, cached on disk, resumable, retried.
+
+Standard library only (urllib + threads): the protocol is one JSON POST, and a client library would be one
+more dependency for every user, most of whom import descriptors from a file. Works with OpenAI and with local
+servers that speak the same protocol (vLLM, llama.cpp, Ollama).
+
+The cache is a JSONL file: one line per answer, appended and flushed the moment the answer arrives, keyed by
+(model, prompt, class, sample index). A rerun asks only for what is missing. The API key is sent in a header
+and never written or printed.
+"""
+import json
+import os
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+DESCRIPTOR_QUESTION = "List {m} useful features for distinguishing {c} in a photo."  # the paper's (Places-LT)
+CUPL_QUESTIONS = (  # CuPL's five ImageNet questions (Pratt et al. 2022)
+    "Describe what {a} {c} looks like",
+    "How can you identify {a} {c}?",
+    "What does {a} {c} look like?",
+    "Describe an image from the internet of {a} {c}",
+    "A caption of an image of {a} {c}:",
+)
+RETRY_HINT = " Answer with exactly {m} numbered lines, one feature per line."
+
+
+class LLMFatal(SystemExit):
+    """An answer that retrying cannot fix (bad key, unknown model): stop the run at once."""
+
+
+def article(name):
+    return "an" if name[:1].lower() in "aeiou" else "a"
+
+
+def parse_list(text):
+    """Items of a numbered, bulleted or plain-line list; a preamble line ending in ':' is dropped."""
+    items = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or (line.endswith(":") and not items):
+            continue
+        item = re.sub(r"^(\(?\d{1,2}[.):]|[-*\u2022\u2013])\s*", "", line).strip().strip("*").strip()
+        if item:
+            items.append(item)
+    return items
+
+
+def split_sentences(text):
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.replace("\n", " ")) if len(s.strip()) > 3]
+
+
+class Cache:
+    """Append-only JSONL of answers. A torn last line (a killed run) is ignored on reading."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.lock = threading.Lock()
+        self.answers = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.answers[self.key(row["model"], row["prompt"], row["class"], row["sample"])] = row["answer"]
+
+    @staticmethod
+    def key(model, prompt, cls, sample):
+        return json.dumps([model, prompt, cls, sample])
+
+    def get(self, model, prompt, cls, sample):
+        return self.answers.get(self.key(model, prompt, cls, sample))
+
+    def put(self, model, prompt, cls, sample, answer):
+        row = dict(model=model, prompt=prompt, **{"class": cls}, sample=sample, answer=answer, time=time.time())
+        with self.lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.answers[self.key(model, prompt, cls, sample)] = answer
+
+
+class ChatClient:
+    """POST {base_url}/chat/completions with retries for timeouts, 429 (Retry-After) and 5xx."""
+
+    def __init__(self, base_url, model, api_key="", temperature=0.7, timeout=60.0, max_retries=6, backoff=1.0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.temperature, self.timeout = model, temperature, timeout
+        self.max_retries, self.backoff = max_retries, backoff
+        self._key = api_key
+        self.requests = 0
+
+    def __repr__(self):  # never shows the key
+        return f"ChatClient({self.url!r}, model={self.model!r})"
+
+    def ask(self, prompt):
+        body = json.dumps({"model": self.model, "temperature": self.temperature,
+                           "messages": [{"role": "user", "content": prompt}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        for attempt in range(self.max_retries + 1):
+            wait = self.backoff * 2 ** attempt
+            try:
+                self.requests += 1
+                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode(errors="replace")
+                if e.code in (401, 403):
+                    raise LLMFatal(f"{self.url} answered {e.code} ({e.reason}): check the API key (--llm-key or "
+                                   "OPENAI_API_KEY) and that it may use this endpoint") from None
+                if e.code == 404 or "model" in detail.lower() and e.code == 400:
+                    raise LLMFatal(f"{self.url} answered {e.code}: model {self.model!r} not found? "
+                                   f"Server said: {detail}") from None
+                if e.code == 429 or e.code >= 500:
+                    retry_after = e.headers.get("Retry-After")
+                    if retry_after:
+                        try:
+                            wait = max(wait, float(retry_after))
+                        except ValueError:
+                            pass
+                    error = f"HTTP {e.code}"
+                else:
+                    raise LLMFatal(f"{self.url} answered {e.code}: {detail}") from None
+            except (socket.timeout, TimeoutError) as e:
+                error = f"timeout after {self.timeout}s ({e})"
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, (socket.timeout, TimeoutError)):
+                    error = f"timeout after {self.timeout}s"
+                else:
+                    error = f"connection failed ({e.reason})"
+            except (KeyError, IndexError, json.JSONDecodeError) as e:
+                error = f"unexpected answer format ({e})"
+            if attempt < self.max_retries:
+                time.sleep(wait)
+        raise RuntimeError(f"{self.url}: no answer after {self.max_retries + 1} tries (last: {error})")
+
+
+def plan_requests(classnames, model, cache, num_descriptors, cupl_answers):
+    """The (kind, class, prompt, sample) jobs a run needs; those already cached are marked so."""
+    jobs = []
+    for c, name in enumerate(classnames):
+        q = DESCRIPTOR_QUESTION.format(m=num_descriptors, c=name, a=article(name))
+        jobs.append(("descriptors", c, q, 0))
+        for template in CUPL_QUESTIONS if cupl_answers else ():
+            for s in range(cupl_answers):
+                jobs.append(("cupl", c, template.format(c=name, a=article(name)), s))
+    return [(job, cache.get(model, job[2], classnames[job[1]], job[3]) is not None) for job in jobs]
+
+
+def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, concurrency=8, max_asks=3,
+             question=DESCRIPTOR_QUESTION, progress=True):
+    """Descriptors [C][<=M] and CuPL sentences [C][*] from the LLM, through the cache.
+
+    A descriptor answer with fewer than M items is asked again (up to max_asks answers per class, with a hint
+    to give exactly M lines); classes still short are returned in `short`.
+    """
+    from tqdm import tqdm
+    model = client.model
+    stats = dict(done=0, cached=0, failed=0)
+    bar = tqdm(total=len(classnames) * (1 + 5 * cupl_answers), desc="llm", disable=not progress)
+    lock = threading.Lock()
+
+    def answer(prompt, cls, sample):
+        cached = cache.get(model, prompt, classnames[cls], sample)
+        if cached is not None:
+            with lock:
+                stats["cached"] += 1
+            return cached
+        text = client.ask(prompt)
+        cache.put(model, prompt, classnames[cls], sample, text)
+        with lock:
+            stats["done"] += 1
+        return text
+
+    def descriptors_of(c):
+        name = classnames[c]
+        base = question.format(m=num_descriptors, c=name, a=article(name))
+        items = []
+        for sample in range(max_asks):
+            prompt = base if sample == 0 else base + RETRY_HINT.format(m=num_descriptors)
+            for item in parse_list(answer(prompt, c, sample)):
+                if item not in items:
+                    items.append(item)
+            if len(items) >= num_descriptors:
+                break
+        return items[:num_descriptors]
+
+    def cupl_of(c):
+        name = classnames[c]
+        out = []
+        for template in CUPL_QUESTIONS:
+            for s in range(cupl_answers):
+                out += split_sentences(answer(template.format(c=name, a=article(name)), c, s))
+        return out
+
+    descriptors, cupl = [None] * len(classnames), [[] for _ in classnames]
+    failures = []
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = {pool.submit(descriptors_of, c): ("descriptors", c) for c in range(len(classnames))}
+        if cupl_answers:
+            futures.update({pool.submit(cupl_of, c): ("cupl", c) for c in range(len(classnames))})
+        try:
+            for fut in as_completed(futures):
+                kind, c = futures[fut]
+                try:
+                    result = fut.result()
+                except LLMFatal:
+                    raise
+                except RuntimeError as e:
+                    stats["failed"] += 1
+                    failures.append(f"{classnames[c]} ({kind}): {e}")
+                    result = [] if kind == "cupl" else None
+                if kind == "descriptors":
+                    descriptors[c] = result
+                else:
+                    cupl[c] = result
+                bar.update(1 if kind == "descriptors" else 5 * cupl_answers)
+                bar.set_postfix(stats)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+    bar.close()
+    short = [classnames[c] for c, d in enumerate(descriptors) if d is None or len(d) < num_descriptors]
+    return dict(descriptors=[d or [] for d in descriptors], cupl=cupl, short=short, failures=failures,
+                stats=stats, requests=client.requests)

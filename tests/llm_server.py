@@ -1,0 +1,90 @@
+"""A chat-completions server on 127.0.0.1 for the LLM tests: list answers in several formats, and failures on
+demand. `python tests/llm_server.py` serves until Ctrl-C (the 1,000-class measurement in the README uses it)."""
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+FORMATS = (
+    lambda items: "\n".join(f"{i + 1}. {t}" for i, t in enumerate(items)),
+    lambda items: "Here are the features:\n" + "\n".join(f"{i + 1}) {t}" for i, t in enumerate(items)),
+    lambda items: "\n".join(f"- {t}" for t in items),
+    lambda items: "\n".join(f"* {t}" for t in items),
+    lambda items: "\n".join(f"\u2022 {t}" for t in items),
+    lambda items: "\n".join(items),
+)
+
+
+class FakeLLM:
+    """mode: 'ok', 'fail500' (two 500s per prompt first), '429' (one 429 with Retry-After first), 'hang' (first
+    request per prompt sleeps past the client's timeout), 'short' (first answer has 6 items), '401'."""
+
+    def __init__(self, mode="ok", delay=0.0, hang_seconds=1.5):
+        self.mode, self.delay, self.hang_seconds = mode, delay, hang_seconds
+        self.requests, self.per_prompt, self.auth = 0, {}, set()
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][0]["content"]
+                with fake.lock:
+                    fake.requests += 1
+                    n = fake.per_prompt[prompt] = fake.per_prompt.get(prompt, 0) + 1
+                    fake.auth.add(self.headers.get("Authorization", ""))
+                if fake.mode == "401":
+                    return self.reply(401, {"error": {"message": "invalid api key"}})
+                if fake.mode == "fail500" and n <= 2:
+                    return self.reply(500, {"error": "boom"})
+                if fake.mode == "429" and n == 1:
+                    return self.reply(429, {"error": "slow down"}, {"Retry-After": "1"})
+                if fake.mode == "hang" and n == 1:
+                    time.sleep(fake.hang_seconds)
+                time.sleep(fake.delay)
+                self.reply(200, {"choices": [{"message": {"role": "assistant", "content": fake.answer(prompt, n)}}]})
+
+            def reply(self, code, obj, headers=None):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def answer(self, prompt, n):
+        m = re.search(r"distinguishing (.+) in a photo", prompt)
+        name = m.group(1) if m else prompt
+        if not m:  # a CuPL question
+            return "It is a picture of the thing. It shows the thing clearly."
+        items = [f"feature {k} of {name}" for k in range(10)]
+        if self.mode == "short" and "exactly" not in prompt:  # the client's re-ask asks for exactly M lines
+            items = items[:6]
+        return FORMATS[sum(map(ord, name)) % len(FORMATS)](items)
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+if __name__ == "__main__":
+    with FakeLLM() as fake:
+        print(f"serving on {fake.url}", flush=True)
+        while True:
+            time.sleep(1)

@@ -1,0 +1,109 @@
+"""Stage 01 against a real chat-completions server on 127.0.0.1."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import llm
+from conftest import ROOT, load_stage
+from llm_server import FakeLLM
+
+corpus_stage = load_stage("01_build_corpus.py")
+KEY = "sk-test-DO-NOT-LEAK-4242"
+
+
+@pytest.fixture(scope="module")
+def world20(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm20")
+    names = [f"thing number {i}" if i % 3 else f"odd class {i}" for i in range(20)]
+    (root / "classnames.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def run_stage(root, out, url, *extra):
+    args = ["--dataset", "llmtest", "--data-root", str(root), "--out", str(out), "--llm-model", "fake-gpt",
+            "--llm-base-url", url, "--llm-key", KEY, "--llm-backoff", "0.05", "--llm-timeout", "0.5", *extra]
+    corpus_stage.main(args)
+    return json.loads(out.read_text())
+
+
+def test_parse_list_formats():
+    for fmt in ("1. a\n2. b", "Here you go:\n1) a\n2) b", "- a\n- b", "* a\n* b", "\u2022 a\n\u2022 b", "a\nb",
+                "1. **a**\n2. b"):
+        assert llm.parse_list(fmt) == ["a", "b"], fmt
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail500", "429", "hang", "short"])
+def test_twenty_classes_get_ten_descriptors(world20, tmp_path, mode):
+    with FakeLLM(mode) as server:
+        corpus = run_stage(world20, tmp_path / "corpus.json", server.url)
+    assert [len(d) for d in corpus["descriptors"]] == [10] * 20
+    for name, descs in zip(corpus["classnames"], corpus["descriptors"]):
+        assert descs[0].endswith(f"of {name}") or name in descs[0]
+    bound = {"ok": 20, "fail500": 60, "429": 40, "hang": 40, "short": 40}[mode]
+    assert server.requests == bound, (mode, server.requests)
+    assert corpus["meta"]["llm"]["model"] == "fake-gpt" and not corpus["meta"]["llm"]["short"]
+    rows = [json.loads(line) for line in (tmp_path / "llm_cache.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"fake-gpt"}
+
+
+def test_cupl_sentences_join_the_corpus(world20, tmp_path):
+    with FakeLLM() as server:
+        corpus = run_stage(world20, tmp_path / "corpus.json", server.url, "--cupl-answers", "2", "--per-class", "0")
+    assert server.requests == 20 + 20 * 5 * 2
+    assert corpus["meta"]["sources"]["cupl_llm"]["sentences"] == 20 * 5 * 2 * 2
+    assert corpus["meta"]["per_class_sentences"]["cupl_llm"] == [20] * 20
+    assert any("It is a picture of" in s for s in corpus["sentences"][0])
+
+
+def test_interrupted_run_resumes_from_the_cache(world20, tmp_path):
+    out = tmp_path / "corpus.json"
+    cache = tmp_path / "llm_cache.jsonl"
+    with FakeLLM(delay=0.2) as server:
+        cmd = [sys.executable, str(ROOT / "01_build_corpus.py"), "--dataset", "llmtest", "--data-root", str(world20),
+               "--out", str(out), "--llm-model", "fake-gpt", "--llm-base-url", server.url, "--llm-concurrency", "1"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, OPENAI_API_KEY=KEY))
+        deadline = time.time() + 60
+        while time.time() < deadline and (not cache.exists() or len(cache.read_text().splitlines()) < 5):
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        done = len(cache.read_text().splitlines())
+        assert 5 <= done < 20 and not out.exists()
+        before = server.requests
+        run_stage(world20, out, server.url)
+        assert server.requests - before == 20 - done  # only the classes not cached yet
+        before = server.requests
+        run_stage(world20, out, server.url)
+        assert server.requests == before  # a complete rerun asks nothing
+
+
+def test_dry_run_counts_requests(world20, tmp_path):
+    with FakeLLM() as server:
+        with pytest.raises(SystemExit, match="20 first requests for 20 classes, 0 cached, 20 to ask"):
+            run_stage(world20, tmp_path / "corpus.json", server.url, "--dry-run")
+    assert server.requests == 0
+
+
+def test_key_never_reaches_files_or_logs(world20, tmp_path, capsys):
+    with FakeLLM("fail500") as server:
+        run_stage(world20, tmp_path / "corpus.json", server.url)
+    assert server.auth == {f"Bearer {KEY}"}  # it was sent ...
+    captured = capsys.readouterr()
+    assert KEY not in captured.out and KEY not in captured.err  # ... but never printed
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path  # ... nor written
+
+
+def test_401_stops_at_once_and_says_what_to_check(world20, tmp_path):
+    with FakeLLM("401") as server:
+        with pytest.raises(SystemExit) as e:
+            run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "1")
+    msg = str(e.value)
+    assert "401" in msg and "OPENAI_API_KEY" in msg and server.url in msg and KEY not in msg
+    assert server.requests <= 2  # no retries, no further classes
