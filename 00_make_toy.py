@@ -30,9 +30,14 @@ COLOURS = {"red": (215, 40, 40), "orange": (240, 140, 30), "yellow": (230, 210, 
            "green": (45, 165, 60), "blue": (40, 80, 215), "purple": (135, 50, 170)}
 SHAPES = {  # shape -> a visual description in the captions' own words
     "circle": "a round shape with no corners", "square": "a shape with four equal sides and four corners",
-    "triangle": "a shape with three corners", "diamond": "a square standing on one of its corners",
+    "triangle": "a shape with three corners", "bar": "a long thin flat stripe lying sideways",
     "cross": "two bars crossing in the middle like a plus sign", "ring": "a hollow circle with a hole in the middle",
 }
+# The task names three shapes with words the tiny CLIP never saw in pretraining (like iNaturalist's Latin names
+# for CLIP): zero-shot prompts carry only the colour for those, while descriptors and Wikipedia text describe
+# them in words CLIP knows ("a shape with three corners").
+TASK_NAMES = {"circle": "disc", "square": "square", "triangle": "wedge", "bar": "bar", "cross": "cross",
+              "ring": "hoop"}
 SOUNDS = ["a soft humming", "a sharp whistle", "a low drum beat", "a ringing bell", "a crackling fire", "rain"]
 SMELLS = ["fresh lemons", "wet grass", "old paper", "warm bread", "sea salt", "pine needles"]
 YEARS = ["1820", "1871", "1903", "1936", "1958", "1989"]
@@ -52,8 +57,8 @@ def draw_shape(draw, shape, cx, cy, r, fill):
         draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
     elif shape == "triangle":
         draw.polygon([(cx, cy - r), (cx - 0.95 * r, cy + 0.75 * r), (cx + 0.95 * r, cy + 0.75 * r)], fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=fill)
+    elif shape == "bar":
+        draw.rectangle([cx - r, cy - 0.3 * r, cx + r, cy + 0.3 * r], fill=fill)
     elif shape == "cross":
         w = 0.32 * r
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
@@ -64,19 +69,17 @@ def draw_shape(draw, shape, cx, cy, r, fill):
 
 def render(colour, shape, rng, style):
     """One 32 px RGB image. 'catalogue': CLIP's pretraining style; 'field': the long-tailed task's style."""
-    if style == "catalogue":  # plain background of any colour, shape anywhere
-        img = Image.new("RGB", (CANVAS, CANVAS), tuple(int(v) for v in rng.integers(0, 256, 3)))
-        r, jitter = rng.uniform(12, 26), 20
-        cx, cy = rng.uniform(r + 2, CANVAS - r - 2, 2)
-    else:  # blotchy, sometimes striped background; smaller shapes with more colour jitter
-        base = rng.integers(60, 230, 3)
-        noise = rng.normal(0, 25, (8, 8, 3))
-        bg = np.clip(base + np.kron(noise, np.ones((8, 8, 1))), 0, 255).astype(np.uint8)
-        if rng.random() < 0.5:
+    blotchy = style == "field" or rng.random() < 0.5
+    if blotchy:  # low-frequency blotches, sometimes stripes
+        noise = rng.normal(0, 25 if style == "field" else 15, (8, 8, 3))
+        bg = np.clip(rng.integers(60, 230, 3) + np.kron(noise, np.ones((8, 8, 1))), 0, 255).astype(np.uint8)
+        if style == "field" and rng.random() < 0.5:
             bg[::int(rng.integers(6, 14))] = rng.integers(0, 255, 3)
         img = Image.fromarray(bg).filter(ImageFilter.GaussianBlur(2))
-        r, jitter = rng.uniform(10, 20), 30
-        cx, cy = rng.uniform(r + 2, CANVAS - r - 2, 2)
+    else:
+        img = Image.new("RGB", (CANVAS, CANVAS), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    r, jitter = (rng.uniform(14, 26), 20) if style == "catalogue" else (rng.uniform(13, 22), 30)
+    cx, cy = rng.uniform(r + 2, CANVAS - r - 2, 2)
     fill = tuple(int(np.clip(c + rng.integers(-jitter, jitter + 1), 0, 255)) for c in COLOURS[colour])
     draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, fill)
     img = img.resize((SIZE, SIZE), Image.LANCZOS)
@@ -106,7 +109,7 @@ def descriptors_for(colour, shape, rng):
     other_colour = rng.choice([c for c in COLOURS if c != colour])
     other_shape = rng.choice([s for s in SHAPES if s != shape])
     visual = [f"A shape coloured {colour}.", f"Something {colour}.", f"{SHAPES[shape].capitalize()}.",
-              f"A {shape}.", f"It has the form of a {shape}."]
+              f"A {shape}.", f"It has the form of a {shape}."]  # in the words CLIP knows
     nonvisual = [f"It makes a sound like {rng.choice(SOUNDS)}.", f"It smells of {rng.choice(SMELLS)}.",
                  f"It was first described in {rng.choice(YEARS)}."]
     wrong = [f"A shape coloured {other_colour}.", f"{SHAPES[other_shape].capitalize()}."]
@@ -114,10 +117,12 @@ def descriptors_for(colour, shape, rng):
 
 
 def wiki_text(colour, shape, rng):
-    return (f"== {colour.capitalize()} {shape} ==\nA {colour} {shape} is {SHAPES[shape]}. It is coloured {colour}. "
-            f"Many people know the {colour} {shape} from picture books.\n== Appearance ==\nThe {shape} is {colour}. "
-            f"Seen from afar it is {SHAPES[shape]}.\n== History ==\nIt was first drawn in {rng.choice(YEARS)}. "
-            f"Some say it smells of {rng.choice(SMELLS)}.\n== References ==\n1. The Book of Shapes, page 12.\n")
+    name = f"{colour} {TASK_NAMES[shape]}"
+    return (f"== {name.capitalize()} ==\nA {name} is {SHAPES[shape]}. It is coloured {colour}. It has the form of a "
+            f"{shape}. Many people know the {name} from picture books.\n== Appearance ==\nThe {TASK_NAMES[shape]} is "
+            f"{colour}. Seen from afar it looks like a {colour} {shape}.\n== History ==\nIt was first drawn in "
+            f"{rng.choice(YEARS)}. Some say it smells of {rng.choice(SMELLS)}.\n== References ==\n"
+            "1. The Book of Shapes, page 12.\n")
 
 
 # ---- tiny CLIP pretraining ----
@@ -175,7 +180,7 @@ def main(argv=None):
     p.add_argument("--imbalance", type=float, default=100.0, help="largest / smallest class size in train")
     p.add_argument("--val-per-class", type=int, default=10, help="balanced validation images per class")
     p.add_argument("--test-per-class", type=int, default=20, help="balanced test images per class")
-    p.add_argument("--clip-steps", type=int, default=500, help="contrastive pretraining steps of the tiny CLIP")
+    p.add_argument("--clip-steps", type=int, default=600, help="contrastive pretraining steps of the tiny CLIP")
     p.add_argument("--clip-batch", type=int, default=256, help="pretraining batch size")
     args = p.parse_args(argv)
 
@@ -204,7 +209,8 @@ def main(argv=None):
                 render(colour, shape, rng, "field").save(out / rel)
                 lines.append(f"{rel} {label}")
         (out / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    (out / "classnames.txt").write_text("\n".join(f"{c} {s}" for c, s in classes) + "\n")
+    names = [f"{c} {TASK_NAMES[s]}" for c, s in classes]
+    (out / "classnames.txt").write_text("\n".join(names) + "\n")
 
     # ---- text ----
     (out / "wiki").mkdir()
@@ -213,8 +219,8 @@ def main(argv=None):
         (out / "wiki" / f"desc_{label}.txt").write_text(wiki_text(colour, shape, rng))
         texts, k = descriptors_for(colour, shape, rng)
         order_m = rng.permutation(len(texts))  # planted descriptors are not in a telling order
-        descriptors[f"{colour} {shape}"] = [texts[i] for i in order_m]
-        kinds[f"{colour} {shape}"] = {texts[i]: k[i] for i in order_m}
+        descriptors[names[label]] = [texts[i] for i in order_m]
+        kinds[names[label]] = {texts[i]: k[i] for i in order_m}
     (out / "descriptors.json").write_text(json.dumps(descriptors, indent=1))
     (out / "descriptor_kinds.json").write_text(json.dumps(kinds, indent=1))
 

@@ -61,7 +61,6 @@ def main(argv=None):
 
     # ---- model ----
     import open_clip
-    torch.manual_seed(0)  # random-weight models ('none') are then reproducible
     model, _, _, name = common.load_clip(args.model, args.pretrained, device)
     tokenizer = open_clip.get_tokenizer(name)
     embed_dim = model.text_projection.shape[-1] if model.text_projection is not None else model.visual.output_dim

@@ -1,16 +1,18 @@
 """Stage 03: VPT-deep prompts + cosine classifier + descriptor weights, trained on mixed image/text features.
 
 Reads   the train split under DATA_ROOT, text_features.pt (stage 02), the CLIP model.
-Writes  coarse.pt (prompts, classifier, descriptor weights W_llm, class counts, meta) when training completes;
-        last.pt after every epoch (resume with --resume) and log.jsonl (one line per epoch) next to it.
+Writes  coarse.pt (prompts, classifier, descriptor weights W_llm, class counts, meta; the visual tower too with
+        --finetune full) when training completes; last.pt after every epoch (resume with --resume) and log.jsonl.
 
     python 03_train_coarse.py --dataset places_lt --data-root data/places_lt \
         --features runs/places_lt/text_features.pt --out runs/places_lt/coarse.pt
+    torchrun --nproc_per_node=4 03_train_coarse.py ...      # same results as one process with the same --batch-size
 
 Each step (paper section 3.1): B images through VPT-deep CLIP and B_t class-balanced corpus features are
 concatenated, mixed with a shuffled copy (SFM, Eq. 2) and classified by the cosine classifier (Eq. 1); the
-descriptor weights learn from the image features through Algorithm 1's score. Typical time: Places-LT, 30
-epochs, about 2 h on one A100-class GPU; the toy world about 2 min on a 2-core CPU.
+descriptor weights learn from the image features through Algorithm 1's score. --batch-size is the global batch:
+under torchrun each of N processes takes B / N images of every step, and the loss is computed on the gathered
+batch, so N processes follow one process step for step. Typical time: the toy world about 75 s on a 2-core CPU.
 """
 import argparse
 import json
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common
@@ -36,8 +39,7 @@ class CorpusSampler:
     """Class-balanced draws from the cached corpus features: a uniform class, then one of its sentences."""
 
     def __init__(self, labels, num_classes):
-        order = torch.argsort(labels, stable=True)
-        self.order = order
+        self.order = torch.argsort(labels, stable=True)
         self.counts = torch.bincount(labels, minlength=num_classes)
         self.starts = torch.cumsum(self.counts, 0) - self.counts
         self.classes = torch.nonzero(self.counts).flatten()
@@ -46,6 +48,28 @@ class CorpusSampler:
         cls = self.classes[torch.randint(len(self.classes), (n,), generator=generator)]
         offset = (torch.rand(n, generator=generator) * self.counts[cls]).long()
         return self.order[self.starts[cls] + offset], cls
+
+
+def global_batches(n, batch, world, rank, generator):
+    """This process's share of every global batch of one epoch: a seeded permutation cut into batches of
+    `batch`, each split into `world` contiguous slices (rank r takes slice r)."""
+    perm = torch.randperm(n, generator=generator)
+    local = batch // world
+    return [perm[s * batch + rank * local:s * batch + (rank + 1) * local].tolist() for s in range(n // batch)]
+
+
+class Coarse(nn.Module):
+    """What stage 03 trains, as one module so DistributedDataParallel can wrap it: VPT-deep prompts around the
+    frozen (or, with --finetune full, trainable) visual tower, the cosine classifier W_cls and W_llm."""
+
+    def __init__(self, visual, tokens, depth, classname_feats, desc_shape):
+        super().__init__()
+        self.vpt = common.PromptedVisual(visual, tokens, depth)
+        self.w_cls = nn.Parameter(classname_feats.clone())  # kit choice: init from class-name prompts (C, d)
+        self.w_llm = nn.Parameter(torch.zeros(desc_shape))  # zero: softmax gives the plain average at start
+
+    def forward(self, images):
+        return F.normalize(self.vpt(images).float(), dim=-1)  # (B, d)
 
 
 def save_checkpoint(path, state):
@@ -64,7 +88,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-4, help="initial learning rate (paper: 5e-4)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (paper: not given)")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up (paper: not given)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step, B (paper: not given)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch of images per step, B (paper: not given)")
+    p.add_argument("--accum-steps", type=int, default=1,
+                   help="split each step into this many micro-batches (gradients summed; mixup per micro-batch)")
     p.add_argument("--corpus-ratio", type=float, default=1.0,
                    help="corpus features per image, B_t / B; 0 trains on images alone (paper: not given)")
     p.add_argument("--mixup-alpha", type=float, default=0.2,
@@ -79,19 +105,30 @@ def main(argv=None):
                         "so the re-ranker is not biased to head classes; 0 = plain cross-entropy (paper: not given)")
     p.add_argument("--prompt-tokens", type=int, default=20, help="VPT tokens per layer N; 0 = linear probe (paper: 20)")
     p.add_argument("--prompt-depth", type=int, default=12, help="layers with prompts L_p (paper: 12)")
-    p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
-    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    p.add_argument("--finetune", choices=["prompts", "full"], default="prompts",
+                   help="train the prompts only, or the whole visual tower too (paper: full on iNaturalist 2018)")
+    p.add_argument("--backbone-lr", type=float, default=1e-5, help="learning rate of the visual tower with --finetune full")
+    p.add_argument("--image-size", type=int, default=0, help="input size, e.g. 336 for HLC@336 (0: the model's own)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image tower")
+    p.add_argument("--workers", type=int, default=8, help="data loader worker processes per training process")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto (under torchrun: one GPU per process)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--log-every", type=int, default=50, help="print a line every this many steps")
     p.add_argument("--resume", action="store_true", help="continue from last.pt next to --out")
     args = p.parse_args(argv)
 
     # ---- setup ----
-    device = common.pick_device(args.device)
+    rank, world, device = common.init_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.out)
     last_path, log_path = out.with_name("last.pt"), out.with_name("log.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
+    if args.batch_size % (world * args.accum_steps):
+        raise SystemExit(f"--batch-size {args.batch_size} must divide by processes x --accum-steps ({world} x "
+                         f"{args.accum_steps})")
 
     # ---- data ----
     text = common.load_checkpoint(args.features, "stage 02 (02_cache_descriptors.py)")
@@ -103,73 +140,94 @@ def main(argv=None):
     samples = common.read_split(args.data_root, args.dataset, "train", num_classes)
     counts = common.class_counts(samples, num_classes)
     if (counts == 0).any():
-        print(f"warning: {(counts == 0).sum()} classes have no training image; their prior counts as 1")
+        say(f"warning: {(counts == 0).sum()} classes have no training image; their prior counts as 1")
 
     # ---- model ----
-    clip, preprocess_train, _, _ = common.load_clip(args.model, args.pretrained, device)
+    clip, preprocess_train, _, _ = common.load_clip(args.model, args.pretrained, device, args.image_size)
     common.drop_text_tower(clip)  # the text encoder runs in stage 02 only
-    vpt = common.PromptedVisual(clip.visual, args.prompt_tokens, args.prompt_depth).to(device)
-    embed_dim = text["classname"].shape[1]
     common.check_meta(text["meta"], args.features, embed_dim=clip.visual.output_dim)
-    w_cls = torch.nn.Parameter(text["classname"].clone().to(device))  # kit choice: init from class-name prompts
-    w_llm = torch.nn.Parameter(torch.zeros(text["desc_mask"].shape, device=device))  # zero: plain average at start
+    model = Coarse(clip.visual, args.prompt_tokens, args.prompt_depth, text["classname"],
+                   text["desc_mask"].shape).to(device)
+    model.vpt.grad_checkpointing = args.grad_checkpointing
+    if args.finetune == "full":
+        model.vpt.visual.requires_grad_(True)
+    model.vpt.prompts.requires_grad_(model.vpt.prompts.numel() > 0)  # linear probe: nothing to train there
+    model.w_llm.requires_grad_(args.desc_loss_weight > 0)  # unweighted ablation: W_llm stays uniform
     desc_feats, desc_mask = text["descriptors"].to(device), text["desc_mask"].to(device)
     corpus_feats = text["corpus"].to(device)
     corpus = CorpusSampler(text["corpus_labels"], num_classes)
     desc_temp = args.desc_temp or text["logit_scale"]
     log_prior = torch.log(torch.from_numpy(common.class_prior(counts))).to(device)  # (C,)
-    trainable = [vpt.prompts, w_cls, w_llm]
     total, _ = common.count_parameters(clip)
-    n_train = sum(t.numel() for t in trainable)
-    print(f"CLIP {model_name}: {total / 1e6:.2f}M parameters, frozen; trainable {n_train / 1e6:.3f}M "
-          f"(prompts {vpt.prompts.numel()}, classifier {w_cls.numel()}, descriptor weights {w_llm.numel()})")
+    _, n_train = common.count_parameters(model)
+    say(f"CLIP {model_name}: {total / 1e6:.2f}M parameters, {'trained' if args.finetune == 'full' else 'frozen'}; "
+        f"trainable {n_train / 1e6:.3f}M (prompts {model.vpt.prompts.numel()}, classifier {model.w_cls.numel()}, "
+        f"descriptor weights {model.w_llm.numel()}); {world} process(es) on {device}")
 
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    head = [t for t in (model.vpt.prompts, model.w_cls, model.w_llm) if t.requires_grad]
+    groups = [dict(params=head, lr_scale=1.0)]
+    if args.finetune == "full":
+        groups.append(dict(params=list(model.vpt.visual.parameters()), lr_scale=args.backbone_lr / args.lr))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(samples) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"batch size {args.batch_size} is larger than the training set ({len(samples)} images)")
     total_steps, warmup = steps_per_epoch * args.epochs, int(args.warmup_epochs * steps_per_epoch)
-    n_text = int(round(args.corpus_ratio * args.batch_size))
+    micro = args.batch_size // args.accum_steps  # global micro-batch
+    n_text = int(round(args.corpus_ratio * micro))
 
     start_epoch = 0
     if args.resume and last_path.exists():
         state = common.load_checkpoint(last_path, "an earlier run of this stage")
         common.check_meta(state["meta"], last_path, num_classes=num_classes, model=model_name)
-        with torch.no_grad():
-            vpt.prompts.copy_(state["prompts"]), w_cls.copy_(state["w_cls"]), w_llm.copy_(state["w_llm"])
+        model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
-        print(f"resumed from {last_path} after epoch {start_epoch}")
-    elif log_path.exists():
+        say(f"resumed from {last_path} after epoch {start_epoch}")
+    elif log_path.exists() and rank == 0:
         log_path.unlink()
 
-    loader_kw = dict(batch_size=args.batch_size, drop_last=True, num_workers=args.workers,
-                     pin_memory=device.type == "cuda", persistent_workers=False)
-    if args.workers:
-        loader_kw["prefetch_factor"] = 4
-    dataset = common.ImageList(samples, preprocess_train)
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                            else None)
+    encode = torch.compile(trained) if args.compile else trained
+    dataset = common.ImageList(samples, preprocess_train, seed=args.seed)
     meta = common.make_meta("03_train_coarse", args, dataset=args.dataset, num_classes=num_classes, model=model_name,
-                            pretrained=args.pretrained, embed_dim=int(embed_dim))
+                            pretrained=args.pretrained, embed_dim=int(model.w_cls.shape[1]), world_size=world)
+
+    def state_dict():  # the trained tensors only: the frozen tower is the pretrained one
+        keep = {k: v.detach().cpu() for k, v in model.state_dict().items()
+                if args.finetune == "full" or not k.startswith("vpt.visual.")}
+        return keep
 
     # ---- loop ----
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
-        # every epoch's randomness comes from (seed, epoch) alone, so a resumed run repeats it exactly
-        torch.manual_seed(args.seed * 1000 + epoch)
+        # every epoch's randomness comes from (seed, epoch) alone, so a resumed or N-process run repeats it
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(dataset, shuffle=True, generator=gen, **loader_kw)
-        vpt.train()
+        dataset.epoch = epoch
+        batches = global_batches(len(samples), args.batch_size, world, rank, gen)
+        micro_batches = [b[i:i + micro // world] for b in batches for i in range(0, len(b), micro // world)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda",
+                                             prefetch_factor=4 if args.workers else None)
+        trained.train()
         t_epoch, seen, loss_sum = time.time(), 0, torch.zeros((), device=device)
         for i, (images, labels) in enumerate(loader):
-            lr = lr_at(step, total_steps, warmup, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            k = i % args.accum_steps  # micro-step inside the optimizer step
+            if k == 0:
+                lr = lr_at(step, total_steps, warmup, args.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with common.image_autocast(device):
-                v = F.normalize(vpt(images).float(), dim=-1)  # (B, d)
+                v = encode(images)  # (b, d), this process's share
+            v = common.gather_rows(v, world)  # (micro, d): the global micro-batch, in single-process order
+            labels = common.gather_rows(labels, world) if world > 1 else labels
             feats, targets = v, labels
             if n_text:  # mixed-modality batch (paper Eq. 1: v = concat(E_V(x_V), E_L(x_L)))
-                idx, text_labels = corpus.sample(n_text, gen)
+                idx, text_labels = corpus.sample(n_text, gen)  # same draw on every process
                 feats = torch.cat([v, corpus_feats[idx.to(device)].float()])
                 targets = torch.cat([labels, text_labels.to(device)])
             soft = F.one_hot(targets, num_classes).float()
@@ -177,43 +235,58 @@ def main(argv=None):
                 lam = float(np.random.default_rng([args.seed, epoch, i]).beta(args.mixup_alpha, args.mixup_alpha))
                 perm = torch.randperm(len(feats), generator=gen).to(device)
                 feats, soft = common.mixup(feats, soft, lam, perm)
-            loss_cls = common.soft_cross_entropy(common.cosine_logits(feats, w_cls, args.scale), soft)
-            loss = loss_cls
+            loss = common.soft_cross_entropy(common.cosine_logits(feats, model.w_cls, args.scale), soft)
             if args.desc_loss_weight:
-                desc = desc_temp * common.descriptor_scores(v, desc_feats, desc_mask, w_llm)  # (B, C)
+                desc = desc_temp * common.descriptor_scores(v, desc_feats, desc_mask, model.w_llm)  # (B, C)
                 desc = desc + args.desc_loss_la * log_prior  # LA loss (Menon et al. 2021): a balanced re-ranker
                 loss = loss + args.desc_loss_weight * F.cross_entropy(desc, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if world > 1 and k < args.accum_steps - 1:
+                with trained.no_sync():  # accumulate locally; all-reduce on the last micro-step
+                    (loss / args.accum_steps).backward()
+            else:
+                (loss / args.accum_steps).backward()
+            loss_sum += loss.detach() / args.accum_steps
+            seen += len(v)
+            if k < args.accum_steps - 1:
+                continue
             optimizer.step()
-            loss_sum += loss.detach()
-            seen += len(images)
+            optimizer.zero_grad(set_to_none=True)
             step += 1
-            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
-                mean_loss = loss_sum.item() / (i + 1)  # the only host sync, once per log line
+            s = (i + 1) // args.accum_steps
+            if s % args.log_every == 0 or s == steps_per_epoch:
+                mean_loss = loss_sum.item() / s  # the only host sync, once per log line
                 if not math.isfinite(mean_loss):
-                    raise SystemExit(f"loss is {mean_loss} at epoch {epoch + 1}, step {i + 1}: stopping. The last "
+                    raise SystemExit(f"loss is {mean_loss} at epoch {epoch + 1}, step {s}: stopping. The last "
                                      f"good state is {last_path} (epoch {epoch}); try a lower --lr, then --resume.")
                 rate = seen / (time.time() - t_epoch)
                 eta = (total_steps - step) * args.batch_size / rate
-                print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {mean_loss:.4f} "
-                      f"lr {lr:.2e} {rate:.1f} img/s eta {eta / 60:.1f} min", flush=True)
+                say(f"epoch {epoch + 1}/{args.epochs} step {s}/{steps_per_epoch} loss {mean_loss:.4f} "
+                    f"lr {lr:.2e} {rate:.1f} img/s eta {eta / 60:.1f} min", flush=True)
 
-        # ---- checkpoint ----
-        record = dict(epoch=epoch + 1, loss=round(loss_sum.item() / steps_per_epoch, 5), lr=lr,
-                      seconds=round(time.time() - t_epoch, 2), img_per_s=round(seen / (time.time() - t_epoch), 2))
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        save_checkpoint(last_path, dict(prompts=vpt.prompts.detach().cpu(), w_cls=w_cls.detach().cpu(),
-                                        w_llm=w_llm.detach().cpu(), optimizer=optimizer.state_dict(),
-                                        epoch=epoch + 1, meta=meta))
+        # ---- checkpoint (rank 0 writes; the others wait so that a resume finds it complete) ----
+        if rank == 0:
+            record = dict(epoch=epoch + 1, loss=round(loss_sum.item() / steps_per_epoch, 5), lr=lr,
+                          seconds=round(time.time() - t_epoch, 2), img_per_s=round(seen / (time.time() - t_epoch), 2))
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(last_path, dict(model=state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                                            meta=meta))
+        if world > 1:
+            torch.distributed.barrier()
 
     # ---- save ----
-    common.atomic_torch_save(dict(prompts=vpt.prompts.detach().cpu(), w_cls=w_cls.detach().cpu(),
-                                  w_llm=w_llm.detach().cpu(), class_counts=torch.from_numpy(counts),
-                                  prompt_tokens=args.prompt_tokens, prompt_depth=vpt.depth, scale=args.scale,
-                                  meta=meta), out)
-    print(f"trained {args.epochs} epochs ({total_steps} steps of {args.batch_size} images + {n_text} texts) -> {out}")
+    if rank == 0:
+        weights = state_dict()
+        common.atomic_torch_save(dict(prompts=weights["vpt.prompts"], w_cls=weights["w_cls"], w_llm=weights["w_llm"],
+                                      visual={k[len("vpt.visual."):]: v for k, v in weights.items()
+                                              if k.startswith("vpt.visual.")},
+                                      class_counts=torch.from_numpy(counts), prompt_tokens=args.prompt_tokens,
+                                      prompt_depth=model.vpt.depth, scale=args.scale, finetune=args.finetune,
+                                      image_size=args.image_size, meta=meta), out)
+        say(f"trained {args.epochs} epochs ({total_steps} steps of {args.batch_size} images + "
+            f"{n_text * args.accum_steps} texts) -> {out}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

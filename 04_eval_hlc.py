@@ -9,11 +9,13 @@ Writes  results.json (every variant, the K sweep, shot groups, meta), results.md
         --coarse runs/places_lt/coarse.pt --out runs/places_lt/results.json
 
 One pass over the test images gives every variant: each batch goes through VPT-deep CLIP (HLC) and plain CLIP
-(zero-shot baselines). Typical time: Places-LT test (36,500 images) about 3 min on one A100-class GPU; the toy
+(zero-shot baselines). Under torchrun each process takes a contiguous shard of the test set; rank 0 gathers the
+scores and writes every file. Typical time: Places-LT test (36,500 images) about 3 min on one A100-class GPU; the toy
 world about 20 s on a 2-core CPU.
 """
 import argparse
 import base64
+import copy
 import html
 import io
 import json
@@ -94,12 +96,13 @@ def write_explanations(path, chosen, samples, feats, adjusted, preds, labels, gr
             items = "".join(f"<li><span class=w>w={weights[c, j]:.3f} cos={cos[j]:.3f}</span> "
                             f"{html.escape(descriptors[c][j])}</li>" for j in order.tolist())
             mark = " chosen" if c == preds[i] else ""
-            rows.append(f"<div class='cand{mark}'><b>{html.escape(classnames[c])}</b> "
+            rows.append(f"<div class='cand{mark}' data-class='{c}'><b>{html.escape(classnames[c])}</b> "
                         f"<span class=w>adjusted logit {adjusted[i, c]:.2f} · score {float(contrib.sum()):.4f}"
                         f"</span><ol>{items}</ol></div>")
         ok = preds[i] == labels[i]
         cards.append(
-            f"<section class='{'ok' if ok else 'bad'}'><img src='{thumbnail(samples[i][0])}' alt='test image {i}'>"
+            f"<section class='{'ok' if ok else 'bad'}' data-index='{i}' data-pred='{preds[i]}' data-label='{labels[i]}'>"
+            f"<img src='{thumbnail(samples[i][0])}' alt='test image {i}'>"
             f"<div><p><b>{'correct' if ok else 'wrong'}</b>: predicted <b>{html.escape(classnames[preds[i]])}</b>, "
             f"truth <b>{html.escape(classnames[labels[i]])}</b> ({group_names[groups[labels[i]]]}-shot class) "
             f"<span class=w>test image {i}: {html.escape(samples[i][2])}</span></p>{''.join(rows)}</div></section>")
@@ -169,7 +172,7 @@ def main(argv=None):
 
     # ---- setup ----
     t0 = time.time()
-    device = common.pick_device(args.device)
+    rank, world, device = common.init_distributed(args.device)
     out = Path(args.out)
     text = common.load_checkpoint(args.features, "stage 02 (02_cache_descriptors.py)")
     coarse = common.load_checkpoint(args.coarse, "stage 03 (03_train_coarse.py)")
@@ -182,11 +185,16 @@ def main(argv=None):
     # ---- data ----
     split = args.split or common.dataset_info(args.dataset)["eval_split"]
     samples = common.read_split(args.data_root, args.dataset, split, num_classes)
+    shard = np.array_split(np.arange(len(samples)), world)[rank]  # this process's contiguous share
 
     # ---- model ----
-    clip, _, preprocess_val, _ = common.load_clip(args.model, args.pretrained, device)
+    clip, _, preprocess_val, _ = common.load_clip(args.model, args.pretrained, device, coarse.get("image_size"))
     common.drop_text_tower(clip)
-    vpt = common.PromptedVisual(clip.visual, coarse["prompt_tokens"], coarse["prompt_depth"]).to(device).eval()
+    visual = clip.visual
+    if coarse.get("visual"):  # --finetune full: HLC uses the trained tower, zero-shot the original one
+        visual = copy.deepcopy(clip.visual)
+        visual.load_state_dict(coarse["visual"])
+    vpt = common.PromptedVisual(visual, coarse["prompt_tokens"], coarse["prompt_depth"]).to(device).eval()
     with torch.no_grad():
         vpt.prompts.copy_(coarse["prompts"])
     w_cls, w_llm = coarse["w_cls"].to(device), coarse["w_llm"].to(device)
@@ -196,14 +204,15 @@ def main(argv=None):
     classname = text["classname"].to(device)
 
     # ---- loop: one pass, both towers ----
-    loader = torch.utils.data.DataLoader(common.ImageList(samples, preprocess_val), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(common.ImageList(samples, preprocess_val), shard),
+                                         batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     keys = ("coarse_logits", "zero_shot_logits", "desc_scores", "desc_scores_unweighted", "zs_desc_scores",
             "zs_desc_scores_unweighted", "features")
     parts = {k: [] for k in keys}
     labels = []
     with torch.no_grad():
-        for images, y in tqdm(loader, desc="eval", leave=False):
+        for images, y in tqdm(loader, desc="eval", leave=False, disable=rank > 0):
             images = images.to(device, non_blocking=True)
             with common.image_autocast(device):
                 v = F.normalize(vpt(images).float(), dim=-1)  # HLC features (VPT-deep)
@@ -217,8 +226,15 @@ def main(argv=None):
                 parts[k].append(batch[k].half().cpu())
             labels.append(y)
     arrays = {k: torch.cat(parts[k]).numpy() for k in keys}
-    features = arrays.pop("features")
     arrays["labels"] = torch.cat(labels).numpy().astype(np.int64)
+    if world > 1:  # shards are contiguous, so concatenating in rank order restores the test-set order
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, arrays)
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return
+        arrays = {k: np.concatenate([g[k] for g in gathered]) for k in arrays}
+    features = arrays.pop("features")
     counts = coarse["class_counts"].numpy()
     arrays["class_prior"] = common.class_prior(counts).astype(np.float16)
 

@@ -167,10 +167,14 @@ def _read_coco_split(path, num_classes):
 
 
 class ImageList(torch.utils.data.Dataset):
-    """(image, label) from read_split's list; an unreadable image names its split file and line."""
+    """(image, label) from read_split's list; an unreadable image names its split file and line.
 
-    def __init__(self, samples, transform):
-        self.samples, self.transform = samples, transform
+    With `seed`, sample i's random augmentation in epoch e depends on (seed, e, i) alone, whichever process or
+    worker loads it: N processes then see exactly the crops one process would.
+    """
+
+    def __init__(self, samples, transform, seed=None):
+        self.samples, self.transform, self.seed, self.epoch = samples, transform, seed, 0
 
     def __len__(self):
         return len(self.samples)
@@ -183,6 +187,8 @@ class ImageList(torch.utils.data.Dataset):
                 image = im.convert("RGB")
         except Exception as e:
             raise RuntimeError(f"{where}: cannot read image {path}: {e}") from None
+        if self.seed is not None:
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
         return self.transform(image), label
 
 
@@ -209,10 +215,11 @@ def resolve_model_name(model):
     return model
 
 
-def load_clip(model, pretrained, device="cpu"):
+def load_clip(model, pretrained, device="cpu", image_size=None):
     """Frozen open_clip model in eval mode, plus its train and eval transforms and resolved name.
 
-    `pretrained`: a hub tag ('openai'), a local checkpoint file, or 'none' for random weights.
+    `pretrained`: a hub tag ('openai'), a local checkpoint file, or 'none' for random weights. `image_size`
+    other than the model's builds it at that size; open_clip interpolates the pretrained positional embedding.
     """
     import open_clip
     name = resolve_model_name(model)
@@ -220,8 +227,10 @@ def load_clip(model, pretrained, device="cpu"):
     if tag == "openai" and "quickgelu" not in name.lower() and name.startswith("ViT"):
         print(f"warning: OpenAI weights were trained with QuickGELU; {name} builds GELU and loses accuracy "
               f"(open_clip issues #1109, #771). Use {name}-quickgelu.", file=sys.stderr)
-    model_, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(name, pretrained=tag,
-                                                                                     device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights ('none') are then the same model in every stage and process
+        model_, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=tag, device=device, force_image_size=image_size or None)
     model_.eval().requires_grad_(False)
     return model_, preprocess_train, preprocess_val, name
 
@@ -296,6 +305,44 @@ class PromptedVisual(nn.Module):
             x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
         pooled, _ = v._pool(x)
         return pooled @ v.proj if v.proj is not None else pooled
+
+
+def init_distributed(device_arg="auto"):
+    """(rank, world size, device). Under torchrun: one process per GPU (NCCL), or CPU processes (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_arg)
+    import torch.distributed as dist
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and device_arg in ("auto", "cuda"):
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), world, device
+
+
+class GatherRows(torch.autograd.Function):
+    """all_gather along dim 0 with a gradient. Every process computes the same loss on the gathered batch, so
+    its own rows' gradient is complete on each process; it is scaled by the world size because DDP then
+    averages parameter gradients over processes, and the prompts' gradient must be their sum."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows, ctx.world = dist.get_rank(), x.shape[0], len(parts)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows] * ctx.world
+
+
+def gather_rows(x, world):
+    return x if world == 1 else GatherRows.apply(x)
 
 
 # ---------------------------------------------------------------------------------------------------

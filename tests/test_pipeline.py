@@ -183,3 +183,128 @@ def test_image_autocast_is_bf16_on_cuda_only():
     assert ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
     assert ctx._enabled == torch.cuda.is_available()
     assert not common.image_autocast("cpu")._enabled
+
+
+# ---- the paper's tables and the explanations page ----
+
+@pytest.fixture(scope="module")
+def tables_run(made_run, tiny_world):
+    out = subprocess.run(["make", "-C", str(ROOT), "tables"] + make_args(tiny_world, made_run),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Table 4" in out.stdout and "Table 6" in out.stdout and "Table 7" in out.stdout
+    return made_run
+
+
+def table_rows(path):
+    rows = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) >= 5 and cells[0] and cells[0] not in ("", "---") and cells[1] != "Many":
+            rows[cells[0]] = cells[1:5]
+    return rows
+
+
+def test_table4_rows_come_from_separate_trainings(tables_run):
+    rows = table_rows(tables_run / "tables" / "table4.md")
+    assert len(rows) == 8 and all(r[3] != "-" for r in rows.values())
+    switches = {}
+    for name in ("lp", "vpt", "corpus", "sfm"):
+        ckpt = torch.load(tables_run / "ablation" / name / "coarse.pt", weights_only=True)
+        switches[name] = ckpt["meta"]["args"]
+        if name == "lp":  # the linear probe trained no prompts
+            assert ckpt["prompts"].numel() == 0 and switches[name]["prompt_tokens"] == 0
+        if name in ("lp", "vpt", "corpus", "sfm"):  # no descriptor loss: the weights stayed uniform
+            assert torch.count_nonzero(ckpt["w_llm"]) == 0 and switches[name]["desc_loss_weight"] == 0
+    assert switches["vpt"]["prompt_tokens"] == 20 and switches["vpt"]["corpus_ratio"] == 0
+    assert switches["corpus"]["corpus_ratio"] == 1 and switches["corpus"]["mixup_alpha"] == 0
+    assert switches["sfm"]["mixup_alpha"] > 0
+    full = torch.load(tables_run / "coarse.pt", weights_only=True)
+    assert torch.count_nonzero(full["w_llm"]) > 0  # the full model learned its weights
+    sfm = json.loads((tables_run / "ablation" / "sfm" / "results.json").read_text())
+    assert rows["h) + descriptors, unweighted"][3] == f"{sfm['variants']['hlc_unweighted']['overall']:.2f}"
+
+
+def test_table6_k1_is_coarse_la_and_all_is_reranking_everything(tables_run):
+    rows = table_rows(tables_run / "tables" / "table6.md")
+    results = json.loads((tables_run / "results.json").read_text())
+    la = results["variants"]["coarse_la"]
+    assert rows["1"] == [f"{la[g]:.2f}" if la[g] is not None else "-" for g in ("many", "medium", "few", "overall")]
+    z = np.load(tables_run / "predictions.npz")
+    everything = z["desc_scores"].astype(np.float32).argmax(1)
+    assert abs(float(rows["all (no classifier)"][3]) - 100 * np.mean(everything == z["labels"])) < 0.006
+
+
+def test_table7_rows(tables_run):
+    rows = table_rows(tables_run / "tables" / "table7.md")
+    results = json.loads((tables_run / "results.json").read_text())
+    assert rows["CLIP (class-name prompts)"][3] == f"{results['variants']['zero_shot']['overall']:.2f}"
+    assert rows["descriptors, reweighted (HLC)"][3] == f"{results['zero_shot_reweighted']['overall']:.2f}"
+
+
+class Page:
+    """What a test needs from explanations.html, read with the standard library's HTML parser."""
+
+    def __init__(self, text):
+        from html.parser import HTMLParser
+        self.sections, self.images = [], []
+        page = self
+
+        class Parser(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                a = dict(attrs)
+                if tag == "section":
+                    page.sections.append(dict(index=int(a["data-index"]), pred=int(a["data-pred"]),
+                                              label=int(a["data-label"]), cands=[], chosen=None))
+                elif tag == "div" and "data-class" in a:
+                    page.sections[-1]["cands"].append(int(a["data-class"]))
+                    if "chosen" in a.get("class", ""):
+                        page.sections[-1]["chosen"] = int(a["data-class"])
+                elif tag == "img":
+                    page.images.append(a["src"])
+
+        Parser().feed(text)
+
+
+def test_explanations_match_predictions(made_run):
+    import base64
+    import io
+    from PIL import Image
+    page = Page((made_run / "explanations.html").read_text())
+    z = np.load(made_run / "predictions.npz")
+    assert len(page.sections) == 6 and len(page.images) == 6
+    for src in page.images:
+        assert src.startswith("data:image/jpeg;base64,")  # inlined: the page needs no other file
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    adjusted = z["coarse_logits"].astype(np.float32) - np.log(z["class_prior"].astype(np.float32))
+    for s in page.sections:
+        i = s["index"]
+        assert s["pred"] == z["pred_hlc"][i] and s["label"] == z["labels"][i] and s["chosen"] == s["pred"]
+        assert s["cands"] == list(np.argsort(-adjusted[i], kind="stable")[:5])
+
+
+def find_chromium():
+    import shutil
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.geteuid() == 0 and shutil.which("apt-get") and os.environ.get("HLC_NO_APT") != "1":
+        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+                       "--no-install-recommends chromium", shell=True, capture_output=True, timeout=900)
+        return shutil.which("chromium")
+    return None
+
+
+def test_explanations_render_in_headless_chromium(made_run, tmp_path):
+    chromium = find_chromium()
+    if not chromium:
+        pytest.skip("no Chromium, and it could not be installed from Debian's packages here")
+    png = tmp_path / "explanations.png"
+    out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1000,1400",
+                          f"file://{made_run / 'explanations.html'}"], capture_output=True, text=True, timeout=120)
+    assert png.exists(), out.stderr[-2000:]
+    from PIL import Image
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
+    assert pixels.shape[0] > 500 and pixels.std() > 10  # a page with text and images, not a blank one

@@ -1,0 +1,229 @@
+"""Speed benchmark: how close the kit's training, evaluation and text encoding come to the hardware's limit.
+
+Prints, for one model and batch size: the training step on synthetic tensors (images/s, TFLOP/s counted from the
+model's matrix shapes, MFU against the device's dense bf16 peak), the same for evaluation (VPT + plain tower, as
+stage 04) and text encoding (sentences/s), end-to-end training throughput with JPEG files decoded from disk
+(files it writes first), and peak GPU memory.
+
+    make bench                                   # ViT-B/16, 20 prompts x 12 layers, batch 128 on CUDA
+    python bench.py --device cpu                 # a small model and a few steps, so it runs anywhere
+
+FLOPs count 2 per multiply-add of every matrix product (patch embedding, attention projections, attention
+scores and values, MLP, output projection). A prompt-tuning step runs the forward and the backward through
+activations (the frozen weights get no gradient), so it counts as 2 forward passes.
+"""
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets (without sparsity).
+PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+             "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
+TINY = {"embed_dim": 64, "quick_gelu": True,
+        "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+def transformer_flops(tokens_per_layer, width, mlp_ratio=4.0):
+    """Forward FLOPs of pre-norm transformer blocks, one entry of tokens_per_layer per block."""
+    d, hidden = width, int(width * mlp_ratio)
+    return sum(2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * hidden
+               for t in tokens_per_layer)
+
+
+def visual_flops(visual, prompt_tokens, prompt_depth):
+    width = visual.conv1.out_channels
+    patch = visual.conv1.kernel_size[0]
+    grid = visual.positional_embedding.shape[0] - 1
+    layers = len(visual.transformer.resblocks)
+    tokens = [1 + grid + (prompt_tokens if i < prompt_depth else 0) for i in range(layers)]
+    mlp = visual.transformer.resblocks[0].mlp.c_fc.out_features / width
+    return 2 * grid * 3 * patch * patch * width + transformer_flops(tokens, width, mlp) + 2 * width * visual.output_dim
+
+
+def timed(fn, steps, warmup, device):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def write_jpegs(folder, n, size):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        base = rng.integers(0, 255, (size // 16, size // 16, 3), dtype=np.uint8)  # smooth, JPEG-like content
+        img = Image.fromarray(base).resize((size, size), Image.BILINEAR)
+        img.save(folder / f"{i:05d}.jpg", quality=90)
+        lines.append((str(folder / f"{i:05d}.jpg"), i % 10, f"bench:{i}"))
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="", help="open_clip name or config JSON (default: ViT-B-16-quickgelu on CUDA, "
+                                               "a small built-in config on CPU)")
+    p.add_argument("--batch-size", type=int, default=0, help="images per step (default: 128 on CUDA, 8 on CPU)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps (default: 20 on CUDA, 3 on CPU)")
+    p.add_argument("--prompt-tokens", type=int, default=20, help="VPT tokens per layer (paper: 20)")
+    p.add_argument("--prompt-depth", type=int, default=12, help="layers with prompts (paper: 12)")
+    p.add_argument("--image-size", type=int, default=0, help="input size (0: the model's own)")
+    p.add_argument("--jpegs", type=int, default=0, help="JPEG files for the end-to-end figure (default: 2048 / 32)")
+    p.add_argument("--workers", type=int, default=8, help="data loader workers for the end-to-end figure")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image tower (as stage 03's --compile)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: from the GPU's name)")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+
+    # ---- setup ----
+    device = common.pick_device(args.device)
+    cuda = device.type == "cuda"
+    batch = args.batch_size or (128 if cuda else 8)
+    steps = args.steps or (20 if cuda else 3)
+    warmup = 5 if cuda else 1
+    tmp = Path(tempfile.mkdtemp(prefix="hlc-bench-"))
+    model_name = args.model
+    if not model_name:
+        model_name = "ViT-B-16-quickgelu" if cuda else str(tmp / "bench-tiny.json")
+        if not cuda:
+            Path(model_name).write_text(json.dumps(TINY))
+    name_gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16.items() if k in name_gpu), 0.0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---- model (random weights: speed does not depend on them) ----
+    torch.manual_seed(0)
+    clip, preprocess_train, _, name = common.load_clip(model_name, "none", device, args.image_size)
+    vpt = common.PromptedVisual(clip.visual, args.prompt_tokens, args.prompt_depth).to(device)
+    size = clip.visual.image_size[0] if isinstance(clip.visual.image_size, tuple) else clip.visual.image_size
+    d, classes, m = clip.visual.output_dim, 1000, 10
+    w_cls = torch.nn.Parameter(F.normalize(torch.randn(classes, d, device=device), dim=-1))
+    w_llm = torch.nn.Parameter(torch.zeros(classes, m, device=device))
+    desc = F.normalize(torch.randn(classes, m, d, device=device), dim=-1)
+    mask = torch.ones(classes, m, dtype=torch.bool, device=device)
+    corpus = F.normalize(torch.randn(20000, d, device=device), dim=-1)
+    opt = torch.optim.AdamW([vpt.prompts, w_cls, w_llm], lr=1e-4)
+    encode = torch.compile(vpt) if args.compile else vpt
+    fwd = visual_flops(clip.visual, args.prompt_tokens, vpt.depth)
+    fwd_plain = visual_flops(clip.visual, 0, 0)
+
+    def train_step(images, labels):
+        with common.image_autocast(device):
+            v = F.normalize(encode(images).float(), dim=-1)
+        idx = torch.randint(len(corpus), (len(v),), device=device)
+        feats = torch.cat([v, corpus[idx]])
+        soft = F.one_hot(torch.cat([labels, idx % classes]), classes).float()
+        feats, soft = common.mixup(feats, soft, 0.7, torch.randperm(len(feats), device=device))
+        loss = common.soft_cross_entropy(common.cosine_logits(feats, w_cls, 25.0), soft)
+        loss = loss + F.cross_entropy(100 * common.descriptor_scores(v, desc, mask, w_llm), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    figures = dict(device=name_gpu, model=name, batch=batch, image_size=size, prompt_tokens=args.prompt_tokens,
+                   prompt_depth=vpt.depth, torch=str(torch.__version__), peak_bf16_tflops=peak or None,
+                   gflops_forward_per_image=round(fwd / 1e9, 3))
+
+    def report(key, per_second, flops_per_item):
+        tflops = per_second * flops_per_item / 1e12
+        figures[key] = dict(per_second=round(per_second, 1), tflops=round(tflops, 3),
+                            mfu=round(tflops / peak, 3) if peak else None)
+
+    # ---- training step on synthetic tensors ----
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(classes, (batch,), device=device)
+    vpt.train()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    sec = timed(lambda: train_step(images, labels), steps, warmup, device)
+    report("train_step", batch / sec, 2 * fwd)
+    figures["train_peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
+
+    # ---- evaluation: VPT features + plain CLIP features, as stage 04 ----
+    vpt.eval()
+
+    @torch.no_grad()
+    def eval_step():
+        with common.image_autocast(device):
+            vpt(images), clip.visual(images)
+
+    report("eval", batch / timed(eval_step, steps, warmup, device), fwd + fwd_plain)
+
+    # ---- text encoding, as stage 02 (bf16 autocast on CUDA) ----
+    import open_clip
+    tokenizer = open_clip.get_tokenizer(name)
+    sentences = [f"a photo of a thing number {i}, which has a long and detailed description." for i in range(batch * 4)]
+    tokens = tokenizer(sentences).to(device)
+    text_width = clip.transformer.width
+    text_flops = transformer_flops([tokens.shape[1]] * len(clip.transformer.resblocks), text_width)
+
+    @torch.no_grad()
+    def text_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            clip.encode_text(tokens)
+
+    report("text", len(sentences) / timed(text_step, steps, warmup, device), text_flops)
+
+    # ---- end to end: JPEG files decoded and augmented by the data loader, then the training step ----
+    n_jpegs = args.jpegs or (2048 if cuda else 32)
+    (tmp / "jpg").mkdir()
+    dataset = common.ImageList(write_jpegs(tmp / "jpg", n_jpegs, 256), preprocess_train)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, pin_memory=cuda, persistent_workers=True,
+                                         prefetch_factor=4 if args.workers else None)
+    vpt.train()
+    done, t = 0, None
+    for epoch in range(100):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            train_step(x, y)
+            if t is None:  # the first batch pays for worker start-up
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                continue
+            done += len(x)
+        if done >= steps * batch:
+            break
+    if cuda:
+        torch.cuda.synchronize()
+    report("train_end_to_end", done / (time.perf_counter() - t), 2 * fwd)
+    figures["end_to_end_vs_step"] = round(figures["train_end_to_end"]["per_second"] /
+                                          figures["train_step"]["per_second"], 3)
+    figures["imagenet_lt_epoch_minutes"] = round(115846 / figures["train_end_to_end"]["per_second"] / 60, 2)
+
+    # ---- report ----
+    mfu = lambda f: f"MFU {f['mfu']:.1%}" if f["mfu"] is not None else "MFU n/a (no known peak: --peak-tflops)"
+    print(f"{name_gpu}, {name} at {size} px, {args.prompt_tokens} prompts x {vpt.depth} layers, batch {batch}, "
+          f"torch {figures['torch']}; {figures['gflops_forward_per_image']} GFLOPs forward per image")
+    for key, label, unit in (("train_step", "training step (synthetic)", "images/s"),
+                             ("eval", "evaluation (VPT + plain)", "images/s"), ("text", "text encoding", "sentences/s"),
+                             ("train_end_to_end", "training from JPEG files", "images/s")):
+        f = figures[key]
+        print(f"{label:28s} {f['per_second']:10.1f} {unit:12s} {f['tflops']:8.3f} TFLOP/s  {mfu(f)}")
+    print(f"end-to-end / synthetic step: {figures['end_to_end_vs_step']:.2f}; implied ImageNet-LT epoch "
+          f"(115,846 images): {figures['imagenet_lt_epoch_minutes']:.1f} min")
+    mem = figures["train_peak_memory_gib"]
+    print(f"peak GPU memory (training): {f'{mem} GiB' if mem is not None else 'n/a on CPU'}")
+    if args.json:
+        common.atomic_write_json(args.json, figures)
+
+
+if __name__ == "__main__":
+    main()
