@@ -185,7 +185,7 @@ def main(argv=None):
     (tmp / "jpg").mkdir()
     dataset = common.ImageList(write_jpegs(tmp / "jpg", n_jpegs, 256), preprocess_train)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, pin_memory=cuda, persistent_workers=True,
+                                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
                                          prefetch_factor=4 if args.workers else None)
     vpt.train()
     done, t = 0, None
