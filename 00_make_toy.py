@@ -7,10 +7,13 @@ Writes  data/toy/ in the generic layout: images/, train.txt (long-tailed, imbala
 
     python 00_make_toy.py --out data/toy
 
-Classes are colour x shape (6 x 6 = 36). The tiny CLIP is pretrained contrastively on captions of clean,
-centred shapes on plain grey ("catalogue" style); the task's images put smaller, colour-jittered shapes anywhere
-on textured, noisy backgrounds ("field" style). That domain gap is what leaves zero-shot CLIP well short and
-gives training something to do. About 3 min on a 2-core laptop CPU; everything follows from --seed.
+Classes are colour x shape (6 x 6 = 36). The tiny CLIP is pretrained contrastively on captions of "catalogue"
+pictures (big shapes on plain or lightly blotched backgrounds); the task's "field" pictures put smaller,
+colour-jittered shapes on blotchy, striped, noisy backgrounds. And, as iNaturalist's Latin names are to CLIP, the
+task calls three of the shapes by words the tiny CLIP never saw ("disc", "wedge", "hoop"), while its Wikipedia
+text and descriptors describe them in words it knows. Zero-shot CLIP is therefore useful but far from perfect,
+and the corpus and the descriptors carry knowledge the class names do not. About 2 min on a 2-core CPU (the CLIP's
+600 pretraining steps); everything follows from --seed.
 """
 import argparse
 import json
