@@ -10,8 +10,8 @@ Writes  results.json (every variant, the K sweep, shot groups, meta), results.md
 
 One pass over the test images gives every variant: each batch goes through VPT-deep CLIP (HLC) and plain CLIP
 (zero-shot baselines). Under torchrun each process takes a contiguous shard of the test set; rank 0 gathers the
-scores and writes every file. Typical time: Places-LT test (36,500 images) about 3 min on one A100-class GPU; the toy
-world about 20 s on a 2-core CPU.
+scores and writes every file. Typical time: the toy world 2.5 s on a 2-core CPU (720 images; expect zero-shot 61.1,
+coarse_la 79.6, hlc 81.1). On Places-LT the paper reports zero-shot 37.9 and HLC 51.5 (kit not yet run there).
 """
 import argparse
 import base64

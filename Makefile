@@ -36,7 +36,7 @@ EVAL_ARGS   ?=
 # ---- GPUS=N runs stages 03 and 04 under torchrun, one process per GPU (TORCHRUN_ARGS for several nodes) ----
 GPUS ?=
 TORCHRUN_ARGS ?=
-LAUNCH = $(if $(GPUS),$(PY) -m torch.distributed.run --nproc_per_node=$(GPUS) $(TORCHRUN_ARGS),$(PY))
+LAUNCH = $(if $(GPUS),$(PY) -m torch.distributed.run --nproc_per_node=$(GPUS) $(or $(TORCHRUN_ARGS),--standalone),$(PY))
 
 # ---- python: a virtual environment from requirements.txt, unless PY points at your own interpreter ----
 VENV := .venv

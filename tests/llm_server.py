@@ -18,7 +18,7 @@ FORMATS = (
 
 class FakeLLM:
     """mode: 'ok', 'fail500' (two 500s per prompt first), '429' (one 429 with Retry-After first), 'hang' (first
-    request per prompt sleeps past the client's timeout), 'short' (first answer has 6 items), '401'."""
+    request per prompt sleeps past the client's timeout), 'short' (first answer has 6 items), '401', '404'."""
 
     def __init__(self, mode="ok", delay=0.0, hang_seconds=1.5):
         self.mode, self.delay, self.hang_seconds = mode, delay, hang_seconds
@@ -39,6 +39,8 @@ class FakeLLM:
                     fake.auth.add(self.headers.get("Authorization", ""))
                 if fake.mode == "401":
                     return self.reply(401, {"error": {"message": "invalid api key"}})
+                if fake.mode == "404":
+                    return self.reply(404, {"error": {"message": f"The model {body['model']} does not exist"}})
                 if fake.mode == "fail500" and n <= 2:
                     return self.reply(500, {"error": "boom"})
                 if fake.mode == "429" and n == 1:

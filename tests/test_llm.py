@@ -107,3 +107,12 @@ def test_401_stops_at_once_and_says_what_to_check(world20, tmp_path):
     msg = str(e.value)
     assert "401" in msg and "OPENAI_API_KEY" in msg and server.url in msg and KEY not in msg
     assert server.requests <= 2  # no retries, no further classes
+
+
+def test_unknown_model_stops_at_once(world20, tmp_path):
+    with FakeLLM("404") as server:
+        with pytest.raises(SystemExit) as e:
+            run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "1")
+    msg = str(e.value)
+    assert "'fake-gpt' not found" in msg and server.url in msg and "does not exist" in msg
+    assert server.requests <= 2
