@@ -26,10 +26,6 @@ import llm
 DROPPED_SECTIONS = {"external links", "references", "further reading", "bibliography", "see also", "notes"}
 
 
-def article(name):
-    return "an" if name[:1].lower() in "aeiou" else "a"
-
-
 # ---- corpus sources ----
 
 def template_sentences(name):
@@ -128,7 +124,7 @@ def descriptor_sentence(name, descriptor):
     if len(descriptor.split()) >= 6 or descriptor[:1].isupper():
         return descriptor
     verb = "" if descriptor.split()[0] in ("is", "has", "have", "are", "can", "was") else "has "
-    return f"a photo of {article(name)} {name}, which {verb}{descriptor}."
+    return f"a photo of {llm.article(name)} {name}, which {verb}{descriptor}."
 
 
 def balance(per_class, n, rng):
@@ -246,7 +242,7 @@ def main(argv=None):
         if len(kept) < args.num_descriptors:
             short.append((name, len(kept)))
         if not kept:  # e.g. VCD's Places365 file has an empty list for corn_field
-            kept = [f"a photo of {article(name)} {name}."]
+            kept = [f"a photo of {llm.article(name)} {name}."]
         descriptors.append([descriptor_sentence(name, d) for d in kept])
     if short:
         print(f"note: {len(short)} classes have fewer than {args.num_descriptors} descriptors: "
