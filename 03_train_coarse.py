@@ -181,7 +181,11 @@ def main(argv=None):
     if args.resume and last_path.exists():
         state = common.load_checkpoint(last_path, "an earlier run of this stage")
         common.check_meta(state["meta"], last_path, num_classes=num_classes, model=model_name)
-        model.load_state_dict(state["model"], strict=False)
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.startswith("vpt.visual.")]  # the frozen tower is not saved
+        if unexpected or missing or (args.finetune == "full") != any(k.startswith("vpt.visual.") for k in state["model"]):
+            raise SystemExit(f"{last_path} was written by a run with other switches (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}, --finetune {args.finetune}); delete it or match them")
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
         say(f"resumed from {last_path} after epoch {start_epoch}")

@@ -3,6 +3,7 @@ the scoring functions of the method (Eq. 2, 4, Algorithm 1), metrics and atomic 
 
 Nothing here runs on import. Each function is small enough to read in one go.
 """
+import contextlib
 import difflib
 import json
 import math
@@ -451,12 +452,19 @@ def shot_counts(counts, rule="lift"):
 # files: atomic writes and meta
 # ---------------------------------------------------------------------------------------------------
 
-def atomic_write_text(path, text):
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield `path.tmp` to write to; on success it replaces `path` in one step, so no reader sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    yield tmp
     os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path, obj):
@@ -464,20 +472,13 @@ def atomic_write_json(path, obj):
 
 
 def atomic_torch_save(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_savez(path, **arrays):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path, what):

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny dataset in the generic layout and a tiny random CLIP config, made on the fly."""
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -65,3 +66,26 @@ def make_tiny_world(root):
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     return make_tiny_world(tmp_path_factory.mktemp("tiny"))
+
+
+# ---- the tiny world through every stage, once per test session ----
+
+def make_args(world, run, epochs=2):
+    return ["DATASET=tiny", f"DATA_ROOT={world}", f"RUN={run}", f"MODEL={world}/tiny-clip.json",
+            "PRETRAINED=none", f"EPOCHS={epochs}", f"PY={sys.executable}",
+            "TRAIN_ARGS=--batch-size 8 --workers 0 --log-every 100", "EVAL_ARGS=--workers 0 --explain 6"]
+
+
+@pytest.fixture(scope="session")
+def made_run(tiny_world, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    out = subprocess.run(["make", "-C", str(ROOT), "all"] + make_args(tiny_world, run),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return run
+
+
+def train_args(world, features, out, *extra):
+    return ["--dataset", "tiny", "--data-root", str(world), "--features", str(features), "--out", str(out),
+            "--model", f"{world}/tiny-clip.json", "--pretrained", "none", "--batch-size", "8", "--workers", "0",
+            "--log-every", "100", *extra]

@@ -2,31 +2,15 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import common
-from conftest import ROOT, load_stage
+from conftest import ROOT, load_stage, make_args, train_args
 
 GROUP_NAMES = ("many", "medium", "few")
-
-
-def make_args(world, run, epochs=2):
-    return [f"DATASET=tiny", f"DATA_ROOT={world}", f"RUN={run}", f"MODEL={world}/tiny-clip.json",
-            "PRETRAINED=none", f"EPOCHS={epochs}", f"PY={sys.executable}",
-            "TRAIN_ARGS=--batch-size 8 --workers 0 --log-every 100", "EVAL_ARGS=--workers 0 --explain 6"]
-
-
-@pytest.fixture(scope="module")
-def made_run(tiny_world, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    out = subprocess.run(["make", "-C", str(ROOT), "all"] + make_args(tiny_world, run),
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return run
 
 
 def recompute(pred, labels, counts):
@@ -104,12 +88,6 @@ def test_make_is_incremental(made_run, tiny_world):
     assert "03_train_coarse.py" in out.stdout and "02_cache_descriptors.py" not in out.stdout
     subprocess.run(["make", "-C", str(ROOT), "-n", "all"] + make_args(tiny_world, made_run),
                    capture_output=True, text=True)  # restore the params file
-
-
-def train_args(world, features, out, *extra):
-    return ["--dataset", "tiny", "--data-root", str(world), "--features", str(features), "--out", str(out),
-            "--model", f"{world}/tiny-clip.json", "--pretrained", "none", "--batch-size", "8", "--workers", "0",
-            "--log-every", "100", *extra]
 
 
 def test_resume_matches_uninterrupted_run(made_run, tiny_world, tmp_path, monkeypatch):
