@@ -10,6 +10,8 @@ DATA_ROOT ?= data/$(DATASET)
 RUN       ?= runs/$(DATASET)
 SEED      ?= 0
 DEVICE    ?= auto
+DECODE    ?= pil
+FEATURE_CACHE ?= $(RUN)/cache
 ifeq ($(DATASET),toy)
 MODEL       ?= $(DATA_ROOT)/clip/toy-clip.json
 PRETRAINED  ?= $(DATA_ROOT)/clip/toy-clip.pt
@@ -50,9 +52,10 @@ CORPUS_PARAMS  := --dataset $(DATASET) --data-root $(DATA_ROOT) --seed $(SEED) \
                   $(if $(LLM_MODEL),--llm-model $(LLM_MODEL)) $(CORPUS_ARGS)
 FEATURE_PARAMS := --model $(MODEL) --pretrained $(PRETRAINED) --device $(DEVICE) $(FEATURE_ARGS)
 TRAIN_PARAMS   := --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) --pretrained $(PRETRAINED) \
-                  --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) $(TRAIN_ARGS)
+                  --epochs $(EPOCHS) --seed $(SEED) --device $(DEVICE) --decode $(DECODE) \
+                  --feature-cache $(FEATURE_CACHE) $(TRAIN_ARGS)
 EVAL_PARAMS    := --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) --pretrained $(PRETRAINED) \
-                  --device $(DEVICE) --seed $(SEED) $(EVAL_ARGS)
+                  --device $(DEVICE) --seed $(SEED) --decode $(DECODE) --feature-cache $(FEATURE_CACHE) $(EVAL_ARGS)
 write_params = $(shell mkdir -p $(RUN)/params && echo '$(strip $(2))' | cmp -s - $(RUN)/params/$(1) \
                  || echo '$(strip $(2))' > $(RUN)/params/$(1))
 ifneq ($(filter-out help test test-fast setup clean clean-toy bench,$(or $(MAKECMDGOALS),all)),)
@@ -144,6 +147,8 @@ help: ## this list
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
 	@echo; echo "Variables: DATASET=$(DATASET) DATA_ROOT=$(DATA_ROOT) RUN=$(RUN) MODEL=$(MODEL) PRETRAINED=$(PRETRAINED)"
 	@echo "           EPOCHS=$(EPOCHS) SEED=$(SEED) DEVICE=$(DEVICE) DESCRIPTORS=$(DESCRIPTORS) WIKI=$(WIKI) PY=$(PY)"
+	@echo "           DECODE=$(DECODE) (pil, tensor or device: where images are decoded; make bench compares them)"
+	@echo "           FEATURE_CACHE=$(FEATURE_CACHE) (frozen-tower features kept between runs)"
 	@echo "           GPUS=$(GPUS) (torchrun processes for stages 03-04) TORCHRUN_ARGS=$(TORCHRUN_ARGS)"
 	@echo "           LLM_MODEL=$(LLM_MODEL) (a chat model for the descriptors; key in OPENAI_API_KEY, endpoint in OPENAI_BASE_URL)"
 	@echo "           CORPUS_ARGS, FEATURE_ARGS, TRAIN_ARGS, EVAL_ARGS, BENCH_ARGS pass any other flag to a script"

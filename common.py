@@ -167,11 +167,18 @@ def _read_coco_split(path, num_classes):
     return samples
 
 
+def seed_sample(seed, epoch, i):
+    """Seed the global torch generator for sample i of epoch e (with seed=None: leave it alone)."""
+    if seed is not None:
+        torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + i)
+
+
 class ImageList(torch.utils.data.Dataset):
     """(image, label) from read_split's list; an unreadable image names its split file and line.
 
     With `seed`, sample i's random augmentation in epoch e depends on (seed, e, i) alone, whichever process or
-    worker loads it: N processes then see exactly the crops one process would.
+    worker loads it: N processes then see exactly the crops one process would. A key may be i (epoch: the
+    attribute) or (epoch, i), which lets persistent workers follow the epochs.
     """
 
     def __init__(self, samples, transform, seed=None):
@@ -180,17 +187,198 @@ class ImageList(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
         from PIL import Image
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         path, label, where = self.samples[i]
         try:
             with Image.open(path) as im:
                 image = im.convert("RGB")
         except Exception as e:
             raise RuntimeError(f"{where}: cannot read image {path}: {e}") from None
-        if self.seed is not None:
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        seed_sample(self.seed, epoch, i)
         return self.transform(image), label
+
+
+# ---- --decode tensor | device: the loader workers hand over uint8 images (or JPEG bytes) and a crop box; the
+#      crop, the bicubic resize and the normalisation run on a whole batch where the model runs ----
+
+DECODE_MODES = {
+    "pil": "PIL decodes and open_clip's transform runs in the loader workers (float images cross over)",
+    "tensor": "libjpeg-turbo (torchvision) decodes in the workers; crop, resize, normalise on the device",
+    "device": "the workers read JPEG bytes; decoding (nvJPEG on CUDA), crop, resize, normalise on the device",
+}
+
+
+class SplitTransform:
+    """open_clip's train or eval transform cut in two: the random choice of crop, made in the worker from the
+    image's header, and the arithmetic, done by __call__ on decoded uint8 images where the model runs."""
+
+    def __init__(self, transform):
+        from torchvision import transforms as T
+        self.kind, self.mean, self.std, self._stats = None, None, None, {}
+        for t in transform.transforms:
+            if isinstance(t, T.RandomResizedCrop):
+                self.kind, self.crop = "train", t
+                self.size, self.interpolation = list(t.size), t.interpolation
+            elif isinstance(t, T.Resize) and self.kind is None:
+                self.kind, self.size, self.interpolation = "eval", t.size, t.interpolation
+            elif isinstance(t, T.CenterCrop) and self.kind == "eval":
+                self.center = list(t.size)
+            elif isinstance(t, T.Normalize):
+                self.mean, self.std = t.mean, t.std
+            elif type(t).__name__ not in ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "function"):
+                raise ValueError(f"--decode tensor/device cannot move {t!r} of the image transform to the device; "
+                                 f"use --decode pil")
+        if self.kind is None or self.mean is None:
+            raise ValueError(f"--decode tensor/device needs a RandomResizedCrop or Resize+CenterCrop transform with "
+                             f"Normalize; got {transform!r}; use --decode pil")
+
+    def box(self, image):
+        """(top, left, height, width) of the region to keep; `image` needs only its size (header read)."""
+        if self.kind == "train":
+            return self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        return 0, 0, image.size[1], image.size[0]
+
+    def __call__(self, images, boxes):
+        """uint8 (3, H, W) images on one device, boxes (B, 4) on the CPU -> normalised float (B, 3, S, S)."""
+        from torchvision.transforms import functional as TF
+        out = []
+        for image, (top, left, height, width) in zip(images, boxes.tolist()):
+            if self.kind == "train":
+                image = TF.resized_crop(image, top, left, height, width, self.size, self.interpolation, antialias=True)
+            else:
+                image = TF.center_crop(TF.resize(image, self.size, self.interpolation, antialias=True), self.center)
+            out.append(image)
+        x = torch.stack(out).float().div_(255)
+        key = str(x.device)
+        if key not in self._stats:  # made once per device: a copy from Python lists waits for the device
+            self._stats[key] = [torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (self.mean, self.std)]
+        mean, std = self._stats[key]
+        return x.sub_(mean).div_(std)
+
+
+class EncodedImageList(ImageList):
+    """--decode tensor|device: (uint8 image or JPEG bytes, is-bytes flag, crop box, label). Files that are not
+    RGB or greyscale JPEGs (PNG, CMYK JPEG) are decoded by PIL here whatever the mode."""
+
+    def __init__(self, samples, split_transform, mode, seed=None):
+        super().__init__(samples, split_transform, seed)
+        self.mode = mode
+
+    def __getitem__(self, key):
+        from PIL import Image
+        from torchvision import io as tvio
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        path, label, where = self.samples[i]
+        try:
+            with Image.open(path) as im:  # reads the header only
+                jpeg = im.format == "JPEG" and im.mode in ("RGB", "L")
+                seed_sample(self.seed, epoch, i)
+                box = self.transform.box(im)
+                if not jpeg:
+                    data = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+            if jpeg:
+                data = tvio.read_file(str(path))
+                if self.mode == "tensor":
+                    data = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB)
+        except Exception as e:
+            raise RuntimeError(f"{where}: cannot read image {path}: {e}") from None
+        return data, jpeg and self.mode == "device", box, label
+
+
+def collate_encoded(batch):
+    """One flat uint8 buffer per batch (one shared-memory block from the worker, one copy to the device), plus
+    each item's length and shape (0, 0, 0 for JPEG bytes), flag, box and label."""
+    data, encoded, boxes, labels = zip(*batch)
+    shapes = [(0, 0, 0) if e else tuple(d.shape) for d, e in zip(data, encoded)]
+    return (torch.cat([d.reshape(-1) for d in data]), torch.tensor([d.numel() for d in data]), torch.tensor(shapes),
+            torch.tensor(encoded), torch.tensor(boxes), torch.tensor(labels))
+
+
+class Batches(torch.utils.data.Sampler):
+    """A batch sampler whose batches the training loop sets before each epoch, as lists of (epoch, index):
+    one DataLoader, and its persistent workers, then serve every epoch."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def image_loader(samples, transform, decode, device, seed=None, workers=0, batch_size=None, batch_sampler=None):
+    """(DataLoader, to_device): to_device(batch) -> (normalised images, labels) on `device`. `decode` is one of
+    DECODE_MODES; 'pil' is the plain path, the others move the crop and resize (and for 'device' the JPEG
+    decoding) to the device."""
+    cuda = torch.device(device).type == "cuda"
+    options = dict(num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0 and batch_sampler is not None,
+                   prefetch_factor=4 if workers else None)
+    if batch_sampler is not None:
+        options["batch_sampler"] = batch_sampler
+    else:
+        options["batch_size"] = batch_size
+    if decode == "pil":
+        loader = torch.utils.data.DataLoader(ImageList(samples, transform, seed), **options)
+        return loader, lambda b: (b[0].to(device, non_blocking=True), b[1].to(device, non_blocking=True))
+    if decode not in DECODE_MODES:
+        raise ValueError(f"--decode {decode!r}: choose one of {', '.join(DECODE_MODES)}")
+    split = SplitTransform(transform)
+    dataset = EncodedImageList(samples, split, decode, seed)
+    loader = torch.utils.data.DataLoader(dataset, collate_fn=collate_encoded, **options)
+
+    def to_device(batch):
+        from torchvision import io as tvio
+        buf, sizes, shapes, encoded, boxes, labels = batch
+        ends = sizes.cumsum(0).tolist()
+        items = [(end - n, end, shape, e) for end, n, shape, e in zip(ends, sizes.tolist(), shapes.tolist(),
+                                                                         encoded.tolist())]
+        on_device = buf.to(device, non_blocking=True) if not all(encoded.tolist()) else None
+        images = [None if e else on_device[a:b].view(shape) for a, b, shape, e in items]
+        jpegs = [buf[a:b] for a, b, _, e in items if e]  # decoders read from host memory
+        if jpegs:
+            decoded = iter(tvio.decode_jpeg(jpegs, mode=tvio.ImageReadMode.RGB, device=device))
+            images = [image if image is not None else next(decoded) for image in images]
+        return split(images, boxes), labels.to(device, non_blocking=True)
+
+    return loader, to_device
+
+
+def feature_cache_file(cache_dir, split, samples, model, pretrained, image_size, transform):
+    """Where the frozen tower's features of one split are cached: the name hashes everything they depend on (the
+    model and weights, by name or by file size and time, the image size, the transform and the image list)."""
+    import hashlib
+    stat = lambda f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] if f and Path(f).is_file() else None
+    key = dict(model=model, model_file=stat(model), pretrained=pretrained, weights_file=stat(pretrained),
+               image_size=image_size or None, transform=repr(transform), n=len(samples),
+               images=hashlib.sha1("\n".join(f"{p} {y}" for p, y, _ in samples).encode()).hexdigest())
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{split}-{digest}.pt"
+
+
+@torch.no_grad()
+def encode_split(tower, samples, transform, device, rank=0, world=1, batch_size=256, workers=0, decode="pil",
+                 desc="encode"):
+    """Normalised float32 features (N, d) of every image, on the CPU of every process: each process encodes a
+    contiguous shard, then the shards are gathered in order."""
+    from tqdm import tqdm
+    shard = np.array_split(np.arange(len(samples)), world)[rank]
+    loader, to_device = image_loader([samples[i] for i in shard], transform, decode, device, workers=workers,
+                                     batch_size=batch_size)
+    parts = []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=rank > 0):
+        images, _ = to_device(batch)
+        with image_autocast(device):
+            parts.append(F.normalize(tower(images).float(), dim=-1))  # copied back once, at the end
+    feats = torch.cat(parts).cpu() if parts else torch.zeros(0, 0)
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, feats)
+        feats = torch.cat([g for g in gathered if len(g)])
+    return feats
 
 
 def class_counts(samples, num_classes):

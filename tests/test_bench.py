@@ -12,11 +12,12 @@ def test_make_bench_prints_every_figure(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     for label in ("training step (synthetic)", "evaluation (VPT + plain)", "text encoding",
-                  "training from JPEG files", "TFLOP/s", "MFU", "implied ImageNet-LT epoch", "peak GPU memory",
+                  "training from JPEGs, pil", "training from JPEGs, tensor", "training from JPEGs, device", "TFLOP/s", "MFU", "implied ImageNet-LT epoch", "peak GPU memory",
                   "batch 8", "torch 2."):
         assert label in out.stdout, label
     figures = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("train_step", "eval", "text", "train_end_to_end"):
+    for key in ("train_step", "eval", "text", "train_end_to_end_pil", "train_end_to_end_tensor",
+                "train_end_to_end_device"):
         assert figures[key]["per_second"] > 0 and figures[key]["tflops"] > 0
 
 

@@ -1,0 +1,153 @@
+"""The speed paths give the same answers as the plain ones: decoding on the device, persistent loader workers,
+pre-drawn randomness, and frozen-tower features encoded once and cached."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import load_stage, train_args
+from test_distributed import eval_args
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    """ImageNet-like files of every kind the loaders meet: RGB JPEGs, a greyscale JPEG, a CMYK JPEG, a PNG."""
+    folder = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, (kind, size) in enumerate([("RGB", (500, 375)), ("RGB", (333, 500)), ("L", (400, 300)),
+                                      ("CMYK", (300, 260)), ("PNG", (240, 200)), ("RGB", (224, 224))]):
+        base = rng.integers(0, 255, (size[1] // 20, size[0] // 20, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize(size, Image.BICUBIC)
+        path = folder / f"{i}.{'png' if kind == 'PNG' else 'jpg'}"
+        (img if kind in ("RGB", "PNG") else img.convert(kind)).save(path, quality=92)
+        lines.append((str(path), i % 3, f"list.txt:{i + 1}"))
+    return lines
+
+
+@pytest.fixture(scope="module")
+def transforms():
+    import open_clip
+    _, train, val = open_clip.create_model_and_transforms("ViT-B-16-quickgelu", pretrained=None)
+    return {"train": train, "val": val}
+
+
+@pytest.mark.parametrize("kind", ["train", "val"])
+@pytest.mark.parametrize("decode", ["tensor", "device"])
+def test_decode_paths_match_pil(image_files, transforms, kind, decode):
+    transform = transforms[kind]
+    batches = {}
+    for mode in ("pil", decode):
+        loader, to_device = common.image_loader(image_files, transform, mode, "cpu", seed=3, batch_size=len(image_files))
+        batches[mode] = to_device(next(iter(loader)))
+    (a, ya), (b, yb) = batches["pil"], batches[decode]
+    assert a.shape == b.shape == (len(image_files), 3, 224, 224) and torch.equal(ya, yb)
+    # same crop box (a different box would differ by ~0.5 on average); PIL's and torch's bicubic differ slightly
+    diff = (a - b).abs().mean(dim=(1, 2, 3))
+    assert diff.max() < 0.01, diff  # measured: 0.0025 on average, one grey level at most
+
+
+def test_split_transform_refuses_what_it_cannot_move(transforms):
+    from torchvision import transforms as T
+    jitter = T.Compose([T.ColorJitter(0.4), *transforms["train"].transforms])
+    with pytest.raises(ValueError, match="ColorJitter.*--decode pil"):
+        common.SplitTransform(jitter)
+
+
+def test_crops_follow_the_epoch_in_the_key(image_files, transforms):
+    data = common.ImageList(image_files, transforms["train"], seed=0)
+    assert torch.equal(data[(1, 0)][0], data[(1, 0)][0])
+    assert not torch.equal(data[(0, 0)][0], data[(1, 0)][0])
+
+
+def test_epoch_draws_are_the_one_by_one_draws():
+    stage = load_stage("03_train_coarse.py")
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 4])
+    corpus = stage.CorpusSampler(labels, 5)
+    draws = stage.epoch_draws(3, 4, 6, True, corpus, torch.Generator().manual_seed(7), "cpu")
+    gen = torch.Generator().manual_seed(7)
+    for i in range(3):
+        idx, y = corpus.sample(4, gen)
+        perm = torch.randperm(10, generator=gen)
+        assert torch.equal(draws["corpus"][i], idx) and torch.equal(draws["corpus_labels"][i], y)
+        assert torch.equal(draws["perm"][i], perm)
+
+
+def test_persistent_workers_train_like_no_workers(made_run, tiny_world, tmp_path):
+    stage = load_stage("03_train_coarse.py")
+    features = made_run / "text_features.pt"
+    for workers in ("0", "2"):
+        args = train_args(tiny_world, features, tmp_path / workers / "coarse.pt", "--epochs", "2")
+        args[args.index("--workers") + 1] = workers
+        stage.main(args)
+    a, b = (torch.load(tmp_path / w / "coarse.pt", weights_only=True) for w in ("0", "2"))
+    for key in ("prompts", "w_cls", "w_llm"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_linear_probe_encodes_once_and_reuses_the_cache(made_run, tiny_world, tmp_path, capsys):
+    train, evaluate = load_stage("03_train_coarse.py"), load_stage("04_eval_hlc.py")
+    features, cache = made_run / "text_features.pt", tmp_path / "cache"
+    lp = ("--epochs", "3", "--prompt-tokens", "0", "--corpus-ratio", "0", "--mixup-alpha", "0")
+    for run in ("a", "b"):
+        train.main(train_args(tiny_world, features, tmp_path / run / "coarse.pt", *lp, "--feature-cache", str(cache)))
+        evaluate.main(eval_args(tiny_world, features, tmp_path / run / "coarse.pt", tmp_path / run / "results.json")
+                      + ["--feature-cache", str(cache)])
+    out = capsys.readouterr().out
+    assert out.count("encoded 47 training images once") == 1 and out.count("training features from") == 1
+    assert out.count("image features: plain run over 20 images") == 1  # the first evaluation
+    assert out.count("image features: no tower run over 20 images") == 1  # the second: everything cached
+    assert out.count("HLC features = plain CLIP") == 2
+    assert len(list(cache.iterdir())) == 2  # train and test features
+    a, b = (torch.load(tmp_path / r / "coarse.pt", weights_only=True) for r in "ab")
+    assert torch.equal(a["w_cls"], b["w_cls"]) and torch.equal(a["w_llm"], b["w_llm"])
+    ra, rb = (json.loads((tmp_path / r / "results.json").read_text()) for r in "ab")
+    assert ra["variants"] == rb["variants"]
+
+    # the cached features are the tower's own: the zero-shot result matches the main run's, computed afresh
+    main = json.loads((made_run / "results.json").read_text())
+    assert ra["variants"]["zero_shot"] == main["variants"]["zero_shot"]
+    # with augmentation every epoch instead, the tower runs in every epoch and nothing is cached
+    train.main(train_args(tiny_world, features, tmp_path / "c" / "coarse.pt", *lp, "--augment-frozen"))
+    assert "encoded" not in capsys.readouterr().out
+
+
+def test_cache_name_changes_with_what_the_features_depend_on(tiny_world, transforms, tmp_path):
+    samples = common.read_split(tiny_world, "tiny", "train", 5)
+    name = lambda **kw: common.feature_cache_file(tmp_path, "train", kw.get("samples", samples), "tiny-clip",
+                                                  kw.get("pretrained", "none"), kw.get("size", 0),
+                                                  transforms[kw.get("t", "val")]).name
+    base = name()
+    assert base == name() and base.startswith("train-")
+    assert len({base, name(samples=samples[:-1]), name(pretrained="openai"), name(size=336), name(t="train")}) == 5
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"1")
+    first = name(pretrained=str(weights))
+    weights.write_bytes(b"12")
+    assert name(pretrained=str(weights)) != first
+
+
+@pytest.mark.parametrize("decode", ["tensor", "device"])
+def test_worker_processes_hand_over_whole_batches(image_files, transforms, decode):
+    sampler = common.Batches()
+    sampler.batches = [[(0, i) for i in range(len(image_files))], [(1, i) for i in range(3)]]
+    got = {}
+    for workers in (0, 2):
+        loader, to_device = common.image_loader(image_files, transforms["train"], decode, "cpu", seed=0,
+                                                workers=workers, batch_sampler=sampler)
+        got[workers] = [to_device(b)[0] for b in loader]
+    assert [x.shape[0] for x in got[2]] == [len(image_files), 3]
+    assert all(torch.equal(a, b) for a, b in zip(got[0], got[2]))
+
+
+def test_compiled_tower_trains_like_eager(made_run, tiny_world, tmp_path):
+    stage = load_stage("03_train_coarse.py")
+    features = made_run / "text_features.pt"
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        stage.main(train_args(tiny_world, features, tmp_path / name / "coarse.pt", "--epochs", "2", *extra))
+    a, b = (torch.load(tmp_path / n / "coarse.pt", weights_only=True) for n in ("eager", "compiled"))
+    for key in ("prompts", "w_cls", "w_llm"):
+        assert torch.allclose(a[key], b[key], atol=1e-4), (key, (a[key] - b[key]).abs().max())
