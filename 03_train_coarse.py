@@ -2,7 +2,8 @@
 
 Reads   the train split under DATA_ROOT, text_features.pt (stage 02), the CLIP model.
 Writes  coarse.pt (prompts, classifier, descriptor weights W_llm, class counts, meta; the visual tower too with
-        --finetune full) when training completes; last.pt after every epoch (resume with --resume) and log.jsonl.
+        --finetune full) when training completes; last.pt after every epoch (resume with --resume) and log.jsonl;
+        with --feature-cache and no prompts (linear probe), the frozen tower's training features in that folder.
 
     python 03_train_coarse.py --dataset places_lt --data-root data/places_lt \
         --features runs/places_lt/text_features.pt --out runs/places_lt/coarse.pt
@@ -101,14 +102,12 @@ def train_features(tower, samples, transform, device, rank, world, args, model_n
     if args.feature_cache:
         path = common.feature_cache_file(args.feature_cache, "train", samples, model_name, args.pretrained,
                                          args.image_size, transform)
-        if path.exists():
-            feats = torch.load(path, weights_only=True)
-            if len(feats) == len(samples):
-                print(f"frozen tower: training features from {path}") if rank == 0 else None
-                return feats
+        if path.exists():  # its name hashes the model, weights, transform and image list
+            print(f"frozen tower: training features from {path}") if rank == 0 else None
+            return torch.load(path, weights_only=True)
     t = time.time()
-    feats = common.encode_split(tower, samples, transform, device, rank, world, workers=args.workers,
-                                decode=args.decode, desc="encode train")
+    feats = common.encode_split({"plain": tower}, samples, transform, device, rank, world, workers=args.workers,
+                                decode=args.decode, desc="encode train")["plain"]
     if rank == 0:
         print(f"frozen tower: encoded {len(samples)} training images once in {time.time() - t:.1f}s"
               + (f" -> {path}" if path else ""))

@@ -3,7 +3,8 @@
 Reads   the evaluation split (test; val for iNaturalist 2018), coarse.pt (stage 03), text_features.pt (stage 02).
 Writes  results.json (every variant, the K sweep, shot groups, meta), results.md (the same as a table),
         predictions.npz (per image: label, logits, prior, descriptor scores, every variant's prediction: enough
-        to recompute every number) and explanations.html (why some predictions were made, paper Figure 1c).
+        to recompute every number) and explanations.html (why some predictions were made, paper Figure 1c);
+        with --feature-cache, plain CLIP's features of the split in that folder (read back by later runs).
 
     python 04_eval_hlc.py --dataset places_lt --data-root data/places_lt --features runs/places_lt/text_features.pt \
         --coarse runs/places_lt/coarse.pt --out runs/places_lt/results.json
@@ -11,7 +12,7 @@ Writes  results.json (every variant, the K sweep, shot groups, meta), results.md
 One pass over the test images gives every variant: each batch goes through VPT-deep CLIP (HLC) and plain CLIP
 (zero-shot baselines). With --feature-cache, plain CLIP's features come from an earlier run when it evaluated the
 same images with the same model; a run without prompts and with a frozen tower needs no VPT pass. Under torchrun each process takes a contiguous shard of the test set; rank 0 gathers the
-scores and writes every file. Typical time: the toy world 2.5 s on a 2-core CPU (720 images; expect zero-shot 61.1,
+scores and writes every file. Typical time: the toy world 2.6 s on a 2-core CPU (720 images; expect zero-shot 61.1,
 coarse_la 79.6, hlc 81.1). On Places-LT the paper reports zero-shot 37.9 and HLC 51.5 (kit not yet run there).
 """
 import argparse
@@ -213,30 +214,16 @@ def main(argv=None):
     if args.feature_cache:
         cache = common.feature_cache_file(args.feature_cache, split, samples, model_name, args.pretrained,
                                           coarse.get("image_size"), preprocess_val)
-    plain = torch.load(cache, weights_only=True) if cache and cache.exists() else None
-    if plain is not None and len(plain) != len(samples):
-        plain = None
+    plain = torch.load(cache, weights_only=True) if cache and cache.exists() else None  # name hashes the inputs
     towers = {} if plain is not None else {"plain": clip.visual}
     if vpt.num_tokens or coarse.get("visual"):
         towers["hlc"] = vpt
-    shard = np.array_split(np.arange(len(samples)), world)[rank]  # this process's contiguous share
-    loader, to_device = common.image_loader([samples[i] for i in shard], preprocess_val, args.decode, device,
-                                            workers=args.workers, batch_size=args.batch_size)
-    parts = {name: [] for name in towers}
-    with torch.no_grad():
-        for batch in (tqdm(loader, desc="eval", leave=False, disable=rank > 0) if towers else []):
-            images, _ = to_device(batch)
-            with common.image_autocast(device):
-                for name, tower in towers.items():
-                    parts[name].append(F.normalize(tower(images).float(), dim=-1))  # stays there: no sync
-    feats = {name: torch.cat(p).cpu() if p else torch.zeros(0, w_cls.shape[1]) for name, p in parts.items()}
-    if world > 1:  # shards are contiguous, so concatenating in rank order restores the test-set order
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, feats)
+    feats = common.encode_split(towers, samples, preprocess_val, device, rank, world, args.batch_size, args.workers,
+                                args.decode, desc="eval")
+    if world > 1:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return
-        feats = {name: torch.cat([g[name] for g in gathered]) for name in feats}
     if plain is None:
         plain = feats["plain"]
         if cache:

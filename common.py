@@ -360,24 +360,26 @@ def feature_cache_file(cache_dir, split, samples, model, pretrained, image_size,
 
 
 @torch.no_grad()
-def encode_split(tower, samples, transform, device, rank=0, world=1, batch_size=256, workers=0, decode="pil",
+def encode_split(towers, samples, transform, device, rank=0, world=1, batch_size=256, workers=0, decode="pil",
                  desc="encode"):
-    """Normalised float32 features (N, d) of every image, on the CPU of every process: each process encodes a
-    contiguous shard, then the shards are gathered in order."""
+    """{name: normalised float32 features (N, d)} of every image for each tower of `towers` ({name: module}),
+    all from one decoding pass, on the CPU of every process: each process encodes a contiguous shard, then the
+    shards are gathered in order."""
     from tqdm import tqdm
     shard = np.array_split(np.arange(len(samples)), world)[rank]
     loader, to_device = image_loader([samples[i] for i in shard], transform, decode, device, workers=workers,
                                      batch_size=batch_size)
-    parts = []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=rank > 0):
+    parts = {name: [] for name in towers}
+    for batch in (tqdm(loader, desc=desc, leave=False, disable=rank > 0) if towers else []):
         images, _ = to_device(batch)
         with image_autocast(device):
-            parts.append(F.normalize(tower(images).float(), dim=-1))  # copied back once, at the end
-    feats = torch.cat(parts).cpu() if parts else torch.zeros(0, 0)
+            for name, tower in towers.items():
+                parts[name].append(F.normalize(tower(images).float(), dim=-1))  # copied back once, at the end
+    feats = {name: torch.cat(p).cpu() for name, p in parts.items() if p}
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, feats)
-        feats = torch.cat([g for g in gathered if len(g)])
+        feats = {name: torch.cat([g[name] for g in gathered if name in g]) for name in towers}
     return feats
 
 
