@@ -12,7 +12,7 @@ Writes  results.json (every variant, the K sweep, shot groups, meta), results.md
 One pass over the test images gives every variant: each batch goes through VPT-deep CLIP (HLC) and plain CLIP
 (zero-shot baselines). With --feature-cache, plain CLIP's features come from an earlier run when it evaluated the
 same images with the same model; a run without prompts and with a frozen tower needs no VPT pass. Under torchrun each process takes a contiguous shard of the test set; rank 0 gathers the
-scores and writes every file. Typical time: the toy world 2.6 s on a 2-core CPU (720 images; expect zero-shot 61.1,
+scores and writes every file. Typical time: the toy world 2.5 s on a 2-core CPU (720 images; expect zero-shot 61.1,
 coarse_la 79.6, hlc 81.1). On Places-LT the paper reports zero-shot 37.9 and HLC 51.5 (kit not yet run there).
 """
 import argparse
