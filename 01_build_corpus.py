@@ -1,8 +1,10 @@
 """Stage 01: class names, the class-wise text corpus, and M descriptors per class.
 
-Reads   DATA_ROOT (class names), optional: a VL-LTR Wikipedia folder (wiki/desc_<label>.txt), a
-        VCD-style descriptors JSON ({class name: [descriptor, ...]}), a CuPL JSON ({class name: [sentence]}).
-Writes  corpus.json: classnames [C], sentences [C][*], descriptors [C][<=M], meta.
+Reads   DATA_ROOT (class names; the split files must be there), optional: a VL-LTR Wikipedia folder
+        (wiki/desc_<label>.txt), a VCD-style descriptors JSON ({class name: [descriptor, ...]}), a CuPL JSON
+        ({class name: [sentence]}), or answers from a chat model.
+Writes  corpus.json: classnames [C], sentences [C][*], descriptors [C][<=M] (each a sentence that names its
+        class), descriptors_raw (the same as the source wrote them), meta (what each source gave, per class, and the digests the next stages check).
 
     python 01_build_corpus.py --dataset places_lt --data-root data/places_lt \
         --wiki data/places_lt/wiki --descriptors data/places_lt/descriptors.json --out runs/places_lt/corpus.json
@@ -13,7 +15,6 @@ tokenizer in stage 02.
 """
 import argparse
 import difflib
-import json
 import os
 import random
 import re
@@ -38,7 +39,7 @@ def read_wiki_file(path):
     """One VL-LTR desc_<label>.txt: UTF-8 (GBK fallback), '==' lines are headings, split into sentences."""
     raw = Path(path).read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         text = raw.decode("gbk", errors="replace")
     sentences, keep = [], True
@@ -71,25 +72,41 @@ def wiki_sentences(folder, num_classes):
 
 # ---- mapping JSON keys (class names) to labels ----
 
-def normalise_name(name):
-    """Matching ignores case, '_', '-', '/' and a parenthesised suffix: 'Swimming_pool (indoor)' -> 'swimming pool'."""
-    name = re.sub(r"\s*\([^)]*\)\s*$", "", name.strip().lower())
+def normalise_name(name, drop_suffix=False):
+    """Matching ignores case, a Places365 '/a/' prefix, '_', '-' and '/'; with drop_suffix also a parenthesised
+    suffix: '/s/swimming_pool/indoor' and 'swimming_pool-indoor' -> 'swimming pool indoor',
+    'arcade (passageway)' -> 'arcade'."""
+    name = re.sub(r"^/[a-z]/", "", name.strip().lower())
+    if drop_suffix:
+        name = re.sub(r"\s*\([^)]*\)\s*$", "", name)
     return re.sub(r"\s+", " ", re.sub(r"[_/\-]", " ", name)).strip()
 
 
 def map_names_to_labels(keys, classnames, aliases, source):
-    """{json key: [labels]}. Several labels share a key when class names repeat (ImageNet)."""
-    by_name = {}
+    """({key: [labels]}, report). A key (or its alias: a class name or a class index) names one class; a name that
+    several classes share (ImageNet's 'missile', 657 and 744) fills those of them that no other key of the file
+    claimed, so VCD's 'projectile' (aliased to 744) leaves 'missile' to 657 alone, while CuPL's one 'missile' list
+    fills both, as in CuPL's own code; every such sharing is reported. A key that names no class stops the run."""
+    by_name, by_stem = {}, {}
     for label, name in enumerate(classnames):
         by_name.setdefault(normalise_name(name), []).append(label)
-    aliases = {normalise_name(k): normalise_name(v) for k, v in aliases.items()}
-    mapping, unmatched = {}, []
-    for key in keys:
-        norm = aliases.get(normalise_name(key), normalise_name(key))
-        if norm in by_name:
-            mapping[key] = by_name[norm]
-        else:
-            unmatched.append(key)
+        by_stem.setdefault(normalise_name(name, drop_suffix=True), []).append(label)
+    aliases = {normalise_name(k): v for k, v in aliases.items()}
+
+    def resolve(key):
+        target = aliases.get(normalise_name(key), key)
+        if isinstance(target, bool) or not isinstance(target, (int, str, list)):
+            raise SystemExit(f"alias of {key!r}: {target!r} is neither a class name nor a class index")
+        if isinstance(target, (int, list)):
+            labels = [target] if isinstance(target, int) else target
+            bad = [t for t in labels if not isinstance(t, int) or not 0 <= t < len(classnames)]
+            if bad:
+                raise SystemExit(f"alias of {key!r}: class index {bad[0]!r} is outside [0, {len(classnames)})")
+            return labels, True
+        return by_name.get(normalise_name(target)) or by_stem.get(normalise_name(target, drop_suffix=True)), False
+
+    resolved = {key: resolve(key) for key in keys}
+    unmatched = [key for key, (labels, _) in resolved.items() if not labels]
     if unmatched:
         lines = []
         for key in unmatched[:30]:
@@ -97,34 +114,68 @@ def map_names_to_labels(keys, classnames, aliases, source):
             lines.append(f"  {key!r}: nearest class names {near or 'none'}")
         more = f"\n  ... and {len(unmatched) - 30} more" if len(unmatched) > 30 else ""
         raise SystemExit(f"{source}: {len(unmatched)} names match no class name:\n" + "\n".join(lines) + more +
-                         "\nGive an alias map ({\"name in the file\": \"class name\"}) with --aliases.")
-    return mapping
+                         "\nGive an alias map with --aliases: {\"name in the file\": \"class name\" or class index}.")
+    claimed = {label for labels, explicit in resolved.values() if explicit or len(labels) == 1 for label in labels}
+    mapping, shared = {}, {}
+    for key, (labels, explicit) in resolved.items():
+        if not explicit and len(labels) > 1:  # a repeated class name: the classes no other key took
+            labels = [label for label in labels if label not in claimed] or labels
+            if len(labels) > 1:
+                shared[key] = labels
+        mapping[key] = labels
+    filled = {label for labels in mapping.values() for label in labels}
+    report = dict(keys=len(keys), classes_matched=len(filled), classes_without_entry=len(classnames) - len(filled),
+                  shared_keys={k: v for k, v in shared.items()},
+                  merged_classes=sorted({label for label in filled
+                                         if sum(label in labels for labels in mapping.values()) > 1}))
+    return mapping, report
 
 
 def read_named_json(path, classnames, aliases):
-    """A {class name: [sentences]} file (VCD descriptors, CuPL) as [C][*], mapped by name, never by order."""
+    """A {class name: [sentences]} file (VCD descriptors, CuPL) as ([C][*], report), mapped by name, never by order."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{path}: not valid JSON ({e})") from None
+    data = common.read_json(path)
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: expected {{class name: [sentences]}}, got {type(data).__name__}")
+    for key, value in data.items():
+        if not isinstance(value, list):
+            raise SystemExit(f"{path}: the value of {key!r} is {type(value).__name__}, not a list of sentences")
+        bad = [v for v in value if not isinstance(v, str)]
+        if bad:
+            raise SystemExit(f"{path}: the list of {key!r} holds {bad[0]!r} ({type(bad[0]).__name__}), not a sentence")
+    mapping, report = map_names_to_labels(list(data), classnames, aliases, path)
     per_class = [[] for _ in classnames]
-    for key, labels in map_names_to_labels(list(data), classnames, aliases, path).items():
-        if not isinstance(data[key], list):
-            raise SystemExit(f"{path}: value of {key!r} is not a list")
+    for key, labels in mapping.items():
         for label in labels:
-            per_class[label] += [str(s).strip() for s in data[key] if str(s).strip()]
-    return per_class
+            per_class[label] += [s.strip() for s in data[key] if s.strip()]
+    shared = "; ".join(f"{k!r} fills classes {v}" for k, v in report["shared_keys"].items())
+    print(f"{path.name}: {report['keys']} names -> {report['classes_matched']} of {len(classnames)} classes"
+          + (f"; {report['classes_without_entry']} classes have no entry" if report["classes_without_entry"] else "")
+          + (f"; shared names: {shared}" if shared else ""))
+    return per_class, dict(report, file=str(path), digest=common.file_digest(path))
 
+
+# ---- descriptors as sentences that name their class ----
 
 def descriptor_sentence(name, descriptor):
-    """Sentences stay as they are; VCD-style phrases ('a long neck') become VCD's '{c}, which has ...'."""
-    if len(descriptor.split()) >= 6 or descriptor[:1].isupper():
-        return descriptor
-    verb = "" if descriptor.split()[0] in ("is", "has", "have", "are", "can", "was") else "has "
-    return f"a photo of {llm.article(name)} {name}, which {verb}{descriptor}."
+    """One rule for every descriptor of every source (VCD's, Menon & Vondrick 2023): '{c}, which is {d}' when the
+    descriptor starts with the word a/an (or 'used'), '{c}, which {d}' when it starts with has/often/typically/may/can,
+    else '{c}, which has {d}'. A sentence whose subject is the class itself ('It smells of pine.', 'Airfields have
+    hangars.') keeps its verb: '{c}, which smells of pine'. Case is left alone apart from a capital first letter
+    (CLIP's tokenizer lower-cases anyway); a final full stop is dropped, as VCD's phrases have none."""
+    d = re.sub(r"\s+", " ", descriptor.strip()).rstrip(".").strip()
+    words = d.split(" ")
+    subject = rf"^(it|they|(the |an? )?{re.escape(name)}(e?s)?) (?=\w)"
+    if len(words) > 1 and re.match(subject, d, flags=re.IGNORECASE):
+        return f"{name}, which {re.sub(subject, '', d, count=1, flags=re.IGNORECASE)}"
+    if words[0][:1].isupper() and not words[0][1:2].isupper():  # 'Long neck' -> 'long neck'; 'LED lights' stays
+        d = d[0].lower() + d[1:]
+    first = d.split(" ")[0].lower()
+    if first in ("a", "an", "used"):
+        return f"{name}, which is {d}"
+    if first in ("has", "often", "typically", "may", "can"):
+        return f"{name}, which {d}"
+    return f"{name}, which has {d}"
 
 
 def balance(per_class, n, rng):
@@ -140,24 +191,45 @@ def balance(per_class, n, rng):
     return out
 
 
+def read_key(args):
+    """The API key, from --llm-key-file or the environment: never from the command line, where `ps`, make's echo
+    and the params files would show it."""
+    if args.llm_key is not None:
+        raise SystemExit("--llm-key is not accepted: a key on the command line shows in `ps`, in make's output and in "
+                         "$(RUN)/params. Put it in OPENAI_API_KEY (or --llm-key-env NAME), or in a file given by "
+                         "--llm-key-file PATH.")
+    if args.llm_key_file:
+        path = Path(args.llm_key_file)
+        if not path.is_file():
+            raise SystemExit(f"--llm-key-file {path}: not found")
+        return path.read_text(encoding="utf-8-sig").strip()
+    return os.environ.get(args.llm_key_env, "")
+
+
 def ask_llm(args, classnames):
     """Descriptors (and CuPL sentences) from a chat model, through the on-disk answer cache."""
     cache = llm.Cache(args.llm_cache or Path(args.out).with_name("llm_cache.jsonl"))
-    jobs = llm.plan_requests(classnames, args.llm_model, cache, args.num_descriptors, args.cupl_answers)
+    jobs = llm.plan_requests(classnames, args.llm_model, cache, args.num_descriptors, args.cupl_answers,
+                             args.llm_question)
     missing = sum(not cached for _, cached in jobs)
     if args.dry_run:
         raise SystemExit(f"dry run: {len(jobs)} first requests for {len(classnames)} classes, {len(jobs) - missing} "
                          f"cached, {missing} to ask {args.llm_model} at {args.llm_base_url} (plus re-asks for answers "
                          f"with fewer than {args.num_descriptors} items)")
-    client = llm.ChatClient(args.llm_base_url, args.llm_model, args.llm_key, args.llm_temperature, args.llm_timeout,
-                           backoff=args.llm_backoff)
+    client = llm.ChatClient(args.llm_base_url, args.llm_model, read_key(args), args.llm_temperature,
+                           args.llm_timeout, backoff=args.llm_backoff)
     print(f"asking {args.llm_model} at {args.llm_base_url}: {missing} of {len(jobs)} requests not cached "
           f"({cache.path})")
     asked = llm.generate(classnames, client, cache, args.num_descriptors, args.cupl_answers, args.llm_concurrency,
                          args.llm_max_asks, args.llm_question)
     print(f"llm: {asked['requests']} requests, {asked['stats']['cached']} answers from the cache")
     if asked["failures"]:
-        print(f"warning: {len(asked['failures'])} classes got no answer: " + "; ".join(asked["failures"][:5]))
+        listed = "\n  ".join(asked["failures"][:10]) + ("\n  ..." if len(asked["failures"]) > 10 else "")
+        message = (f"{len(asked['failures'])} classes got no usable answer from {args.llm_model}:\n  {listed}\n"
+                   f"The answers that came are cached in {cache.path}; run again to ask only for the rest")
+        if not args.allow_llm_failures:
+            raise SystemExit(message + " (or pass --allow-llm-failures to go on without them).")
+        print("warning: " + message + "; --allow-llm-failures: going on without them.")
     if asked["short"]:
         print(f"warning: {len(asked['short'])} classes have fewer than {args.num_descriptors} descriptors after "
               f"{args.llm_max_asks} answers: {', '.join(asked['short'][:10])}")
@@ -174,7 +246,12 @@ def main(argv=None):
     p.add_argument("--wiki", default="", help="folder of VL-LTR desc_<label>.txt Wikipedia files (paper: on)")
     p.add_argument("--cupl", default="", help="CuPL JSON {class name: [sentences]} added to the corpus")
     p.add_argument("--descriptors", default="", help="VCD-style JSON {class name: [descriptors]}")
-    p.add_argument("--aliases", default="", help="JSON {name in a JSON file: class name} for names that do not match")
+    p.add_argument("--aliases", default="",
+                   help="JSON {name in a JSON file: class name or class index} for names that do not match (the "
+                        "kit knows the ImageNet ones)")
+    p.add_argument("--descriptor-text", choices=["vcd", "raw"], default="vcd",
+                   help="vcd: every descriptor becomes a sentence naming its class, '{c}, which has {d}' (VCD's rule; "
+                        "the paper follows VCD); raw: the text as the file or the LLM gave it")
     p.add_argument("--num-descriptors", type=int, default=10, help="M descriptors kept per class (paper: 10)")
     p.add_argument("--per-class", type=int, default=100,
                    help="balance the corpus to this many sentences per class, 0 = keep all (paper: balanced, "
@@ -183,8 +260,9 @@ def main(argv=None):
                                                    "naming one turns the LLM on")
     p.add_argument("--llm-base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
                    help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI)")
-    p.add_argument("--llm-key", default=os.environ.get("OPENAI_API_KEY", ""),
-                   help="API key (default: $OPENAI_API_KEY); never written to disk or logs")
+    p.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--llm-key-file", default="", help="file holding the API key (instead of the environment)")
+    p.add_argument("--llm-key", default=None, help=argparse.SUPPRESS)  # refused with a message, never used
     p.add_argument("--llm-temperature", type=float, default=0.7, help="sampling temperature (paper: not given)")
     p.add_argument("--llm-concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--llm-timeout", type=float, default=60.0, help="seconds before a request is retried")
@@ -195,24 +273,33 @@ def main(argv=None):
     p.add_argument("--cupl-answers", type=int, default=0,
                    help="with --llm-model: answers per CuPL question (5 questions) added to the corpus; 0 = none")
     p.add_argument("--llm-cache", default="", help="answer cache (JSONL; default: llm_cache.jsonl next to --out)")
+    p.add_argument("--allow-llm-failures", action="store_true",
+                   help="write corpus.json even when some classes got no usable answer (they get no descriptor)")
     p.add_argument("--dry-run", action="store_true", help="print how many LLM requests this run would make, then stop")
+    p.add_argument("--skip-data-check", action="store_true",
+                   help="build the corpus without checking that DATA_ROOT holds the dataset's split files")
     p.add_argument("--seed", type=int, default=0, help="seed for balancing")
     args = p.parse_args(argv)
 
-    # ---- setup ----
+    # ---- setup: the data must be there before any LLM request or text encoding ----
+    if not args.skip_data_check:
+        common.check_dataset(args.data_root, args.dataset)
     rng = random.Random(args.seed)
     classnames = common.class_names(args.dataset, args.data_root)
     num_classes = len(classnames)
-    aliases = json.loads(Path(args.aliases).read_text()) if args.aliases else {}
+    aliases = dict(common.dataset_info(args.dataset).get("name_aliases", {}))
+    if args.aliases:
+        aliases.update(common.read_json(args.aliases, "alias map"))
+    common.hold_run_lock(Path(args.out).parent, f"01_build_corpus.py -> {args.out}")
 
     # ---- corpus ----
-    sources = {}
+    sources, files = {}, {}
     if args.templates:
         sources["templates"] = [template_sentences(n) for n in classnames]
     if args.wiki:
         sources["wiki"] = wiki_sentences(args.wiki, num_classes)
     if args.cupl:
-        sources["cupl"] = read_named_json(args.cupl, classnames, aliases)
+        sources["cupl"], files["cupl"] = read_named_json(args.cupl, classnames, aliases)
     asked = ask_llm(args, classnames) if args.llm_model else None
     if asked and args.cupl_answers:
         sources["cupl_llm"] = asked["cupl"]
@@ -231,22 +318,25 @@ def main(argv=None):
         if args.descriptors:
             print(f"note: descriptors come from {args.llm_model}; {args.descriptors} is not used")
     elif args.descriptors:
-        raw = read_named_json(args.descriptors, classnames, aliases)
+        raw, files["descriptors"] = read_named_json(args.descriptors, classnames, aliases)
     else:
         raise SystemExit("no descriptor source: give --descriptors FILE.json (VCD-style {class name: [descriptors]}, "
                          "e.g. from 'Visual Classification via Description' or CuPL; Make: DESCRIPTORS=FILE.json), "
                          "or ask an LLM with --llm-model NAME (Make: LLM_MODEL=NAME; key in OPENAI_API_KEY)")
-    descriptors, short = [], []
+    descriptors, kept_raw, short = [], [], []
     for c, name in enumerate(classnames):
         kept = list(dict.fromkeys(raw[c]))[:args.num_descriptors]  # drop repeats, keep order
         if len(kept) < args.num_descriptors:
             short.append((name, len(kept)))
-        if not kept:  # e.g. VCD's Places365 file has an empty list for corn_field
-            kept = [f"a photo of {llm.article(name)} {name}."]
-        descriptors.append([descriptor_sentence(name, d) for d in kept])
+        descriptors.append([descriptor_sentence(name, d) if args.descriptor_text == "vcd" else d for d in kept])
+        kept_raw.append(kept)
+    without = [classnames[c] for c, d in enumerate(descriptors) if not d]
     if short:
         print(f"note: {len(short)} classes have fewer than {args.num_descriptors} descriptors: "
               + ", ".join(f"{n} ({k})" for n, k in short[:10]) + (" ..." if len(short) > 10 else ""))
+    if without:  # e.g. VCD's Places365 file has an empty list for corn_field
+        print(f"note: {len(without)} classes have no descriptor and are scored by their class-name prompt "
+              f"(stage 02): {', '.join(without[:10])}")
 
     # ---- save ----
     summary = {name: {"sentences": sum(len(s) for s in src), "min_per_class": min(len(s) for s in src),
@@ -261,10 +351,12 @@ def main(argv=None):
         llm_meta = dict(model=args.llm_model, base_url=args.llm_base_url, requests=asked["requests"],
                         stats=asked["stats"], short=asked["short"], failures=asked["failures"])
     meta = common.make_meta("01_build_corpus", args, dataset=args.dataset, num_classes=num_classes,
-                            sources=summary, per_class_sentences=per_class, balanced_to=args.per_class or None,
-                            classes_short_of_descriptors=[n for n, _ in short], llm=llm_meta)
+                            classnames_digest=common.names_digest(classnames), sources=summary,
+                            per_class_sentences=per_class, balanced_to=args.per_class or None, files=files,
+                            classes_short_of_descriptors=[n for n, _ in short], classes_without_descriptors=without,
+                            descriptor_text=args.descriptor_text, llm=llm_meta)
     common.atomic_write_json(args.out, dict(classnames=classnames, sentences=merged, descriptors=descriptors,
-                                            meta=meta))
+                                            descriptors_raw=kept_raw, meta=meta))
     total = sum(len(s) for s in merged)
     print(f"corpus: {num_classes} classes, {total} sentences from {', '.join(sources)}, "
           f"{sum(len(d) for d in descriptors)} descriptors -> {args.out}")

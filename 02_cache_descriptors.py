@@ -3,7 +3,9 @@
 Reads   corpus.json (stage 01) and the CLIP model.
 Writes  text_features.pt: corpus (N x d) + corpus_labels (N), descriptors (C x M x d) + desc_mask (C x M),
         classname (C x d, the 80-template ensemble used for zero-shot and to initialise the classifier),
-        logit_scale, meta. This is the only stage that runs the text encoder (paper section 3.2).
+        logit_scale, meta (with a digest of these tensors, which stages 03 and 04 check). All float32. A class with
+        no descriptor gets its class-name feature as its one descriptor. This is the only stage that runs the text
+        encoder (paper section 3.2).
 
     python 02_cache_descriptors.py --corpus runs/places_lt/corpus.json --out runs/places_lt/text_features.pt \
         --model ViT-B-16-quickgelu --pretrained openai
@@ -13,7 +15,6 @@ is about 100k + 10k + 80k sentences through the ViT-B/16 text tower (not yet tim
 the text encoder's sentences/s).
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -53,12 +54,14 @@ def main(argv=None):
     # ---- setup ----
     t0 = time.time()
     device = common.pick_device(args.device)
-    corpus = json.loads(Path(args.corpus).read_text(encoding="utf-8"))
+    corpus = common.read_json(args.corpus)
     classnames, sentences, descriptors = corpus["classnames"], corpus["sentences"], corpus["descriptors"]
     num_classes = len(classnames)
     if len(sentences) != num_classes or len(descriptors) != num_classes:
         raise SystemExit(f"{args.corpus}: {num_classes} class names but {len(sentences)} sentence lists and "
                          f"{len(descriptors)} descriptor lists")
+
+    common.hold_run_lock(Path(args.out).parent, f"02_cache_descriptors.py -> {args.out}")
 
     # ---- model ----
     import open_clip
@@ -71,31 +74,43 @@ def main(argv=None):
     labels = torch.tensor([c for c in range(num_classes) for _ in sentences[c]])
     corpus_feats, trunc_corpus = encode_texts(model, tokenizer, flat, device, args.batch_size)
 
-    m = max(len(d) for d in descriptors)
-    flat_desc = [d for ds in descriptors for d in ds]
-    desc_flat, trunc_desc = encode_texts(model, tokenizer, flat_desc, device, args.batch_size)
-    desc_feats = torch.zeros(num_classes, m, desc_flat.shape[1])
-    desc_mask = torch.zeros(num_classes, m, dtype=torch.bool)
-    i = 0
-    for c, ds in enumerate(descriptors):
-        desc_feats[c, :len(ds)] = desc_flat[i:i + len(ds)]
-        desc_mask[c, :len(ds)] = True
-        i += len(ds)
-
     # zero-shot classifier: mean of the 80 template features per class (CLIP's prompt ensemble)
     from open_clip import OPENAI_IMAGENET_TEMPLATES
     prompts = [t(n) for n in classnames for t in OPENAI_IMAGENET_TEMPLATES]
     prompt_feats, _ = encode_texts(model, tokenizer, prompts, device, args.batch_size)
     classname_feats = F.normalize(prompt_feats.view(num_classes, len(OPENAI_IMAGENET_TEMPLATES), -1).mean(1), dim=-1)
 
+    m = max(1, max(len(d) for d in descriptors))
+    flat_desc = [d for ds in descriptors for d in ds]
+    desc_flat, trunc_desc = encode_texts(model, tokenizer, flat_desc, device, args.batch_size) if flat_desc else (None, 0)
+    desc_feats = torch.zeros(num_classes, m, classname_feats.shape[1])
+    desc_mask = torch.zeros(num_classes, m, dtype=torch.bool)
+    raw = corpus.get("descriptors_raw", descriptors)
+    texts, raw_texts, fallback, i = [], [], [], 0
+    for c, ds in enumerate(descriptors):
+        if ds:
+            desc_feats[c, :len(ds)] = desc_flat[i:i + len(ds)]
+            texts.append(list(ds))
+            raw_texts.append(list(raw[c]))
+        else:  # no descriptor (an empty list in the file, or no usable LLM answer): the class-name prompt stands in
+            desc_feats[c, 0] = classname_feats[c]
+            texts.append([f"(no descriptor: the class-name prompt ensemble of '{classnames[c]}')"])
+            raw_texts.append([""])
+            fallback.append(c)
+        desc_mask[c, :max(1, len(ds))] = True
+        i += len(ds)
+
     # ---- save ----
+    tensors = dict(corpus=corpus_feats, corpus_labels=labels, descriptors=desc_feats, desc_mask=desc_mask,
+                   classname=classname_feats)
     meta = common.make_meta("02_cache_descriptors", args, dataset=corpus["meta"]["dataset"], num_classes=num_classes,
                             model=name, pretrained=args.pretrained, embed_dim=int(embed_dim),
-                            truncated={"corpus": trunc_corpus, "descriptors": trunc_desc})
-    common.atomic_torch_save(dict(corpus=corpus_feats.half(), corpus_labels=labels, descriptors=desc_feats,
-                                  desc_mask=desc_mask, classname=classname_feats,
-                                  descriptor_texts=descriptors,
-                                  logit_scale=float(model.logit_scale.exp()), meta=meta), args.out)
+                            model_fingerprint=common.model_fingerprint(args.model, args.pretrained),
+                            classnames_digest=common.names_digest(classnames),
+                            corpus_digest=common.file_digest(args.corpus), digest=common.tensor_digest(*tensors.values()),
+                            descriptor_fallback=fallback, truncated={"corpus": trunc_corpus, "descriptors": trunc_desc})
+    common.atomic_torch_save(dict(tensors, descriptor_texts=texts, descriptor_raw=raw_texts, logit_scale=float(model.logit_scale.exp()),
+                                  meta=meta), args.out)
     print(f"text features: {len(flat)} corpus, {len(flat_desc)} descriptors (M = {m}), {num_classes} class prompts, "
           f"d = {embed_dim} in {time.time() - t0:.1f}s on {device} -> {args.out}")
 

@@ -30,13 +30,6 @@ import torch.nn.functional as F
 import common
 
 
-def lr_at(step, total, warmup, base_lr):
-    """Linear warm-up, then cosine decay to zero (paper: cosine decay from 5e-4)."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 class CorpusSampler:
     """Class-balanced draws from the cached corpus features: a uniform class, then one of its sentences."""
 
@@ -163,7 +156,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (under torchrun: one GPU per process)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--log-every", type=int, default=50, help="print a line every this many steps")
-    p.add_argument("--resume", action="store_true", help="continue from last.pt next to --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from last.pt next to --out; refused when a training setting differs (Make: RESUME=1)")
     args = p.parse_args(argv)
 
     # ---- setup ----
@@ -172,19 +166,17 @@ def main(argv=None):
     out = Path(args.out)
     last_path, log_path = out.with_name("last.pt"), out.with_name("log.jsonl")
     if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        common.hold_run_lock(out.parent, f"03_train_coarse.py -> {out}")
     torch.manual_seed(args.seed)
     if args.batch_size % (world * args.accum_steps):
         raise SystemExit(f"--batch-size {args.batch_size} must divide by processes x --accum-steps ({world} x "
                          f"{args.accum_steps})")
 
     # ---- data ----
-    text = common.load_checkpoint(args.features, "stage 02 (02_cache_descriptors.py)")
     classnames = common.class_names(args.dataset, args.data_root)
     num_classes = len(classnames)
     model_name = common.resolve_model_name(args.model)
-    common.check_meta(text["meta"], args.features, num_classes=num_classes, model=model_name,
-                      pretrained=args.pretrained)
+    text = common.load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained)
     samples = common.read_split(args.data_root, args.dataset, "train", num_classes)
     counts = common.class_counts(samples, num_classes)
     if (counts == 0).any():
@@ -205,7 +197,7 @@ def main(argv=None):
     corpus_feats = text["corpus"].to(device)
     corpus = CorpusSampler(text["corpus_labels"], num_classes)
     desc_temp = args.desc_temp or text["logit_scale"]
-    log_prior = torch.log(torch.from_numpy(common.class_prior(counts))).to(device)  # (C,)
+    log_prior = torch.log(torch.from_numpy(common.class_prior(counts))).float().to(device)  # (C,)
     total, _ = common.count_parameters(clip)
     _, n_train = common.count_parameters(model)
     say(f"CLIP {model_name}: {total / 1e6:.2f}M parameters, {'trained' if args.finetune == 'full' else 'frozen'}; "
@@ -224,17 +216,29 @@ def main(argv=None):
     micro = args.batch_size // args.accum_steps  # global micro-batch
     n_text = int(round(args.corpus_ratio * micro))
 
-    start_epoch = 0
+    meta = common.make_meta("03_train_coarse", args, dataset=args.dataset, num_classes=num_classes, model=model_name,
+                            pretrained=args.pretrained, embed_dim=int(model.w_cls.shape[1]), world_size=world,
+                            classnames_digest=common.names_digest(classnames),
+                            train_split_digest=common.split_digest(samples, args.data_root),
+                            model_fingerprint=text["meta"]["model_fingerprint"], text_features=str(args.features),
+                            text_features_digest=text["meta"]["digest"])
+    start_epoch, history = 0, []
     if args.resume and last_path.exists():
         state = common.load_checkpoint(last_path, "an earlier run of this stage")
-        common.check_meta(state["meta"], last_path, num_classes=num_classes, model=model_name)
+        common.check_resume_args(state["meta"]["args"], args, last_path)
+        common.check_provenance(last_path, state["meta"], {
+            key: (meta[key], f"this run's {what}") for key, what in (
+                ("classnames_digest", "class names"), ("train_split_digest", "training split"),
+                ("model_fingerprint", "model"), ("text_features_digest", f"{args.features}"))})
         missing, unexpected = model.load_state_dict(state["model"], strict=False)
         missing = [k for k in missing if not k.startswith("vpt.visual.")]  # the frozen tower is not saved
         if unexpected or missing or (args.finetune == "full") != any(k.startswith("vpt.visual.") for k in state["model"]):
             raise SystemExit(f"{last_path} was written by a run with other switches (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}, --finetune {args.finetune}); delete it or match them")
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"]
+        start_epoch, history = state["epoch"], state["history"]
+        if rank == 0:  # the log holds exactly the epochs last.pt has, whatever a kill left in it
+            common.atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
         say(f"resumed from {last_path} after epoch {start_epoch}")
     elif log_path.exists() and rank == 0:
         log_path.unlink()
@@ -254,8 +258,6 @@ def main(argv=None):
         sampler = common.Batches()
         loader, to_device = common.image_loader(samples, preprocess_train, args.decode, device, seed=args.seed,
                                                 workers=args.workers, batch_sampler=sampler)
-    meta = common.make_meta("03_train_coarse", args, dataset=args.dataset, num_classes=num_classes, model=model_name,
-                            pretrained=args.pretrained, embed_dim=int(model.w_cls.shape[1]), world_size=world)
 
     def state_dict():  # the trained tensors only: the frozen tower is the pretrained one
         keep = {k: v.detach().cpu() for k, v in model.state_dict().items()
@@ -281,7 +283,7 @@ def main(argv=None):
         for i, batch in enumerate(loader):
             k = i % args.accum_steps  # micro-step inside the optimizer step
             if k == 0:
-                lr = lr_at(step, total_steps, warmup, args.lr)
+                lr = common.lr_at(step, total_steps, warmup, args.lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
             images, labels = to_device(batch)
@@ -291,7 +293,7 @@ def main(argv=None):
             labels = common.gather_rows(labels, world) if world > 1 else labels
             feats, targets = v, labels
             if n_text:  # mixed-modality batch (paper Eq. 1: v = concat(E_V(x_V), E_L(x_L)))
-                feats = torch.cat([v, corpus_feats[draws["corpus"][i]].float()])  # same draw on every process
+                feats = torch.cat([v, corpus_feats[draws["corpus"][i]]])  # same draw on every process
                 targets = torch.cat([labels, draws["corpus_labels"][i]])
             soft = F.one_hot(targets, num_classes).float()
             if args.mixup_alpha > 0:  # Eq. 2: SFM in the shared space
@@ -325,14 +327,15 @@ def main(argv=None):
                 say(f"epoch {epoch + 1}/{args.epochs} step {s}/{steps_per_epoch} loss {mean_loss:.4f} "
                     f"lr {lr:.2e} {rate:.1f} img/s eta {eta / 60:.1f} min", flush=True)
 
-        # ---- checkpoint (rank 0 writes; the others wait so that a resume finds it complete) ----
+        # ---- checkpoint (rank 0 writes; the others wait so that a resume finds it complete). The log line comes
+        #      after last.pt, and last.pt carries the history, so a kill in between can neither lose nor repeat it ----
         if rank == 0:
             record = dict(epoch=epoch + 1, loss=round(loss_sum.item() / steps_per_epoch, 5), lr=lr,
                           seconds=round(time.time() - t_epoch, 2), img_per_s=round(seen / (time.time() - t_epoch), 2))
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            history.append(record)
             save_checkpoint(last_path, dict(model=state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                                            meta=meta))
+                                            history=history, meta=meta))
+            common.append_line(log_path, json.dumps(record))
         if world > 1:
             torch.distributed.barrier()
 
@@ -348,7 +351,8 @@ def main(argv=None):
         say(f"trained {args.epochs} epochs ({total_steps} steps of {args.batch_size} images + "
             f"{n_text * args.accum_steps} texts) -> {out}")
     if world > 1:
-        torch.distributed.destroy_process_group()
+        common.finish_distributed()
+        common.exit_process(0)
 
 
 if __name__ == "__main__":

@@ -1,57 +1,72 @@
 """Stage 04: logit adjustment, top-K candidates, weighted-descriptor re-ranking, metrics, explanations.
 
 Reads   the evaluation split (test; val for iNaturalist 2018), coarse.pt (stage 03), text_features.pt (stage 02).
-Writes  results.json (every variant, the K sweep, shot groups, meta), results.md (the same as a table),
-        predictions.npz (per image: label, logits, prior, descriptor scores, every variant's prediction: enough
-        to recompute every number) and explanations.html (why some predictions were made, paper Figure 1c);
-        with --feature-cache, plain CLIP's features of the split in that folder (read back by later runs).
+Writes  results.json (every variant, the K sweep, the tau sweep, shot groups, meta), results.md (the same as
+        tables), predictions.npz (what every score is made of: image features, classifier, descriptor prototypes,
+        class prior, K, tau, and every prediction; README: "Recomputing the numbers") and explanations.html (why some
+        predictions were made, paper Figure 1c); with --feature-cache, plain CLIP's features of the split in that
+        folder (read back by later runs).
 
     python 04_eval_hlc.py --dataset places_lt --data-root data/places_lt --features runs/places_lt/text_features.pt \
         --coarse runs/places_lt/coarse.pt --out runs/places_lt/results.json
 
 One pass over the test images gives every variant: each batch goes through VPT-deep CLIP (HLC) and plain CLIP
-(zero-shot baselines). With --feature-cache, plain CLIP's features come from an earlier run when it evaluated the
-same images with the same model; a run without prompts and with a frozen tower needs no VPT pass. Under torchrun each process takes a contiguous shard of the test set; rank 0 gathers the
-scores and writes every file. Typical time: the toy world 2.5 s on a 2-core CPU (720 images; expect zero-shot 61.1,
-coarse_la 79.6, hlc 81.1). On Places-LT the paper reports zero-shot 37.9 and HLC 51.5 (kit not yet run there).
+(zero-shot baselines). Every score is then computed in float64 on the device, a batch of images at a time, from
+the float32 arrays predictions.npz stores; no N x C score array is kept. With --feature-cache, plain CLIP's features
+come from an earlier run when it evaluated the same images with the same model; a run without prompts and with a
+frozen tower needs no VPT pass. Under torchrun each process takes a contiguous shard of the test set; rank 0 gathers
+the features and writes every file. Typical time: the toy world 2.5 s on a 2-core CPU (720 images). On Places-LT
+the paper reports zero-shot 37.9 and HLC 51.5 (kit not yet run there).
 """
 import argparse
 import base64
 import copy
 import html
 import io
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 
 VARIANTS = ("zero_shot", "descriptors_zero_shot", "coarse", "coarse_la", "hlc_unweighted", "hlc")
 K_SWEEP = (1, 3, 5, 7, 9, 11, "all")
+TAU_SWEEP = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
-def predict_all(arrays, k, tau):
-    """Every variant's predictions from the stored (float16) arrays, so predictions.npz reproduces them exactly."""
-    f = {name: arrays[name].astype(np.float32) for name in
-         ("coarse_logits", "class_prior", "desc_scores", "desc_scores_unweighted", "zero_shot_logits",
-          "zs_desc_scores_unweighted")}
-    adjusted = common.logit_adjust(f["coarse_logits"], f["class_prior"], tau)  # Eq. 4
-    preds = {
-        "zero_shot": f["zero_shot_logits"].argmax(1),
-        "descriptors_zero_shot": f["zs_desc_scores_unweighted"].argmax(1),
-        "coarse": f["coarse_logits"].argmax(1),
-        "coarse_la": adjusted.argmax(1),
-        "hlc_unweighted": common.rerank(adjusted, f["desc_scores_unweighted"], k),
-        "hlc": common.rerank(adjusted, f["desc_scores"], k),
-    }
-    sweep = {str(kk): common.rerank(adjusted, f["desc_scores"], adjusted.shape[1] if kk == "all" else kk)
-             for kk in K_SWEEP}
-    return preds, sweep, adjusted
+@torch.no_grad()
+def predict(arrays, k, tau, taus=TAU_SWEEP, device="cpu", batch_size=1024):
+    """{name: predictions (N,)} for every variant, the K sweep (k1 ... kall) and the tau sweep (tau<t>_coarse_la,
+    tau<t>_hlc), computed batch by batch in float64 on the device from exactly the arrays predictions.npz stores."""
+    t = lambda name: torch.as_tensor(arrays[name]).to(device, torch.float64)
+    w_cls, log_prior = F.normalize(t("w_cls"), dim=-1), torch.log(t("class_prior"))  # (C, d), (C,)
+    proto, proto_plain, names = t("desc_proto"), t("desc_proto_unweighted"), t("classname_features")  # (C, d)
+    num_classes, kmax = len(w_cls), max(kk for kk in K_SWEEP if kk != "all")
+    parts = {}
+    for lo in range(0, len(arrays["labels"]), batch_size):
+        v = torch.as_tensor(arrays["hlc_features"][lo:lo + batch_size]).to(device, torch.float64)  # (B, d)
+        v0 = torch.as_tensor(arrays["plain_features"][lo:lo + batch_size]).to(device, torch.float64)
+        logits = float(arrays["scale"]) * v @ w_cls.T  # Eq. 1
+        adjusted = logits - tau * log_prior  # Eq. 4
+        scores, scores_plain = v @ proto.T, v @ proto_plain.T  # Algorithm 1 (learned / uniform weights)
+        top = adjusted.topk(min(kmax, num_classes), dim=1).indices  # candidates, best first
+        batch = {"zero_shot": (float(arrays["logit_scale"]) * v0 @ names.T).argmax(1),
+                 "descriptors_zero_shot": (v0 @ proto_plain.T).argmax(1), "coarse": logits.argmax(1),
+                 "coarse_la": adjusted.argmax(1), "hlc_unweighted": common.rerank(adjusted, scores_plain, k),
+                 "hlc": common.rerank(adjusted, scores, k), "zero_shot_reweighted": (v0 @ proto.T).argmax(1)}
+        for kk in K_SWEEP:  # one top-K for the whole sweep; "all" is the descriptors alone (Table 6's N/A)
+            cand = top[:, :kk] if kk != "all" else None
+            batch[f"k{kk}"] = scores.argmax(1) if kk == "all" else cand.gather(
+                1, scores.gather(1, cand).argmax(1, keepdim=True)).squeeze(1)
+        for tt in taus:
+            adj = logits - tt * log_prior
+            batch[f"tau{tt:g}_coarse_la"], batch[f"tau{tt:g}_hlc"] = adj.argmax(1), common.rerank(adj, scores, k)
+        for name, pred in batch.items():
+            parts.setdefault(name, []).append(pred.cpu())
+    return {name: torch.cat(p).numpy().astype(np.int64) for name, p in parts.items()}
 
 
 # ---- explanations (paper Figure 1c) ----
@@ -71,35 +86,35 @@ def pick_examples(labels, preds, groups, n, seed):
 
 
 def thumbnail(path, size=160):
-    from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=85)
+    im = common.open_rgb(path)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def write_explanations(path, chosen, samples, feats, adjusted, preds, labels, groups, classnames, descriptors,
-                       desc_feats, desc_mask, w_llm, k):
+def write_explanations(path, chosen, samples, arrays, preds, groups, classnames, descriptors, desc_feats, desc_mask,
+                       w_llm, k, tau):
     """One self-contained HTML file: image, top-K candidates, each candidate's descriptors ranked."""
     weights = common.descriptor_weights(w_llm, desc_mask)  # (C, M)
-    group_names = ("many", "medium", "few")
+    w_cls = F.normalize(torch.from_numpy(arrays["w_cls"]).double(), dim=-1)
+    log_prior = torch.log(torch.from_numpy(arrays["class_prior"]))
+    labels, group_names = arrays["labels"], ("many", "medium", "few")
     cards = []
     for i in chosen:
-        v = F.normalize(torch.from_numpy(feats[i].astype(np.float32)), dim=-1)
-        cand = np.argsort(-adjusted[i], kind="stable")[:k]
+        v = torch.from_numpy(arrays["hlc_features"][i]).double()
+        adjusted = float(arrays["scale"]) * w_cls @ v - tau * log_prior  # (C,), Eq. 4
         rows = []
-        for c in cand:
+        for c in adjusted.topk(k).indices.tolist():
             m = int(desc_mask[c].sum())
-            cos = desc_feats[c, :m] @ v
-            contrib = weights[c, :m] * cos
+            cos = desc_feats[c, :m].double() @ v
+            contrib = weights[c, :m].double() * cos
             order = torch.argsort(contrib, descending=True)
             items = "".join(f"<li><span class=w>w={weights[c, j]:.3f} cos={cos[j]:.3f}</span> "
                             f"{html.escape(descriptors[c][j])}</li>" for j in order.tolist())
             mark = " chosen" if c == preds[i] else ""
             rows.append(f"<div class='cand{mark}' data-class='{c}'><b>{html.escape(classnames[c])}</b> "
-                        f"<span class=w>adjusted logit {adjusted[i, c]:.2f} · score {float(contrib.sum()):.4f}"
+                        f"<span class=w>adjusted logit {adjusted[c]:.2f} · score {float(contrib.sum()):.4f}"
                         f"</span><ol>{items}</ol></div>")
         ok = preds[i] == labels[i]
         cards.append(
@@ -119,14 +134,15 @@ def write_explanations(path, chosen, samples, feats, adjusted, preds, labels, gr
     common.atomic_write_text(path, page)
 
 
-def planted_weight_means(kinds_path, classnames, descriptor_texts, w_llm, mask):
-    """Mean learned weight of each planted kind of descriptor (toy world: descriptor_kinds.json)."""
-    kinds = json.loads(Path(kinds_path).read_text())
+def planted_weight_means(kinds_path, classnames, descriptor_raw, w_llm, mask):
+    """Mean learned weight of each planted kind of descriptor (toy world: descriptor_kinds.json, keyed by the
+    descriptors as the file wrote them, before stage 01 made sentences of them)."""
+    kinds = common.read_json(kinds_path)
     weights = common.descriptor_weights(w_llm, mask)
     by_kind = {}
     for c, name in enumerate(classnames):
-        for m, text in enumerate(descriptor_texts[c]):
-            kind = kinds.get(name, {}).get(text)
+        for m, raw in enumerate(descriptor_raw[c]):
+            kind = kinds.get(name, {}).get(raw)
             if kind:
                 by_kind.setdefault(kind, []).append(float(weights[c, m]))
     means = {kind: round(float(np.mean(v)), 4) for kind, v in sorted(by_kind.items())}
@@ -136,12 +152,16 @@ def planted_weight_means(kinds_path, classnames, descriptor_texts, w_llm, mask):
 
 
 def results_table(results):
-    lines = [f"# HLC results: {results['dataset']} ({results['num_test']} test images, K = {results['k']}, "
-             f"tau = {results['tau']}, shot rule {results['shot_rule']})", "",
-             "| variant | many | medium | few | overall |", "| --- | --- | --- | --- | --- |"]
     fmt = lambda x: "-" if x is None else f"{x:.2f}"
-    for name, r in list(results["variants"].items()) + [(f"K = {k}", r) for k, r in results["topk_sweep"].items()]:
-        lines.append(f"| {name} | {fmt(r['many'])} | {fmt(r['medium'])} | {fmt(r['few'])} | {fmt(r['overall'])} |")
+    row = lambda name, r: f"| {name} | {fmt(r['many'])} | {fmt(r['medium'])} | {fmt(r['few'])} | {fmt(r['overall'])} |"
+    head = ["| variant | many | medium | few | overall |", "| --- | --- | --- | --- | --- |"]
+    lines = [f"# HLC results: {results['dataset']} ({results['num_test']} test images, K = {results['k']}, "
+             f"tau = {results['tau']}, shot rule {results['shot_rule']})", ""] + head
+    lines += [row(name, r) for name, r in results["variants"].items()]
+    lines += [row(f"K = {k}", r) for k, r in results["topk_sweep"].items()]
+    lines += ["", f"Logit adjustment strength tau (Eq. 4), K = {results['k']}:", ""] + head
+    for tt, r in results["tau_sweep"].items():
+        lines += [row(f"tau = {tt}, coarse_la", r["coarse_la"]), row(f"tau = {tt}, hlc", r["hlc"])]
     if "descriptor_weights" in results:
         dw = results["descriptor_weights"]
         lines += ["", "Mean learned descriptor weight: " + ", ".join(f"{k} {v}" for k, v in dw.items()) + "."]
@@ -181,13 +201,20 @@ def main(argv=None):
     t0 = time.time()
     rank, world, device = common.init_distributed(args.device)
     out = Path(args.out)
-    text = common.load_checkpoint(args.features, "stage 02 (02_cache_descriptors.py)")
-    coarse = common.load_checkpoint(args.coarse, "stage 03 (03_train_coarse.py)")
+    if rank == 0:
+        common.hold_run_lock(out.parent, f"04_eval_hlc.py -> {out}")
     classnames = common.class_names(args.dataset, args.data_root)
     num_classes = len(classnames)
     model_name = common.resolve_model_name(args.model)
-    for meta, path in ((text["meta"], args.features), (coarse["meta"], args.coarse)):
-        common.check_meta(meta, path, num_classes=num_classes, model=model_name, pretrained=args.pretrained)
+    text = common.load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained, mmap=True)
+    coarse = common.load_checkpoint(args.coarse, "stage 03 (03_train_coarse.py)")
+    common.check_meta(coarse["meta"], args.coarse, num_classes=num_classes, model=model_name, pretrained=args.pretrained)
+    train = common.read_split(args.data_root, args.dataset, "train", num_classes, check_files=False)
+    common.check_provenance(args.coarse, coarse["meta"], {  # the shot groups and the prior come from coarse.pt
+        "classnames_digest": (common.names_digest(classnames), f"the class names of {args.data_root}"),
+        "train_split_digest": (common.split_digest(train, args.data_root), f"the training split of {args.data_root}"),
+        "model_fingerprint": (text["meta"]["model_fingerprint"], str(args.features)),
+        "text_features_digest": (text["meta"]["digest"], str(args.features))}, other=args.features)
 
     # ---- data ----
     split = args.split or common.dataset_info(args.dataset)["eval_split"]
@@ -203,11 +230,6 @@ def main(argv=None):
     vpt = common.PromptedVisual(visual, coarse["prompt_tokens"], coarse["prompt_depth"]).to(device).eval()
     with torch.no_grad():
         vpt.prompts.copy_(coarse["prompts"])
-    w_cls, w_llm = coarse["w_cls"].to(device), coarse["w_llm"].to(device)
-    desc_feats, desc_mask = text["descriptors"].to(device), text["desc_mask"].to(device)
-    weighted_proto = (common.descriptor_weights(w_llm, desc_mask).unsqueeze(-1) * desc_feats).sum(1)  # (C, d)
-    plain_proto = (common.descriptor_weights(torch.zeros_like(w_llm), desc_mask).unsqueeze(-1) * desc_feats).sum(1)
-    classname = text["classname"].to(device)
 
     # ---- features: plain CLIP (zero-shot) from the cache when there; VPT-deep unless it is plain CLIP too ----
     cache = None
@@ -220,62 +242,57 @@ def main(argv=None):
         towers["hlc"] = vpt
     feats = common.encode_split(towers, samples, preprocess_val, device, rank, world, args.batch_size, args.workers,
                                 args.decode, desc="eval")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    if world > 1:  # every process is done with the group; only rank 0 has work left
+        common.finish_distributed()
         if rank != 0:
-            return
+            common.exit_process(0)
     if plain is None:
         plain = feats["plain"]
         if cache:
             common.atomic_torch_save(plain, cache)
-    hlc_feats = feats.get("hlc", plain)
     print(f"image features: {' and '.join(towers) or 'no tower'} run over {len(samples)} images "
           f"({args.decode} decoding); plain CLIP {'computed' if 'plain' in towers else f'from {cache}'}"
           f"{'' if 'hlc' in towers else '; HLC features = plain CLIP (no prompts, frozen tower)'}")
 
-    # ---- scores, in batches on the device ----
-    keys = ("coarse_logits", "zero_shot_logits", "desc_scores", "desc_scores_unweighted", "zs_desc_scores",
-            "zs_desc_scores_unweighted")
-    parts = {k: [] for k in keys}
-    for lo in range(0, len(samples), args.batch_size):
-        v, v0 = hlc_feats[lo:lo + args.batch_size].to(device), plain[lo:lo + args.batch_size].to(device)
-        batch = {"coarse_logits": common.cosine_logits(v, w_cls, coarse["scale"]),
-                 "zero_shot_logits": text["logit_scale"] * v0 @ classname.T,
-                 "desc_scores": v @ weighted_proto.T, "desc_scores_unweighted": v @ plain_proto.T,
-                 "zs_desc_scores": v0 @ weighted_proto.T, "zs_desc_scores_unweighted": v0 @ plain_proto.T}
-        for k in keys:
-            parts[k].append(batch[k].half().cpu())
-    arrays = {k: torch.cat(parts[k]).numpy() for k in keys}
-    arrays["labels"] = np.array([y for _, y, _ in samples], dtype=np.int64)
-    features = hlc_feats.numpy()
+    # ---- what every score is made of (float32, as stored), then every prediction from it (float64) ----
+    w_llm, desc_feats, desc_mask = coarse["w_llm"], text["descriptors"].float(), text["desc_mask"]
+    proto = lambda weights: (common.descriptor_weights(weights, desc_mask).unsqueeze(-1) * desc_feats).sum(1)
     counts = coarse["class_counts"].numpy()
-    arrays["class_prior"] = common.class_prior(counts).astype(np.float16)
+    arrays = dict(labels=np.array([y for _, y, _ in samples], dtype=np.int64),
+                  hlc_features=feats.get("hlc", plain).numpy().astype(np.float32),
+                  plain_features=plain.numpy().astype(np.float32), w_cls=coarse["w_cls"].numpy().astype(np.float32),
+                  scale=np.float64(coarse["scale"]), desc_proto=proto(w_llm).numpy().astype(np.float32),
+                  desc_proto_unweighted=proto(torch.zeros_like(w_llm)).numpy().astype(np.float32),
+                  classname_features=text["classname"].numpy().astype(np.float32),
+                  logit_scale=np.float64(text["logit_scale"]), class_prior=common.class_prior(counts),
+                  k=np.int64(args.k), tau=np.float64(args.tau))
+    preds = predict(arrays, args.k, args.tau, device=device)
 
     # ---- metrics ----
-    preds, sweep, adjusted = predict_all(arrays, args.k, args.tau)
-    report = lambda pr: common.accuracy_report(pr, arrays["labels"], counts, args.shot_rule)
+    report = lambda name: common.accuracy_report(preds[name], arrays["labels"], counts, args.shot_rule)
     results = dict(dataset=args.dataset, split=split, num_test=len(samples), k=args.k, tau=args.tau,
-                   variants={name: report(preds[name]) for name in VARIANTS},
-                   topk_sweep={k: report(pr) for k, pr in sweep.items()},
-                   zero_shot_reweighted=report(arrays["zs_desc_scores"].astype(np.float32).argmax(1)),
+                   variants={name: report(name) for name in VARIANTS},
+                   topk_sweep={str(kk): report(f"k{kk}") for kk in K_SWEEP},
+                   tau_sweep={f"{tt:g}": {v: report(f"tau{tt:g}_{v}") for v in ("coarse_la", "hlc")} for tt in TAU_SWEEP},
+                   zero_shot_reweighted=report("zero_shot_reweighted"),
                    shot_counts=common.shot_counts(counts, args.shot_rule), shot_rule=args.shot_rule)
-
     kinds = Path(args.data_root) / "descriptor_kinds.json"
     if kinds.exists():  # the toy world says which descriptors it planted as right, non-visual or wrong
-        results["descriptor_weights"] = planted_weight_means(kinds, classnames, text["descriptor_texts"],
-                                                             coarse["w_llm"], text["desc_mask"])
+        results["descriptor_weights"] = planted_weight_means(kinds, classnames, text["descriptor_raw"], w_llm,
+                                                             desc_mask)
 
     # ---- save ----
-    arrays.update({f"pred_{name}": preds[name].astype(np.int64) for name in VARIANTS})
-    common.atomic_savez(out.with_name("predictions.npz"), **arrays)
+    common.atomic_savez(out.with_name("predictions.npz"), **arrays, **{f"pred_{n}": p for n, p in preds.items()})
     if args.explain:
         groups = common.shot_groups(counts, args.shot_rule)
         chosen = pick_examples(arrays["labels"], preds["hlc"], groups, args.explain, args.seed)
-        write_explanations(out.with_name("explanations.html"), chosen, samples, features, adjusted, preds["hlc"],
-                           arrays["labels"], groups, classnames, text["descriptor_texts"], text["descriptors"],
-                           text["desc_mask"], coarse["w_llm"], min(args.k, num_classes))
+        write_explanations(out.with_name("explanations.html"), chosen, samples, arrays, preds["hlc"], groups,
+                           classnames, text["descriptor_texts"], desc_feats, desc_mask, w_llm,
+                           min(args.k, num_classes), args.tau)
     results["meta"] = common.make_meta("04_eval_hlc", args, dataset=args.dataset, num_classes=num_classes,
-                                       model=model_name, pretrained=args.pretrained, seconds=round(time.time() - t0, 1))
+                                       model=model_name, pretrained=args.pretrained, seconds=round(time.time() - t0, 1),
+                                       coarse_digest=common.file_digest(args.coarse),
+                                       text_features_digest=text["meta"]["digest"])
     common.atomic_write_text(out.with_name("results.md"), results_table(results))
     common.atomic_write_json(out, results)
     v = results["variants"]
@@ -283,6 +300,8 @@ def main(argv=None):
           f"coarse {v['coarse']['overall']:.2f}  +LA {v['coarse_la']['overall']:.2f}  "
           f"HLC {v['hlc']['overall']:.2f} (many {v['hlc']['many']} / med {v['hlc']['medium']} / few {v['hlc']['few']})"
           f"  in {time.time() - t0:.1f}s -> {out}")
+    if world > 1:
+        common.exit_process(0)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,9 @@ DATASETS = {
         num_classes=1000, eval_split="test",
         splits={"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"},
         lines={"train": 115846, "val": 20000, "test": 50000},
+        # the original ImageNet names that VCD's and CuPL's files use where open_clip's list renamed the class;
+        # an index, because open_clip's list repeats 'missile' (657, 744) and 'sunglasses' (836, 837)
+        name_aliases={"eft": 27, "maillot": 638, "projectile": 744, "sunglass": 836},
         source="the OLTR release (github.com/zhmiao/OpenLongTailRecognition-OLTR, ImageNet_LT_*.txt), "
                "paths relative to the ILSVRC2012 root (train/<wnid>/..., val/<wnid>/...)"),
     "places_lt": dict(
@@ -61,19 +65,43 @@ def readable_name(folder):
     return re.sub(r"\s+", " ", re.sub(r"[_/\-]", " ", name)).strip()
 
 
+def read_text(path):
+    """A text file as users make them: UTF-8, with or without a byte-order mark (Windows editors add one)."""
+    return Path(path).read_text(encoding="utf-8-sig")
+
+
+def read_json(path, what="JSON"):
+    """JSON from a user's file; a syntax error names the file, line and column."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}:{e.lineno}:{e.colno}: not valid {what} ({e.msg})") from None
+
+
+def _names_from_lines(path):
+    lines = read_text(path).splitlines()
+    while lines and not lines[-1].strip():  # trailing blank lines are fine
+        lines.pop()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"{path}:{lineno}: blank class name (line i names label i - 1; remove the line or "
+                             "name the class)")
+    return [line.strip() for line in lines]
+
+
 def class_names(dataset, root):
     """Class names indexed by label. A classnames.txt under the root overrides the defaults."""
     root = Path(root)
     override = root / "classnames.txt"
     if override.exists():
-        names = [ln.strip() for ln in override.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        names = _names_from_lines(override)
     elif dataset == "imagenet_lt":
         import open_clip
         names = list(open_clip.IMAGENET_CLASSNAMES)  # two names repeat: everything is keyed by index
     elif dataset == "places_lt":
         cats = root / "categories_places365.txt"
         if cats.exists():  # '/a/airfield 0' per line
-            rows = [ln.rsplit(maxsplit=1) for ln in cats.read_text().splitlines() if ln.strip()]
+            rows = [ln.rsplit(maxsplit=1) for ln in read_text(cats).splitlines() if ln.strip()]
             names = [readable_name(r[0]) for r in sorted(rows, key=lambda r: int(r[1]))]
         elif (root / "train").is_dir():
             names = [readable_name(d.name) for d in sorted((root / "train").iterdir()) if d.is_dir()]
@@ -85,7 +113,7 @@ def class_names(dataset, root):
         if not cats.exists():
             raise FileNotFoundError(f"{cats}: not found. The names in train2018.json are obfuscated; "
                                     "categories.json comes with the iNaturalist 2018 competition files")
-        rows = json.loads(cats.read_text())
+        rows = read_json(cats)
         names = [c["name"] for c in sorted(rows, key=lambda c: c["id"])]
     else:
         raise FileNotFoundError(f"{override}: not found. A dataset in the generic layout needs "
@@ -96,11 +124,45 @@ def class_names(dataset, root):
     return names
 
 
+def name_files(dataset, root):
+    """The files under the root that class_names reads (for provenance); empty when the names are built in."""
+    root = Path(root)
+    for name in ("classnames.txt", "categories_places365.txt", "categories.json"):
+        if (root / name).exists():
+            return [root / name]
+    return []
+
+
 def _split_path(root, dataset, split):
     info = dataset_info(dataset)
     if split not in info["splits"]:
         raise ValueError(f"{dataset} has no '{split}' split (it has: {', '.join(info['splits'])})")
     return Path(root) / info["splits"][split]
+
+
+def split_file(root, dataset, split):
+    """The file a split is read from (the txt list, or iNaturalist's COCO JSON), or None when neither exists."""
+    info = dataset_info(dataset)
+    path = _split_path(root, dataset, split)
+    if path.exists():
+        return path
+    if "json" in info and (Path(root) / info["json"][split]).exists():
+        return Path(root) / info["json"][split]
+    return None
+
+
+def check_dataset(root, dataset, splits=("train", None)):
+    """Stop early, before any slow work, when the data root does not hold this dataset's split files."""
+    info = dataset_info(dataset)
+    wanted = [s or info["eval_split"] for s in splits]
+    missing = [s for s in wanted if split_file(root, dataset, s) is None]
+    if missing:
+        files = ", ".join(info["splits"][s] for s in missing)
+        alt = f" (or {', '.join(info['json'][s] for s in missing)})" if "json" in info else ""
+        label = {"imagenet_lt": "ImageNet-LT", "places_lt": "Places-LT", "inat2018": "iNaturalist 2018"}.get(dataset,
+                                                                                                         dataset)
+        raise SystemExit(f"DATA_ROOT={root} holds no {label}: {files}{alt} not found there. They come from "
+                         f"{info['source']}; pass DATA_ROOT=/path/to/{dataset} (README, Datasets).")
 
 
 def read_split(root, dataset, split, num_classes, check_files=True):
@@ -110,16 +172,14 @@ def read_split(root, dataset, split, num_classes, check_files=True):
     2018 may instead come as COCO-style JSON (images and annotations paired by id, label = category_id).
     """
     info = dataset_info(dataset)
-    path = _split_path(root, dataset, split)
-    if path.exists():
-        samples = _read_txt_split(path, num_classes)
-    elif "json" in info and (Path(root) / info["json"][split]).exists():
-        samples = _read_coco_split(Path(root) / info["json"][split], num_classes)
-    else:
+    path = split_file(root, dataset, split)
+    if path is None:
+        path = _split_path(root, dataset, split)
         wanted = ", ".join(info["splits"].values())
         alt = f" (or {', '.join(info['json'].values())})" if "json" in info else ""
         raise FileNotFoundError(f"{path}: split file not found. {dataset} expects {wanted}{alt} in {root}; "
                                 f"they come from {info['source']}")
+    samples = _read_coco_split(path, num_classes) if path.suffix == ".json" else _read_txt_split(path, num_classes)
     expected = info["lines"].get(split)
     if expected is not None and len(samples) != expected:
         raise ValueError(f"{path}: {len(samples)} entries, but {dataset} '{split}' has {expected}; "
@@ -134,7 +194,7 @@ def read_split(root, dataset, split, num_classes, check_files=True):
 
 def _read_txt_split(path, num_classes):
     samples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark would otherwise stick to line 1's path
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -153,7 +213,7 @@ def _read_txt_split(path, num_classes):
 
 
 def _read_coco_split(path, num_classes):
-    data = json.loads(Path(path).read_text())
+    data = read_json(path, "COCO-style JSON")
     files = {im["id"]: im["file_name"] for im in data["images"]}  # pair by id, never by position
     samples = []
     for i, ann in enumerate(data["annotations"]):
@@ -165,6 +225,20 @@ def _read_coco_split(path, num_classes):
             raise ValueError(f"{where}: category_id {label} is outside [0, {num_classes})")
         samples.append((files[ann["image_id"]], label, where))
     return samples
+
+
+def open_rgb(path):
+    """An image file as 8-bit RGB (PIL). 16-bit greyscale PNGs (PIL modes I;16 and I) are scaled to 8 bits, not
+    clipped to white as Image.convert would; float images are refused."""
+    from PIL import Image
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            scale = 257.0 if im.mode.startswith("I;16") or np.asarray(im).max() > 255 else 1.0
+            grey = np.clip(np.asarray(im, dtype=np.float64) / scale + 0.5, 0, 255).astype(np.uint8)
+            return Image.fromarray(grey, "L").convert("RGB")
+        if im.mode == "F":
+            raise ValueError("32-bit float image (PIL mode F): convert it to 8-bit first")
+        return im.convert("RGB")
 
 
 def seed_sample(seed, epoch, i):
@@ -188,12 +262,10 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
-        from PIL import Image
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         path, label, where = self.samples[i]
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            image = open_rgb(path)
         except Exception as e:
             raise RuntimeError(f"{where}: cannot read image {path}: {e}") from None
         seed_sample(self.seed, epoch, i)
@@ -276,12 +348,12 @@ class EncodedImageList(ImageList):
                 jpeg = im.format == "JPEG" and im.mode in ("RGB", "L")
                 seed_sample(self.seed, epoch, i)
                 box = self.transform.box(im)
-                if not jpeg:
-                    data = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
             if jpeg:
                 data = tvio.read_file(str(path))
                 if self.mode == "tensor":
                     data = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB)
+            else:
+                data = torch.from_numpy(np.asarray(open_rgb(path)).copy()).permute(2, 0, 1)
         except Exception as e:
             raise RuntimeError(f"{where}: cannot read image {path}: {e}") from None
         return data, jpeg and self.mode == "device", box, label
@@ -361,10 +433,10 @@ def feature_cache_file(cache_dir, split, samples, model, pretrained, image_size,
 
 @torch.no_grad()
 def encode_split(towers, samples, transform, device, rank=0, world=1, batch_size=256, workers=0, decode="pil",
-                 desc="encode"):
-    """{name: normalised float32 features (N, d)} of every image for each tower of `towers` ({name: module}),
-    all from one decoding pass, on the CPU of every process: each process encodes a contiguous shard, then the
-    shards are gathered in order."""
+                 desc="encode", normalize=True):
+    """{name: float32 outputs (N, ...)} of every image for each tower of `towers` ({name: module}), L2-normalised
+    along the last dimension unless normalize=False, all from one decoding pass, on the CPU of every process: each
+    process encodes a contiguous shard, then the shards are gathered in order."""
     from tqdm import tqdm
     shard = np.array_split(np.arange(len(samples)), world)[rank]
     loader, to_device = image_loader([samples[i] for i in shard], transform, decode, device, workers=workers,
@@ -374,7 +446,8 @@ def encode_split(towers, samples, transform, device, rank=0, world=1, batch_size
         images, _ = to_device(batch)
         with image_autocast(device):
             for name, tower in towers.items():
-                parts[name].append(F.normalize(tower(images).float(), dim=-1))  # copied back once, at the end
+                out = tower(images).float()
+                parts[name].append(F.normalize(out, dim=-1) if normalize else out)  # copied back once, at the end
     feats = {name: torch.cat(p).cpu() for name, p in parts.items() if p}
     if world > 1:
         gathered = [None] * world
@@ -514,6 +587,23 @@ def init_distributed(device_arg="auto"):
     return dist.get_rank(), world, device
 
 
+def finish_distributed():
+    """Leave the process group together: every process waits for the others, then the group is destroyed, so no
+    process tears down its sockets while another still talks to it."""
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def exit_process(code=0):
+    """End a torchrun worker whose work is done and written, without the interpreter's teardown: a gloo work object
+    still holding tensors can abort the process there (SIGABRT, "terminate called without an active exception"),
+    after its files were written, and make would then delete them."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class GatherRows(torch.autograd.Function):
     """all_gather along dim 0 with a gradient. Every process computes the same loss on the gathered batch, so
     its own rows' gradient is complete on each process; it is scaled by the world size because DDP then
@@ -582,21 +672,24 @@ def logit_adjust(logits, prior, tau=1.0):
 
 
 def class_prior(counts):
-    """pi_c = n_c / sum n. A class with no training image counts as one, so log(pi) stays finite."""
+    """pi_c = n_c / sum n (float64). A class with no training image counts as one, so log(pi) stays finite."""
     counts = np.maximum(np.asarray(counts, dtype=np.float64), 1)
-    return (counts / counts.sum()).astype(np.float32)
+    return counts / counts.sum()
 
 
 def rerank(adjusted, scores, k):
-    """Top-k of the adjusted logits, then the candidate with the highest descriptor score (numpy).
+    """Algorithm 1's last step on torch tensors (B, C): the top-k classes by adjusted logit are the candidates, and
+    the candidate with the highest descriptor score wins (a tie goes to the better-ranked candidate). k >= C
+    re-ranks over every class."""
+    cand = adjusted.topk(min(k, adjusted.shape[1]), dim=1).indices  # (B, k), best first
+    return cand.gather(1, scores.gather(1, cand).argmax(1, keepdim=True)).squeeze(1)
 
-    adjusted, scores: (B, C). Candidates are ranked by adjusted logit (stable order); ties in score go
-    to the better-ranked candidate. k >= C re-ranks over every class.
-    """
-    k = min(k, adjusted.shape[1])
-    cand = np.argsort(-adjusted, axis=1, kind="stable")[:, :k]  # (B, k)
-    best = np.argmax(np.take_along_axis(scores, cand, axis=1), axis=1)
-    return cand[np.arange(len(cand)), best]
+
+def lr_at(step, total, warmup, base_lr):
+    """Linear warm-up, then cosine decay to zero (HLC: cosine decay from 5e-4; the compared systems likewise)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -639,17 +732,145 @@ def shot_counts(counts, rule="lift"):
 
 
 # ---------------------------------------------------------------------------------------------------
+# what the compared systems' scripts (systems/*.py) share: samplers, phased checkpoints, results files
+# ---------------------------------------------------------------------------------------------------
+
+def weighted_batches(labels, class_weights, batch_size, num_samples, generator):
+    """One epoch of num_samples indices drawn with replacement, image i with probability proportional to
+    class_weights[label_i] (1 / n_c: class-balanced; 1 / sqrt(n_c): square-root sampling), cut into batches."""
+    labels = torch.as_tensor(labels)
+    weights = torch.as_tensor(class_weights, dtype=torch.float64)[labels]
+    idx = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
+    return [idx[i:i + batch_size] for i in range(0, num_samples - batch_size + 1, batch_size)]
+
+
+def class_aware_batches(labels, num_classes, per_class, batch_size, generator):
+    """BALLAD's (and OLTR's) class-aware sampling for one epoch: classes are visited in shuffled rounds, and each visit
+    takes per_class images of that class (cycling through a shuffled list of them). An epoch has max_c(n_c) x C images,
+    so the largest class is seen about once and every class as often."""
+    labels = torch.as_tensor(labels)
+    members = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+    present = [c for c in range(num_classes) if len(members[c])]
+    total = max(len(m) for m in members) * len(present)
+    cursor = {c: len(members[c]) for c in present}  # exhausted: reshuffle on first use
+    order = {c: members[c] for c in present}
+    idx, rounds = [], []
+    while len(idx) < total:
+        if not rounds:
+            rounds = [present[i] for i in torch.randperm(len(present), generator=generator).tolist()]
+        c = rounds.pop()
+        for _ in range(per_class):
+            if cursor[c] == len(order[c]):
+                order[c], cursor[c] = members[c][torch.randperm(len(members[c]), generator=generator)], 0
+            idx.append(int(order[c][cursor[c]]))
+            cursor[c] += 1
+    idx = torch.tensor(idx[:total])
+    return [idx[i:i + batch_size] for i in range(0, total - batch_size + 1, batch_size)]
+
+
+def system_train_transform(preprocess_val, scale=(0.08, 1.0), flip=True, jitter=0.0, interpolation="bicubic"):
+    """A compared system's own training augmentation (its code's crop scale, flips, colour jitter), at the model's
+    input size and with its normalisation, both taken from open_clip's evaluation transform."""
+    from torchvision import transforms as T
+    size = next(t.size for t in preprocess_val.transforms if isinstance(t, T.CenterCrop))
+    normalize = next(t for t in preprocess_val.transforms if isinstance(t, T.Normalize))
+    mode = T.InterpolationMode.BICUBIC if interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    steps = [T.RandomResizedCrop(size, scale=scale, interpolation=mode)] + ([T.RandomHorizontalFlip()] if flip else [])
+    steps += [T.ColorJitter(jitter, jitter, jitter)] if jitter else []
+    return T.Compose(steps + [T.ToTensor(), normalize])
+
+
+class PhaseCheckpoints:
+    """Checkpoints of a system that trains in phases (BALLAD: A then B; Imbalance-VLM: one model per loss, then its
+    second stages). After every epoch the phase in progress is saved to DIR/last.pt (then its log.jsonl line); a
+    finished phase is kept as DIR/<phase>.pt. With resume, finished phases are loaded instead of trained and the
+    phase in progress continues from last.pt; a checkpoint trained with other settings is refused."""
+
+    def __init__(self, directory, meta, args, resume, rank=0):
+        self.dir, self.meta, self.args, self.resume, self.rank = Path(directory), meta, args, resume, rank
+        self.log = self.dir / "log.jsonl"
+        if not resume and rank == 0 and self.log.exists():
+            self.log.unlink()
+
+    def _load(self, path):
+        state = load_checkpoint(path, "an earlier run of this system")
+        check_resume_args(state["meta"]["args"], self.args, path)
+        return state
+
+    def finished(self, phase):
+        """The saved state of a finished phase ({'modules': {...}}), or None when it must be trained."""
+        path = self.dir / f"{phase}.pt"
+        return self._load(path) if self.resume and path.exists() else None
+
+    def start(self, phase, modules, optimizer):
+        """Epoch to start the phase at: 0, or where last.pt left it (modules and optimizer then restored)."""
+        path = self.dir / "last.pt"
+        if not (self.resume and path.exists()):
+            return 0
+        state = self._load(path)
+        if state["phase"] != phase:
+            return 0
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        print(f"{phase}: resumed from {path} after epoch {state['epoch']}")
+        return state["epoch"]
+
+    def epoch_done(self, phase, epoch, modules, optimizer, record):
+        if self.rank:
+            return
+        atomic_torch_save(dict(phase=phase, epoch=epoch, modules=module_states(modules),
+                               optimizer=optimizer.state_dict(), meta=self.meta), self.dir / "last.pt")
+        append_line(self.log, json.dumps(dict(phase=phase, epoch=epoch, **record)))
+
+    def finish(self, phase, modules, **extra):
+        if not self.rank:
+            atomic_torch_save(dict(phase=phase, modules=module_states(modules), meta=self.meta, **extra),
+                              self.dir / f"{phase}.pt")
+
+
+def module_states(modules):
+    return {name: {k: v.detach().cpu() for k, v in module.state_dict().items()} for name, module in modules.items()}
+
+
+def write_system_results(out_dir, system, preds, labels, counts, shot_rule, meta, titles=None, arrays=None):
+    """A compared system's results.json (stage 04's shape: variants, shot_counts, shot_rule, meta), results.md and
+    predictions.npz (labels, every variant's predictions, and whatever else the script adds)."""
+    out_dir = Path(out_dir)
+    variants = {name: accuracy_report(pred, labels, counts, shot_rule) for name, pred in preds.items()}
+    results = dict(system=system, dataset=meta["dataset"], num_test=len(labels), variants=variants,
+                   labels=titles or {}, shot_counts=shot_counts(counts, shot_rule), shot_rule=shot_rule, meta=meta)
+    atomic_savez(out_dir / "predictions.npz", labels=np.asarray(labels, dtype=np.int64),
+                 **{f"pred_{n}": np.asarray(p, dtype=np.int64) for n, p in preds.items()}, **(arrays or {}))
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"
+    lines = [f"# {system}: {meta['dataset']} ({len(labels)} test images, shot rule {shot_rule})", "",
+             "| variant | many | medium | few | overall |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {fmt(r['many'])} | {fmt(r['medium'])} | {fmt(r['few'])} | {fmt(r['overall'])} |"
+              for name, r in variants.items()]
+    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
+    atomic_write_json(out_dir / "results.json", results)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
 # files: atomic writes and meta
 # ---------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield `path.tmp` to write to; on success it replaces `path` in one step, so no reader sees half a file."""
+    """Yield `path.tmp` to write to; on success it replaces `path` in one step, so no reader sees half a file. On
+    any failure the temporary file is removed, and the error says how much room the disk had left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    yield tmp
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save on a full disk raises RuntimeError("unexpected pos")
+            raise OSError(f"could not write {path}: {shutil.disk_usage(path.parent).free} bytes free ({e})") from None
+        raise
 
 
 def atomic_write_text(path, text):
@@ -671,12 +892,140 @@ def atomic_savez(path, **arrays):
         np.savez_compressed(f, **arrays)
 
 
-def load_checkpoint(path, what):
-    """torch.load(weights_only=True) with a clear message when the file is missing."""
+def append_line(path, line):
+    """Append one line (a log record) and flush it to disk; a full disk is reported like an atomic write."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(f"could not write {path}: {shutil.disk_usage(Path(path).parent).free} bytes free ({e})") from None
+
+
+def load_checkpoint(path, what, mmap=False):
+    """torch.load(weights_only=True) with a clear message when the file is missing. With mmap the tensors are read
+    from disk only when used (stage 04 never touches the corpus features of text_features.pt)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; it is written by {what}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+_HELD_LOCKS = {}
+
+
+def hold_run_lock(directory, what):
+    """Take an exclusive lock on DIRECTORY/.lock for the rest of this process (the OS releases it at exit, kill -9
+    included): a second run writing to the same RUN stops at once and names the holder, where two trainings would
+    otherwise interleave log.jsonl and overwrite each other's checkpoints. Re-taking it in the same process is a no-op."""
+    import fcntl
+    import socket
+    import time as _time
+    directory = Path(directory).resolve()
+    if directory in _HELD_LOCKS:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ".lock"
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"{directory} is in use by {holder}; wait for that run to finish, or give this one another "
+                         f"RUN=... (lock file {path})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {_time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    f.flush()
+    _HELD_LOCKS[directory] = f
+
+
+def release_run_locks():
+    """Let go of every lock this process holds (the tests call the stages' main() many times in one process)."""
+    while _HELD_LOCKS:
+        _HELD_LOCKS.popitem()[1].close()
+
+
+# ---- provenance: what each file was made from (checked by the next stage) ----
+
+def digest_bytes(*chunks):
+    import hashlib
+    h = hashlib.sha1()
+    for chunk in chunks:
+        h.update(chunk if isinstance(chunk, bytes) else str(chunk).encode())
+    return h.hexdigest()[:16]
+
+
+def file_digest(path):
+    """sha1 (16 hex digits) of a file's bytes, read in 16 MB blocks."""
+    import hashlib
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def tensor_digest(*tensors):
+    """One digest of tensors' values (shape and dtype included): the identity of what a file holds."""
+    return digest_bytes(*(f"{t.dtype}{tuple(t.shape)}".encode() + t.detach().cpu().contiguous().view(-1).view(
+        torch.uint8).numpy().tobytes() for t in tensors))
+
+
+def names_digest(classnames):
+    return digest_bytes("\n".join(classnames))
+
+
+def split_digest(samples, root):
+    """The split as (relative path, label) pairs: the same list under another root gives the same digest."""
+    return digest_bytes("\n".join(f"{os.path.relpath(p, root)} {y}" for p, y, _ in samples))
+
+
+def model_fingerprint(model, pretrained):
+    """What the CLIP was built from: the config file's and the weights file's bytes, or the name and the tag."""
+    def part(value):
+        return f"{Path(value).name}:{file_digest(value)}" if value and Path(value).is_file() else str(value)
+    return f"{part(model)}|{part(pretrained)}"
+
+
+def load_text_features(path, classnames, data_root, model, pretrained, mmap=False):
+    """text_features.pt from stage 02, checked against this run: class count, names, model and weights."""
+    text = load_checkpoint(path, "stage 02 (02_cache_descriptors.py)", mmap=mmap)
+    check_meta(text["meta"], path, num_classes=len(classnames), model=resolve_model_name(model), pretrained=pretrained)
+    check_provenance(path, text["meta"], {
+        "classnames_digest": (names_digest(classnames), f"the class names of {data_root}"),
+        "model_fingerprint": (model_fingerprint(model, pretrained), f"--model {model} --pretrained {pretrained}")})
+    return text
+
+
+# arguments a resumed training may change: they do not change what is trained (paths are checked by digest)
+RESUME_FREE = {"epochs", "workers", "log_every", "resume", "device", "compile", "feature_cache", "out", "data_root",
+               "features", "model", "pretrained"}
+
+
+def check_resume_args(saved, args, path, free=RESUME_FREE):
+    """Refuse to continue a checkpoint under other training settings, naming each one and both values."""
+    changed = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in {path}, {v!r} now"
+               for k, v in vars(args).items() if k not in free and saved.get(k) != v]
+    if changed:
+        raise SystemExit(f"{path} was trained with other settings, so --resume would mix two runs:\n  "
+                         + "\n  ".join(changed) + "\nResume with the same settings, or delete it to start over.")
+
+
+def check_provenance(path, meta, expected, other=None):
+    """Stop naming both files when an input was made from other class names, another split, another model or another
+    upstream file. `expected`: {fact: (value this run has, where that value comes from)}."""
+    wrong = []
+    for key, (value, source) in expected.items():
+        if meta.get(key) != value:
+            wrong.append(f"{key} differs: {path} has {meta.get(key)!r}, {source} gives {value!r}")
+    if wrong:
+        raise SystemExit(f"{path} was not made from this run's inputs" + (f" (compared with {other})" if other else "")
+                         + ":\n  " + "\n  ".join(wrong) + "\nRebuild it (make does this when its inputs change) or "
+                         "point this stage at the matching file.")
 
 
 def git_commit():
@@ -693,7 +1042,7 @@ def make_meta(stage, args, **facts):
     import open_clip
     versions = {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(np.__version__),
                 "open_clip": str(open_clip.__version__)}
-    safe_args = {k: v for k, v in vars(args).items() if "key" not in k}  # an API key never reaches a file
+    safe_args = {k: v for k, v in vars(args).items() if "key" not in k or k.endswith("_file")}  # never a key
     return dict(stage=stage, args=safe_args, versions=versions, git_commit=git_commit(), **facts)
 
 

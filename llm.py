@@ -5,8 +5,9 @@ more dependency for every user, most of whom import descriptors from a file. Wor
 servers that speak the same protocol (vLLM, llama.cpp, Ollama).
 
 The cache is a JSONL file: one line per answer, appended and flushed the moment the answer arrives, keyed by
-(model, prompt, class, sample index). A rerun asks only for what is missing. The API key is sent in a header
-and never written or printed.
+(model, prompt, class, sample index). A rerun asks only for what is missing. The API key comes from the
+environment or a key file, is sent in a header, and is never written or printed; server text that is printed has it
+cut out.
 """
 import json
 import os
@@ -38,17 +39,21 @@ def article(name):
     return "an" if name[:1].lower() in "aeiou" else "a"
 
 
+LIST_MARK = re.compile(r"^\s*(\(?\d{1,2}[.):]|[-*\u2022\u2013])\s+")
+
+
 def parse_list(text):
-    """Items of a numbered, bulleted or plain-line list; a preamble line ending in ':' is dropped."""
-    items = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or (line.endswith(":") and not items):
-            continue
-        item = re.sub(r"^(\(?\d{1,2}[.):]|[-*\u2022\u2013])\s*", "", line).strip().strip("*").strip()
-        if item:
-            items.append(item)
-    return items
+    """The items of a list answer. When some lines carry a list mark (1. 1) (1) - * •), only those are items, so a
+    preamble and a closing remark ("These features should help you ...") are not; plain lines count only when no
+    line is marked (a preamble ending in ':' is dropped then)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    marked = [line for line in lines if LIST_MARK.match(line)]
+    if marked:
+        items = [LIST_MARK.sub("", line, count=1) for line in marked]
+    else:
+        items = [line for i, line in enumerate(lines) if not (i == 0 and line.rstrip().endswith(":"))]
+    items = [re.sub(r"\*\*|__", "", item).strip() for item in items]  # markdown bold
+    return [item for item in items if item]
 
 
 def split_sentences(text):
@@ -101,6 +106,10 @@ class ChatClient:
     def __repr__(self):  # never shows the key
         return f"ChatClient({self.url!r}, model={self.model!r})"
 
+    def redact(self, text):
+        """Server text with the key cut out: some servers echo the Authorization header in their errors."""
+        return text.replace(self._key, "[key]") if self._key else text
+
     def ask(self, prompt):
         body = json.dumps({"model": self.model, "temperature": self.temperature,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
@@ -115,10 +124,10 @@ class ChatClient:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     return json.loads(resp.read())["choices"][0]["message"]["content"]
             except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode(errors="replace")
+                detail = self.redact(e.read()[:300].decode(errors="replace"))
                 if e.code in (401, 403):
-                    raise LLMFatal(f"{self.url} answered {e.code} ({e.reason}): check the API key (--llm-key or "
-                                   "OPENAI_API_KEY) and that it may use this endpoint") from None
+                    raise LLMFatal(f"{self.url} answered {e.code} ({self.redact(str(e.reason))}): check the API key "
+                                   "(OPENAI_API_KEY or --llm-key-file) and that it may use this endpoint") from None
                 if e.code == 404 or "model" in detail.lower() and e.code == 400:
                     raise LLMFatal(f"{self.url} answered {e.code}: model {self.model!r} not found? "
                                    f"Server said: {detail}") from None
@@ -129,7 +138,7 @@ class ChatClient:
                             wait = max(wait, float(retry_after))
                         except ValueError:
                             pass
-                    error = f"HTTP {e.code}"
+                    error = f"HTTP {e.code}: {detail[:200]}"
                 else:
                     raise LLMFatal(f"{self.url} answered {e.code}: {detail}") from None
             except (socket.timeout, TimeoutError) as e:
@@ -138,7 +147,7 @@ class ChatClient:
                 if isinstance(e.reason, (socket.timeout, TimeoutError)):
                     error = f"timeout after {self.timeout}s"
                 else:
-                    error = f"connection failed ({e.reason})"
+                    error = self.redact(f"connection failed ({e.reason})")
             except (KeyError, IndexError, json.JSONDecodeError) as e:
                 error = f"unexpected answer format ({e})"
             if attempt < self.max_retries:
@@ -146,11 +155,11 @@ class ChatClient:
         raise RuntimeError(f"{self.url}: no answer after {self.max_retries + 1} tries (last: {error})")
 
 
-def plan_requests(classnames, model, cache, num_descriptors, cupl_answers):
+def plan_requests(classnames, model, cache, num_descriptors, cupl_answers, question=DESCRIPTOR_QUESTION):
     """The (kind, class, prompt, sample) jobs a run needs; those already cached are marked so."""
     jobs = []
     for c, name in enumerate(classnames):
-        q = DESCRIPTOR_QUESTION.format(m=num_descriptors, c=name, a=article(name))
+        q = question.format(m=num_descriptors, c=name, a=article(name))
         jobs.append(("descriptors", c, q, 0))
         for template in CUPL_QUESTIONS if cupl_answers else ():
             for s in range(cupl_answers):
@@ -232,6 +241,9 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
                 fut.cancel()
             raise
     bar.close()
+    for c, d in enumerate(descriptors):  # an answer with no list item in it is no usable answer either
+        if d is not None and not d:
+            failures.append(f"{classnames[c]} (descriptors): no list item in {max_asks} answers")
     short = [classnames[c] for c, d in enumerate(descriptors) if d is None or len(d) < num_descriptors]
     return dict(descriptors=[d or [] for d in descriptors], cupl=cupl, short=short, failures=failures,
                 stats=stats, requests=client.requests)

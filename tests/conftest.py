@@ -63,6 +63,14 @@ def make_tiny_world(root):
     return root
 
 
+@pytest.fixture(autouse=True)
+def release_locks():
+    """A stage's main() keeps its run directory locked for the life of the process, which here is pytest's."""
+    yield
+    import common
+    common.release_run_locks()
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     return make_tiny_world(tmp_path_factory.mktemp("tiny"))

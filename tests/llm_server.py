@@ -13,12 +13,15 @@ FORMATS = (
     lambda items: "\n".join(f"* {t}" for t in items),
     lambda items: "\n".join(f"\u2022 {t}" for t in items),
     lambda items: "\n".join(items),
+    lambda items: ("Sure! Here are features that help:\n\n" + "\n".join(f"{i + 1}. {t}" for i, t in enumerate(items))
+                   + "\n\nThese features should help you tell it apart in a photo."),
 )
 
 
 class FakeLLM:
     """mode: 'ok', 'fail500' (two 500s per prompt first), '429' (one 429 with Retry-After first), 'hang' (first
-    request per prompt sleeps past the client's timeout), 'short' (first answer has 6 items), '401', '404'."""
+    request per prompt sleeps past the client's timeout), 'short' (first answer has 6 items), '401', '404',
+    'broken' (classes named 'odd ...' always get a 500 whose text echoes the Authorization header)."""
 
     def __init__(self, mode="ok", delay=0.0, hang_seconds=1.5):
         self.mode, self.delay, self.hang_seconds = mode, delay, hang_seconds
@@ -41,6 +44,8 @@ class FakeLLM:
                     return self.reply(401, {"error": {"message": "invalid api key"}})
                 if fake.mode == "404":
                     return self.reply(404, {"error": {"message": f"The model {body['model']} does not exist"}})
+                if fake.mode == "broken" and "odd" in prompt:
+                    return self.reply(500, {"error": f"upstream failed for {self.headers.get('Authorization')}"})
                 if fake.mode == "fail500" and n <= 2:
                     return self.reply(500, {"error": "boom"})
                 if fake.mode == "429" and n == 1:

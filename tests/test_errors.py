@@ -73,7 +73,9 @@ def test_inat_json_pairs_images_and_annotations_by_id(tmp_path):
 
 def test_name_normalisation():
     assert corpus_stage.normalise_name("Swimming_Pool/Indoor") == "swimming pool indoor"
-    assert corpus_stage.normalise_name("crane (bird)") == "crane"
+    assert corpus_stage.normalise_name("crane (bird)") == "crane (bird)"
+    assert corpus_stage.normalise_name("crane (bird)", drop_suffix=True) == "crane"
+    assert corpus_stage.normalise_name("/s/swimming_pool/indoor") == "swimming pool indoor"
     assert corpus_stage.normalise_name("  bakery-shop ") == "bakery shop"
 
 
@@ -88,9 +90,10 @@ def test_descriptor_names_are_matched_by_name_and_aliases(tmp_path):
     msg = str(e.value)
     assert "1 names match no class name" in msg and "'ice hockey rink'" in msg and "hockey arena" in msg
     assert "--aliases" in msg
-    per_class = corpus_stage.read_named_json(path, classnames, {"ice hockey rink": "hockey arena"})
+    per_class, report = corpus_stage.read_named_json(path, classnames, {"ice hockey rink": "hockey arena"})
     assert per_class == [["runways", "a control tower"], ["bread on shelves"], [], ["blue water"],
                          ["a rink with ice"]]
+    assert report["classes_matched"] == 5 and report["keys"] == 5
 
 
 def test_descriptor_keys_are_mapped_by_name_not_order(tiny_world, tmp_path):
@@ -101,8 +104,9 @@ def test_descriptor_keys_are_mapped_by_name_not_order(tiny_world, tmp_path):
     corpus_stage.main(["--dataset", "tiny", "--data-root", str(root), "--descriptors", str(root / "descriptors.json"),
                        "--out", str(tmp_path / "corpus.json")])
     corpus = json.loads((tmp_path / "corpus.json").read_text())
-    for name, descs in zip(corpus["classnames"], corpus["descriptors"]):
-        assert descs == [f"This sentence is only for the {name}."]
+    for name, raw, descs in zip(corpus["classnames"], corpus["descriptors_raw"], corpus["descriptors"]):
+        assert raw == [f"This sentence is only for the {name}."]
+        assert descs == [f"{name}, which has this sentence is only for the {name}"]
 
 
 def test_stage01_without_descriptor_source_says_how(tiny_world, tmp_path):

@@ -23,16 +23,22 @@ def world20(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
 def run_stage(root, out, url, *extra):
     args = ["--dataset", "llmtest", "--data-root", str(root), "--out", str(out), "--llm-model", "fake-gpt",
-            "--llm-base-url", url, "--llm-key", KEY, "--llm-backoff", "0.05", "--llm-timeout", "0.5", *extra]
+            "--llm-base-url", url, "--llm-backoff", "0.05", "--llm-timeout", "0.5", "--skip-data-check", *extra]
     corpus_stage.main(args)
     return json.loads(out.read_text())
 
 
 def test_parse_list_formats():
     for fmt in ("1. a\n2. b", "Here you go:\n1) a\n2) b", "- a\n- b", "* a\n* b", "\u2022 a\n\u2022 b", "a\nb",
-                "1. **a**\n2. b"):
+                "1. **a**\n2. b", "Sure, here they are\n\n1. a\n2. b\n\nThese features should help you identify it.",
+                "Features of a thing:\n- a\n- b\nI hope this helps!"):
         assert llm.parse_list(fmt) == ["a", "b"], fmt
 
 
@@ -41,8 +47,9 @@ def test_twenty_classes_get_ten_descriptors(world20, tmp_path, mode):
     with FakeLLM(mode) as server:
         corpus = run_stage(world20, tmp_path / "corpus.json", server.url)
     assert [len(d) for d in corpus["descriptors"]] == [10] * 20
-    for name, descs in zip(corpus["classnames"], corpus["descriptors"]):
-        assert descs[0].endswith(f"of {name}") or name in descs[0]
+    for name, descs, raw in zip(corpus["classnames"], corpus["descriptors"], corpus["descriptors_raw"]):
+        assert raw == [f"feature {k} of {name}" for k in range(10)]  # no closing remark among them
+        assert all(d == f"{name}, which has feature {k} of {name}" for k, d in enumerate(descs))
     bound = {"ok": 20, "fail500": 60, "429": 40, "hang": 40, "short": 40}[mode]
     assert server.requests == bound, (mode, server.requests)
     assert corpus["meta"]["llm"]["model"] == "fake-gpt" and not corpus["meta"]["llm"]["short"]
@@ -64,7 +71,8 @@ def test_interrupted_run_resumes_from_the_cache(world20, tmp_path):
     cache = tmp_path / "llm_cache.jsonl"
     with FakeLLM(delay=0.2) as server:
         cmd = [sys.executable, str(ROOT / "01_build_corpus.py"), "--dataset", "llmtest", "--data-root", str(world20),
-               "--out", str(out), "--llm-model", "fake-gpt", "--llm-base-url", server.url, "--llm-concurrency", "1"]
+               "--out", str(out), "--llm-model", "fake-gpt", "--llm-base-url", server.url, "--llm-concurrency", "1",
+               "--skip-data-check"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=dict(os.environ, OPENAI_API_KEY=KEY))
         deadline = time.time() + 60
@@ -86,7 +94,48 @@ def test_dry_run_counts_requests(world20, tmp_path):
     with FakeLLM() as server:
         with pytest.raises(SystemExit, match="20 first requests for 20 classes, 0 cached, 20 to ask"):
             run_stage(world20, tmp_path / "corpus.json", server.url, "--dry-run")
-    assert server.requests == 0
+        assert server.requests == 0
+        question = ["--llm-question", "Give {m} visual traits of {a} {c}, distinguishing {c} in a photo."]
+        run_stage(world20, tmp_path / "corpus.json", server.url, *question)
+        asked = server.requests
+        with pytest.raises(SystemExit, match="20 first requests for 20 classes, 20 cached, 0 to ask"):
+            run_stage(world20, tmp_path / "corpus.json", server.url, "--dry-run", *question)
+    assert server.requests == asked  # counted against the question in use, and asked nothing
+
+
+def test_classes_without_answer_stop_the_run_and_keep_the_cache(world20, tmp_path, capsys):
+    out, cache = tmp_path / "corpus.json", tmp_path / "llm_cache.jsonl"
+    with FakeLLM("broken") as server:
+        with pytest.raises(SystemExit) as e:
+            run_stage(world20, out, server.url, "--llm-backoff", "0.001")
+        msg = str(e.value)
+        assert "7 classes got no usable answer" in msg and "odd class 0" in msg and "--allow-llm-failures" in msg
+        assert not out.exists() and len(cache.read_text().splitlines()) == 13  # the answers that came are kept
+        assert KEY not in msg and KEY not in capsys.readouterr().out  # the server echoed the key: cut out
+        assert "[key]" in msg
+        corpus = run_stage(world20, out, server.url, "--llm-backoff", "0.001", "--allow-llm-failures")
+    without = corpus["meta"]["classes_without_descriptors"]
+    assert len(without) == 7 and all(n.startswith("odd class") for n in without)
+    assert [len(d) for d in corpus["descriptors"]].count(0) == 7
+
+
+def test_a_key_on_the_command_line_is_refused(world20, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_stage(world20, tmp_path / "corpus.json", "http://127.0.0.1:9/v1", "--llm-key", "sk-on-the-command-line")
+    assert "OPENAI_API_KEY" in str(e.value) and "sk-on-the-command-line" not in str(e.value) + capsys.readouterr().out
+    out = subprocess.run(["make", "-C", str(ROOT), "-n", "corpus", f"RUN={tmp_path / 'run'}",
+                          "CORPUS_ARGS=--llm-key sk-on-the-command-line"], capture_output=True, text=True)
+    assert out.returncode != 0 and "OPENAI_API_KEY" in out.stderr
+    assert "sk-on-the-command-line" not in out.stdout + out.stderr and not (tmp_path / "run").exists()
+
+
+def test_key_file(world20, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    (tmp_path / "key").write_text(KEY + "\n")
+    with FakeLLM() as server:
+        run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-key-file", str(tmp_path / "key"))
+    assert server.auth == {f"Bearer {KEY}"}
+    assert KEY.encode() not in (tmp_path / "corpus.json").read_bytes()
 
 
 def test_key_never_reaches_files_or_logs(world20, tmp_path, capsys):

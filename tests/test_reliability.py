@@ -1,0 +1,214 @@
+"""A run is redone when its inputs change, refuses what it cannot trust, and fails loudly."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import ROOT, load_stage, make_args, make_tiny_world, train_args
+
+corpus_stage = load_stage("01_build_corpus.py")
+
+
+def make(*args, **kw):
+    return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True, **kw)
+
+
+def stages_to_run(args):
+    out = make("-n", "all", *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {s for s in ("01_build", "02_cache", "03_train", "04_eval") if s in out.stdout}
+
+
+def snapshot(folder):
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory):
+    """A world and a finished run of its own, so that the test can edit the data."""
+    tmp = tmp_path_factory.mktemp("own")
+    world, run = make_tiny_world(tmp / "world"), tmp / "run"
+    out = make("all", *make_args(world, run, epochs=1))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return world, run
+
+
+def test_make_follows_the_data_and_a_preview_writes_nothing(own_run):
+    world, run = own_run
+    args = make_args(world, run, epochs=1)
+    assert stages_to_run(args) == set()
+    before = snapshot(run)
+    for preview in (["-n", "all", *make_args(world, run, epochs=3)], ["-q", "all", *make_args(world, run, epochs=3)]):
+        out = make(*preview)
+        assert snapshot(run) == before, preview  # neither writes a params file nor anything else
+    assert "03_train" in make("-n", "all", *make_args(world, run, epochs=3)).stdout
+    assert make("-q", "all", *make_args(world, run, epochs=3)).returncode == 1
+    assert stages_to_run(args) == set()  # going back: still nothing to do, no retraining
+    assert "03_train" not in make("-n", "all", *args, "RESUME=1").stdout  # RESUME is not a training setting
+
+    clock = [time.time()]  # file times set by hand, each later than the last: no waiting for the clock
+
+    def later():
+        clock[0] += 10
+        return clock[0], clock[0]
+
+    def edited(path, change):
+        old = path.read_bytes()
+        change(path)
+        os.utime(path, later())
+        try:
+            return stages_to_run(args)
+        finally:
+            path.write_bytes(old)
+            os.utime(path, later())
+            stamp = later()
+            for f in run.rglob("*"):  # the outputs are newer again: the change is undone
+                if f.is_file():
+                    os.utime(f, stamp)
+
+    swap = lambda p: p.write_text(p.read_text().replace(" 0\n", " 1\n", 1))
+    assert edited(world / "train.txt", swap) == {"03_train", "04_eval"}
+    rename = lambda p: p.write_text(p.read_text().replace("red square", "crimson square"))
+    assert edited(world / "classnames.txt", rename) == {"01_build", "02_cache", "03_train", "04_eval"}
+    wiki = lambda p: p.write_text(p.read_text() + "One more sentence.\n")
+    assert edited(world / "wiki" / "desc_3.txt", wiki) == {"01_build", "02_cache", "03_train", "04_eval"}
+    config = lambda p: p.write_text(p.read_text().replace('"layers": 2', '"layers": 3', 1))
+    assert edited(world / "tiny-clip.json", config) == {"02_cache", "03_train", "04_eval"}
+    image = world / "images" / "test_1_0.png"
+    saved = image.read_bytes()
+    image.unlink()
+    os.utime(image.parent, later())
+    try:
+        assert stages_to_run(args) == {"03_train", "04_eval"}  # its folder changed
+    finally:
+        image.write_bytes(saved)
+
+
+def test_resume_refuses_other_settings(made_run, tiny_world, tmp_path):
+    stage = load_stage("03_train_coarse.py")
+    out = tmp_path / "coarse.pt"
+    stage.main(train_args(tiny_world, made_run / "text_features.pt", out, "--epochs", "1"))
+    for flag, value, old, new in (("--lr", "1e-3", "0.0005", "0.001"), ("--batch-size", "4", "8", "4"),
+                                  ("--seed", "3", "0", "3")):
+        with pytest.raises(SystemExit, match=rf"{flag}: {old} in .*last.pt, {new} now"):
+            stage.main(train_args(tiny_world, made_run / "text_features.pt", out, "--epochs", "2", "--resume",
+                                  flag, value))
+    stage.main(train_args(tiny_world, made_run / "text_features.pt", out, "--epochs", "2", "--resume", "--workers", "0"))
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["meta"]["args"]["epochs"] == 2 and ckpt["meta"]["args"]["lr"] == 5e-4
+
+
+def renamed_world(world, tmp_path):
+    other = tmp_path / "renamed"
+    shutil.copytree(world, other)
+    names = (other / "classnames.txt").read_text().replace("red square", "crimson square")
+    (other / "classnames.txt").write_text(names)
+    return other
+
+
+def test_inputs_made_for_something_else_are_refused(made_run, tiny_world, tmp_path):
+    train = load_stage("03_train_coarse.py")
+    evaluate = load_stage("04_eval_hlc.py")
+    features = made_run / "text_features.pt"
+    other = renamed_world(tiny_world, tmp_path)  # same class count, other names
+    with pytest.raises(SystemExit, match=r"(?s)text_features.pt was not made from.*classnames_digest differs.*renamed"):
+        train.main(train_args(other, features, tmp_path / "c.pt", "--epochs", "1"))
+
+    def eval_args(world, coarse, features=features):
+        return ["--dataset", "tiny", "--data-root", str(world), "--features", str(features), "--coarse", str(coarse),
+                "--out", str(tmp_path / "r" / "results.json"), "--model", f"{tiny_world}/tiny-clip.json",
+                "--pretrained", "none", "--workers", "0", "--explain", "0"]
+
+    moved = tmp_path / "moved"  # the same images, another training split: other shot groups
+    shutil.copytree(tiny_world, moved)
+    lines = (moved / "train.txt").read_text().splitlines()
+    (moved / "train.txt").write_text("\n".join(lines[:-3]) + "\n")
+    with pytest.raises(SystemExit, match=r"(?s)coarse.pt was not made from.*train_split_digest differs"):
+        evaluate.main(eval_args(moved, made_run / "coarse.pt"))
+    # a coarse.pt trained on text features with another descriptor count M
+    text = torch.load(features, weights_only=True)
+    text["descriptors"], text["desc_mask"] = text["descriptors"][:, :3], text["desc_mask"][:, :3]
+    text["meta"]["digest"] = common.tensor_digest(text["corpus"], text["corpus_labels"], text["descriptors"],
+                                                  text["desc_mask"], text["classname"])
+    torch.save(text, tmp_path / "m3.pt")
+    with pytest.raises(SystemExit, match=r"(?s)coarse.pt was not made from.*text_features_digest differs.*m3.pt"):
+        evaluate.main(eval_args(tiny_world, made_run / "coarse.pt", tmp_path / "m3.pt"))
+
+
+def test_a_second_run_on_the_same_run_directory_is_refused(made_run, tiny_world, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import common; "
+                               "common.hold_run_lock(sys.argv[2], 'make all (first)'); print('held', flush=True); "
+                               "time.sleep(60)", str(ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=rf"is in use by make all \(first\) \(pid {holder.pid} "):
+            load_stage("03_train_coarse.py").main(train_args(tiny_world, made_run / "text_features.pt",
+                                                             tmp_path / "coarse.pt", "--epochs", "1"))
+        assert not (tmp_path / "coarse.pt").exists() and not (tmp_path / "log.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    load_stage("03_train_coarse.py").main(train_args(tiny_world, made_run / "text_features.pt", tmp_path / "coarse.pt",
+                                                     "--epochs", "1"))  # the lock went with the killed holder
+
+
+def test_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def full_disk(obj, f, *a, **k):
+        open(f, "wb").write(b"x" * 2816)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 2816 vs 2710")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"could not write {tmp_path / 'last.pt'}: \d+ bytes free \(.*unexpected pos"):
+        common.atomic_torch_save({"a": 1}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_files_as_they_come(tiny_world, tmp_path):
+    world = tmp_path / "w"
+    shutil.copytree(tiny_world, world)
+    text = (world / "train.txt").read_text()
+    (world / "train.txt").write_bytes("\ufeff".encode() + text.encode())  # a Windows editor's byte-order mark
+    assert common.read_split(world, "tiny", "train", 5)[0][0] == str(world / text.split()[0])
+    (world / "classnames.txt").write_text("red square\n\ngreen square\n")
+    with pytest.raises(ValueError, match=r"classnames.txt:2: blank class name"):
+        common.class_names("tiny", world)
+    grey16 = np.full((32, 32), 40000, dtype=np.uint16)  # 16-bit greyscale: 40000 / 65535 of white
+    Image.fromarray(grey16).save(world / "deep.png")
+    pixel = np.asarray(common.open_rgb(world / "deep.png"))[0, 0]
+    assert pixel.tolist() == [156, 156, 156]  # scaled (40000 / 257), not clipped to white
+
+
+def test_no_benchmark_data_is_said_before_any_request(tmp_path):
+    from llm_server import FakeLLM
+    with FakeLLM() as server:
+        with pytest.raises(SystemExit, match=rf"DATA_ROOT={tmp_path} holds no ImageNet-LT: ImageNet_LT_train.txt"):
+            corpus_stage.main(["--dataset", "imagenet_lt", "--data-root", str(tmp_path), "--out",
+                               str(tmp_path / "c.json"), "--llm-model", "m", "--llm-base-url", server.url])
+    assert server.requests == 0
+
+
+def test_log_line_comes_after_the_checkpoint(made_run, tiny_world, tmp_path, monkeypatch):
+    stage = load_stage("03_train_coarse.py")
+    args = train_args(tiny_world, made_run / "text_features.pt", tmp_path / "coarse.pt", "--epochs", "3")
+    real = common.append_line
+
+    def killed_after_epoch_2(path, line):
+        if json.loads(line)["epoch"] == 2:
+            raise KeyboardInterrupt  # last.pt holds epoch 2, the log does not yet
+        real(path, line)
+
+    monkeypatch.setattr(common, "append_line", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        stage.main(args)
+    monkeypatch.setattr(common, "append_line", real)
+    stage.main(args + ["--resume"])
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
