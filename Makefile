@@ -163,8 +163,10 @@ NAME ?=
 SYSTEM_ARGS ?=
 SYSTEM_EPOCHS := $(if $(filter command line environment override,$(origin EPOCHS)),--epochs $(EPOCHS))
 ifeq ($(DATASET),toy)
-TOY_SYSTEM_ballad        := --epochs-a 10 --epochs-b 10 --batch-size 32 --lr-a 1e-3 --workers 2
+TOY_SYSTEM_ballad        := --epochs-a 10 --epochs-b 10 --batch-size 32 --lr-a 1e-4 --workers 2
 TOY_SYSTEM_imbalance_vlm := --epochs 10 --batch-size 32 --workers 2
+TOY_SYSTEM_vl_ltr        := --epochs-cvlp 10 --epochs-lgr 10 --batch-size 32 --lr 5e-3 --workers 2
+TOY_SYSTEM_lt_dpt        := --epochs 10 --drw-epochs 3 --batch-size 32 --workers 2
 endif
 system_params = --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) --pretrained $(PRETRAINED) --seed $(SEED) \
                 --device $(DEVICE) $(TOY_SYSTEM_$(1)) $(SYSTEM_EPOCHS) $(SYSTEM_ARGS)

@@ -7,6 +7,7 @@ stage 04) and text encoding (sentences/s), end-to-end training throughput with J
 
     make bench                                   # ViT-B/16, 20 prompts x 12 layers, batch 128 on CUDA
     python bench.py --device cpu                 # a small model and a few steps, so it runs anywhere
+    make bench-scale                             # stages 01-04 at iNaturalist's size: peak memory, file size
 
 FLOPs count 2 per multiply-add of every matrix product (patch embedding, attention projections, attention
 scores and values, MLP, output projection). A prompt-tuning step runs the forward and the backward through
@@ -100,6 +101,79 @@ def end_to_end(lines, transform, decode, device, batch, steps, workers, train_st
     return done / (time.perf_counter() - t)
 
 
+SCALE_CLIP = {"embed_dim": 512, "quick_gelu": True,  # ViT-B/16's feature width, so the files have their real size
+              "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+PEAK = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "finally:\n    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)")
+
+
+def scale_run(args):
+    """Stages 01-04 on a synthetic world of iNaturalist 2018's size (8,142 classes, 24,426 evaluation images; a tiny
+    CLIP with ViT-B/16's 512-wide features; one training epoch on 2 images per class), each stage timed with its peak
+    memory (its own process; the largest loader worker apart), and the size of predictions.npz."""
+    import subprocess
+    import sys
+    from PIL import Image
+    root = Path(__file__).resolve().parent
+    base = Path(args.scale_dir or tempfile.mkdtemp(prefix="hlc-scale-"))
+    world, run, classes, n = base / "world", base / "run", 8142, 24426
+    t = time.time()
+    if not (world / "test.txt").exists():
+        (world / "images").mkdir(parents=True, exist_ok=True)
+        val = Path(args.val_list) if args.val_list else None
+        labels = ([int(line.split()[1]) for line in val.read_text().splitlines() if line.strip()] if val and val.exists()
+                  else [i % classes for i in range(n)])
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(world / "images" / f"{i}.png")
+        (world / "test.txt").write_text("".join(f"images/{i}.png {y}\n" for i, y in enumerate(labels)))
+        (world / "train.txt").write_text("".join(f"images/{(2 * c + k) % n}.png {c}\n" for c in range(classes)
+                                                 for k in range(2)))
+        names = [f"species number {c}" for c in range(classes)]
+        (world / "classnames.txt").write_text("\n".join(names) + "\n")
+        (world / "descriptors.json").write_text(json.dumps({nm: [f"feature {k} of {nm}" for k in range(10)]
+                                                            for nm in names}))
+        (world / "clip.json").write_text(json.dumps(SCALE_CLIP))
+        print(f"synthetic world: {classes} classes, {len(labels)} evaluation images"
+              f"{' (labels of ' + str(val) + ')' if val and val.exists() else ''} in {time.time() - t:.0f}s", flush=True)
+    common_args = ["--model", str(world / "clip.json"), "--pretrained", "none", "--device", "cpu"]
+    data = ["--dataset", "scale", "--data-root", str(world)]
+    stages = [("01_build_corpus.py", data + ["--descriptors", str(world / "descriptors.json"),
+                                            "--out", str(run / "corpus.json")]),
+              ("02_cache_descriptors.py", ["--corpus", str(run / "corpus.json"), "--out", str(run / "text_features.pt")]
+               + common_args),
+              ("03_train_coarse.py", data + common_args + ["--features", str(run / "text_features.pt"), "--epochs", "1",
+                                                           "--batch-size", "256", "--workers", str(args.workers),
+                                                           "--out", str(run / "coarse.pt")]),
+              ("04_eval_hlc.py", data + common_args + ["--features", str(run / "text_features.pt"), "--coarse",
+                                                       str(run / "coarse.pt"), "--workers", str(args.workers),
+                                                       "--out", str(run / "results.json")])]
+    figures = {}
+    for script, stage_args in stages:
+        if script.startswith("01") and (run / "corpus.json").exists():
+            continue
+        t = time.time()
+        if script.startswith("01"):
+            stage_args = [a for a in stage_args if not a.startswith("--model")]
+        out = subprocess.run([sys.executable, "-c", PEAK, str(root / script)] + stage_args, cwd=root,
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{script} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        own, worker = [int(x) for x in out.stdout.rsplit("PEAK_KB", 1)[1].split()[:2]]
+        figures[script] = dict(seconds=round(time.time() - t, 1), peak_gb=round(own / 2**20, 2),
+                               largest_worker_gb=round(worker / 2**20, 2))
+        print(f"{script:26s} {figures[script]['seconds']:7.1f} s   peak memory {figures[script]['peak_gb']:6.2f} GB "
+              f"(largest loader worker {figures[script]['largest_worker_gb']:.2f} GB)", flush=True)
+    size = (run / "predictions.npz").stat().st_size
+    figures["predictions_npz_mb"] = round(size / 1e6, 1)
+    print(f"predictions.npz: {size / 1e6:.1f} MB ({classes} classes, {n} images, 512-wide features); run in {run}")
+    if args.json:
+        common.atomic_write_json(args.json, figures)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="", help="open_clip name or config JSON (default: ViT-B-16-quickgelu on CUDA, "
@@ -117,7 +191,13 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: from the GPU's name)")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    p.add_argument("--scale", action="store_true", help="instead: stages 01-04 at iNaturalist's size, each stage's "
+                                                        "peak memory and the size of predictions.npz (make bench-scale)")
+    p.add_argument("--scale-dir", default="", help="--scale: folder for the synthetic world and run (kept)")
+    p.add_argument("--val-list", default="", help="--scale: take the labels from this iNaturalist18_val.txt")
     args = p.parse_args(argv)
+    if args.scale:
+        return scale_run(args)
 
     # ---- setup ----
     device = common.pick_device(args.device)

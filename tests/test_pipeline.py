@@ -204,14 +204,16 @@ def table_rows(path):
 
 def test_table4_rows_come_from_separate_trainings(tables_run):
     rows = table_rows(tables_run / "tables" / "table4.md")
-    assert len(rows) == 8 and all(r[3] != "-" for r in rows.values())
+    assert len(rows) == 9 and all(r[3] != "-" for r in rows.values())
     switches = {}
-    for name in ("lp", "vpt", "corpus", "sfm"):
+    for name in ("lp", "vpt", "corpus", "sfm", "ce"):
         ckpt = torch.load(tables_run / "ablation" / name / "coarse.pt", weights_only=True)
         switches[name] = ckpt["meta"]["args"]
         if name == "lp":  # the linear probe trained no prompts
             assert ckpt["prompts"].numel() == 0 and switches[name]["prompt_tokens"] == 0
-        if name in ("lp", "vpt", "corpus", "sfm"):  # no descriptor loss: the weights stayed uniform
+        if name == "ce":  # the paper's descriptor loss: plain cross-entropy, the weights learned
+            assert switches[name]["desc_loss_la"] == 0 and torch.count_nonzero(ckpt["w_llm"]) > 0
+        else:  # no descriptor loss: the weights stayed uniform
             assert torch.count_nonzero(ckpt["w_llm"]) == 0 and switches[name]["desc_loss_weight"] == 0
     assert switches["vpt"]["prompt_tokens"] == 20 and switches["vpt"]["corpus_ratio"] == 0
     assert switches["corpus"]["corpus_ratio"] == 1 and switches["corpus"]["mixup_alpha"] == 0
@@ -220,11 +222,17 @@ def test_table4_rows_come_from_separate_trainings(tables_run):
     assert torch.count_nonzero(full["w_llm"]) > 0  # the full model learned its weights
     sfm = json.loads((tables_run / "ablation" / "sfm" / "results.json").read_text())
     assert rows["h) + descriptors, unweighted"][3] == f"{sfm['variants']['hlc_unweighted']['overall']:.2f}"
+    ce = json.loads((tables_run / "ablation" / "ce" / "results.json").read_text())
+    assert rows["i) + reweighted (HLC), paper's descriptor loss"][3] == f"{ce['variants']['hlc']['overall']:.2f}"
 
 
 def test_table6_k1_is_coarse_la_and_all_is_reranking_everything(tables_run):
     rows = table_rows(tables_run / "tables" / "table6.md")
     results = json.loads((tables_run / "results.json").read_text())
+    for tau in ("0", "0.5", "1", "1.5", "2"):  # the tau sweep, below the K sweep
+        hlc = results["tau_sweep"][tau]["hlc"]["overall"]
+        assert rows[f"tau = {tau}, hlc"][3] == f"{hlc:.2f}"
+    assert results["tau_sweep"]["1"]["hlc"] == results["variants"]["hlc"]
     la = results["variants"]["coarse_la"]
     assert rows["1"] == [f"{la[g]:.2f}" if la[g] is not None else "-" for g in ("many", "medium", "few", "overall")]
     z = np.load(tables_run / "predictions.npz")

@@ -150,7 +150,7 @@ def system_args(world, run):  # EPOCHS on the command line (2 in make_args) sets
 
 @pytest.fixture(scope="module")
 def systems_run(made_run, tiny_world):
-    for name in ("ballad", "imbalance_vlm"):
+    for name in ("ballad", "imbalance_vlm", "vl_ltr", "lt_dpt"):
         out = subprocess.run(["make", "-C", str(ROOT), "system", f"NAME={name}"] + system_args(tiny_world, made_run),
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -158,7 +158,9 @@ def systems_run(made_run, tiny_world):
 
 
 @pytest.mark.parametrize("name, variants", [("ballad", ["ballad_phase_a", "ballad"]),
-                                            ("imbalance_vlm", ["ivlm_ce", "ivlm_ce_disalign", "ivlm_ce_marc"])])
+                                            ("imbalance_vlm", ["ivlm_ce", "ivlm_ce_disalign", "ivlm_ce_marc"]),
+                                            ("vl_ltr", ["vl_ltr_lgr", "vl_ltr_linear", "vl_ltr_text"]),
+                                            ("lt_dpt", ["lt_dpt"])])
 def test_system_results_recompute_from_predictions(systems_run, name, variants):
     folder = systems_run / "systems" / name
     results = json.loads((folder / "results.json").read_text())
@@ -188,7 +190,7 @@ def test_system_resume_repeats_the_uninterrupted_run(made_run, tiny_world, tmp_p
         ballad.main(args + ["--out", str(tmp_path / "killed")])
     monkeypatch.setattr(common.PhaseCheckpoints, "epoch_done", real)
     assert (tmp_path / "killed" / "phase_a.pt").exists() and not (tmp_path / "killed" / "phase_b.pt").exists()
-    with pytest.raises(SystemExit, match="--lr-b: 0.2 in .*last.pt, 0.1 now"):
+    with pytest.raises(SystemExit, match=r"--lr-b: 0.2 in .*killed/phase_a.pt, 0.1 now"):
         ballad.main(args + ["--out", str(tmp_path / "killed"), "--resume", "--lr-b", "0.1"])
     ballad.main(args + ["--out", str(tmp_path / "killed"), "--resume"])
     a = np.load(tmp_path / "full" / "predictions.npz")
@@ -207,6 +209,130 @@ def test_comparison_table_lists_every_system(systems_run, tiny_world):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = (systems_run / "tables" / "table1.md").read_text()
     for row in ("Zero-shot CLIP", "CLIP + linear probe", "VPT (CLIP, cross-entropy)", "BALLAD: phase A + balanced adapter",
-                "Imbalance-VLM: cross-entropy + DisAlign, two stages", "HLC"):
+                "Imbalance-VLM: cross-entropy + DisAlign, two stages", "VL-LTR: CVLP + LGR (both branches)",
+                "LT-DPT: decoupled prompts, GCL + DRW", "HLC"):
         assert f"| {row} |" in text, row
     assert "paper Many" not in text  # the tiny world has no published numbers
+
+
+# ---- VL-LTR and LT-DPT: losses, heads and parts by hand ----
+
+from systems import lt_dpt, vl_ltr  # noqa: E402
+
+
+def test_ccl_and_distillation_by_hand():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    logits = 10 * image @ text.T
+    target = torch.tensor([[1, 0, 0], [0, 0.5, 0.5], [0, 0.5, 0.5]])  # same-class items share the target
+
+    def smooth(l, t, e=0.1):
+        log_p = torch.log_softmax(l, -1)
+        return sum((1 - e) * -(t[i] * log_p[i]).sum() + e * -log_p[i].mean() for i in range(3)) / 3
+
+    expected = 0.5 * (smooth(logits, target) + smooth(logits.T, target))
+    assert torch.allclose(vl_ltr.ccl_loss(image, text, labels, 10.0), expected)
+    teacher = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 3.0], [1.0, 1.0, 1.0]])
+    one_way = lambda s, t: sum(-(torch.softmax(t[i], -1) * torch.log_softmax(s[i], -1)).sum() for i in range(3)) / 3
+    expected = 0.5 * (one_way(logits, teacher) + one_way(logits.T, teacher.T))
+    assert torch.allclose(vl_ltr.distill_loss(logits, teacher), expected)
+
+
+def test_anss_keeps_the_sentences_that_pick_out_their_class():
+    images = torch.tensor([[1.0, 0.0], [0.9, 0.436], [0.0, 1.0], [0.2, 0.98]])
+    image_labels = torch.tensor([0, 0, 1, 1])
+    sentences = torch.tensor([[1.0, 0.0],  # class 0, points at class 0's images
+                              [0.0, 1.0],  # class 0, points at class 1's images: a bad anchor
+                              [0.7071, 0.7071],  # class 0, in between
+                              [0.0, 1.0]])  # class 1
+    labels = torch.tensor([0, 0, 0, 1])
+    scores = vl_ltr.anss_scores(sentences, labels, images, image_labels, 10.0)
+    logits = 10 * sentences[0] @ images.T
+    assert abs(scores[0].item() + torch.log_softmax(logits, -1)[:2].mean().item()) < 1e-5  # by hand: -mean log p
+    assert scores[0] < scores[2] < scores[1]
+    anchors, mask = vl_ltr.select_anchors(sentences, labels, images, image_labels, 10.0, 2, keep=2)
+    assert torch.equal(anchors[0], sentences[[0, 2]]) and mask.tolist() == [[True, True], [True, False]]
+
+
+def test_lgr_language_branch_equals_the_explicit_gather():
+    torch.manual_seed(0)
+    anchors = F_normalize(torch.randn(3, 4, 8))
+    mask = torch.tensor([[True] * 4, [True, True, False, False], [True, False, False, False]])
+    head = vl_ltr.LGR(anchors, mask, 3, tau=0.07)
+    with torch.no_grad():
+        head.w_q.weight.add_(0.1 * torch.randn(8, 8))
+    f = torch.randn(5, 8)
+    image_logits, text_logits = head(f)
+    q, k = head.w_q(head.norm_q(f)), head.w_k(head.norm_k(anchors))  # Eqs. 4-6, with G formed
+    att = torch.einsum("bd,cmd->bcm", q, k) / 8 ** 0.5
+    att = torch.softmax(att.masked_fill(~mask, float("-inf")), -1)
+    g = torch.einsum("bcm,cmd->bcd", att, anchors)
+    expected = torch.nn.functional.cosine_similarity(f[:, None, :], g, dim=-1) / 0.07
+    assert torch.allclose(text_logits, expected, atol=1e-5) and image_logits.shape == (5, 3)
+    assert torch.equal(head.w_k.weight, torch.eye(8))  # initialised to the identity
+    assert isinstance(head.mlp[0], torch.nn.Linear) and head.mlp[0].out_features == 32  # Linear(D, 4D)-ReLU-Linear
+
+
+def F_normalize(x):
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def test_gcl_drw_and_orthogonality_by_hand(tiny_world):
+    margins = lt_dpt.gcl_margins([100, 10, 1])  # log n_max - log n_c
+    assert torch.allclose(margins, torch.tensor([0.0, math.log(10), math.log(100)]))
+    cosine, y = torch.tensor([[0.5, 0.2, 0.1]]), torch.tensor([1])
+    noise = torch.tensor([[0.3, -0.6, 0.9]])
+    shifted = [0.5, 0.2 - 0.5 * 0.6 * math.log(10) / math.log(100), 0.1 - 0.5 * 0.9]  # noise_mul |noise| m / max m
+    expected = -math.log(math.exp(25 * shifted[1]) / sum(math.exp(25 * s) for s in shifted))
+    assert abs(lt_dpt.gcl_loss(cosine, y, margins, 25.0, 0.5, noise=noise).item() - expected) < 1e-4
+    w = lt_dpt.effective_number_weights([100, 1], beta=0.9)
+    raw = [(1 - 0.9) / (1 - 0.9 ** 100), (1 - 0.9) / (1 - 0.9)]
+    assert torch.allclose(w, torch.tensor([2 * r / sum(raw) for r in raw]))
+    clip, _, _, _ = common.load_clip(f"{tiny_world}/tiny-clip.json", "none")
+    model = lt_dpt.DecoupledPrompts(clip.visual, n_fg=2, n_bg=1, groups=3, top_k=2, bg_layers=1)
+    with torch.no_grad():
+        model.groups.zero_()
+        model.groups[0, 0, 0, 0], model.groups[0, 1, 0, 1], model.groups[0, 2, 0, 0] = 1.0, 1.0, -1.0
+    # pairs (0,1) and (1,2) orthogonal, (0,2) opposite: |cos| sums to 2 x 1 over the ordered pairs
+    assert abs(model.orthogonality().item() - 2.0) < 1e-6
+
+
+def test_group_mixing_and_bias_layout_by_hand():
+    patches = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # (B=1, P=2, w=2)
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # cosines with the patches: 1, 0, 0.6
+    groups = torch.arange(3.0).view(3, 1, 1).expand(3, 1, 2)  # group g holds the value g
+    mixed = lt_dpt.mix_groups(patches, keys, groups, top_k=2)  # groups 0 and 2, softmax of (1, 0.6)
+    p0 = math.exp(1) / (math.exp(1) + math.exp(0.6))
+    assert torch.allclose(mixed, torch.full((1, 1, 2), p0 * 0 + (1 - p0) * 2))
+    saliency = torch.tensor([[0.0, 1.0]])
+    bias = lt_dpt.attention_bias(saliency, torch.tensor(2.0), torch.tensor(3.0), n_fg=1, n_bg=1, heads=2)
+    assert bias.shape == (2, 5, 5) and torch.equal(bias[0], bias[1])
+    expected = torch.zeros(5, 5)
+    expected[1, 3:] = torch.tensor([0.0, 2.0])  # foreground row: alpha * S on the patch columns
+    expected[2, 3:] = torch.tensor([3.0, 0.0])  # background row: beta * (1 - S)
+    assert torch.equal(bias[0], expected)
+
+
+def test_block_with_a_zero_bias_is_the_plain_block():
+    clip, _, _, _ = common.load_clip("ViT-B-16-quickgelu", "none")
+    block = clip.visual.transformer.resblocks[0]
+    x = torch.randn(2, 7, 768)
+    zero = torch.zeros(2 * block.attn.num_heads, 7, 7)
+    with torch.no_grad():
+        assert torch.allclose(block(x, attn_mask=zero), block(x), atol=1e-5)
+        bias = zero.clone()
+        bias[:, 1, 2:] = 5.0
+        assert not torch.allclose(block(x, attn_mask=bias)[:, 1], block(x)[:, 1], atol=1e-3)  # the bias acts
+        assert torch.allclose(block(x, attn_mask=bias)[:, 0], block(x)[:, 0], atol=1e-5)  # on its row only
+
+
+def test_saliency_lands_on_the_one_bright_object():
+    image = 0.2 * torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # a textured dark field
+    image[:, :, 40:52, 8:20] += 0.8  # and one bright square in the lower left
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    s = lt_dpt.spectral_residual_saliency(image, mean, std, grid=4)
+    assert s.shape == (1, 16) and s.min() == 0 and abs(s.max().item() - 1) < 1e-6
+    row, col = divmod(int(s.argmax()), 4)
+    assert row in (2, 3) and col in (0, 1), (row, col)  # one of the four cells the square covers
+    assert s.view(4, 4)[0, 3] < 0.2  # the far corner is not salient

@@ -1,0 +1,317 @@
+"""VL-LTR (Tian et al., ECCV 2022, "Learning class-wise visual-linguistic representation for long-tailed visual
+recognition"), the kit's lite version: the text tower stays frozen and its sentence features come from stage 02.
+
+Stage 1, class-wise visual-linguistic pre-training (CVLP): every image of a batch meets one random corpus sentence
+of its class; the B x B similarities exp(s) cos(image, sentence) (s learnable) are trained with L_ccl, cross-entropy
+in both directions with the target spread over the same-class items of the batch (label smoothing 0.1), plus L_dis,
+cross-entropy towards frozen CLIP's similarities on the same pairs: L = 0.5 L_ccl + 0.5 L_dis. Images are drawn
+with probability proportional to 1 / sqrt(n_c). Then anchor sentence selection (AnSS) scores each sentence of a class
+by its L_lin against an image set of at most 50 images per class and keeps the 64 best; and the language-guided
+recognition head (LGR) is trained on the frozen stage-1 features: G_c = softmax(Q K_c^T / sqrt(D)) V_c over class
+c's anchors (Q = W_q LN(f), K = W_k LN(anchors), V = anchors, W_q and W_k initialised to identity), and
+P = softmax(MLP(f)) + softmax(cos(f, G) / 0.07), cross-entropy on both branches; inference adds the two.
+
+Reads   the train and evaluation splits, text_features.pt (stage 02: the corpus sentence features and their labels,
+        i.e. the 80 templates and the Wikipedia sentences of stage 01, VL-LTR's text), the CLIP model.
+Writes  $(RUN)/systems/vl_ltr/: results.json (variants vl_ltr_lgr, the full system; vl_ltr_linear, its image branch
+        alone; vl_ltr_text, its language branch alone), results.md, predictions.npz, log.jsonl, cvlp.pt and lgr.pt
+        (each stage when done, with the anchors), last.pt (the stage in progress; --resume).
+
+    python -m systems.vl_ltr --dataset places_lt --data-root data/places_lt \
+        --features runs/places_lt/text_features.pt --out runs/places_lt/systems/vl_ltr
+
+Where the kit departs from the original (ChangyaoTian/VL-LTR, whose defaults the flags follow):
+- The text tower is frozen (stage 02's cached sentence features), where the original fine-tunes both towers on 8
+  GPUs; the visual side trains VPT-deep prompts (20 x 12, HLC's; lr 5e-4, HLC's) by default, the whole visual tower
+  with --finetune full (lr 3.5e-5, the code's ImageNet-LT value; Places-LT 1e-5, iNaturalist 3.5e-4).
+- One process with --batch-size 128 (the code's per-GPU batch): the original's contrastive batch spans 8 GPUs (1,024).
+- The sentences are the kit's corpus, balanced to --per-class sentences per class by stage 01; AnSS ranks each class's
+  distinct sentences.
+- LGR trains on features of the frozen stage-1 tower encoded once with the evaluation transform (the original runs
+  the frozen tower on augmented images). cos(f, G_c) is computed without forming G (B x C x D): f.G_c is the
+  attention-weighted sum of f.anchor, and |G_c|^2 uses the anchors' Gram matrix (exact, and small for 8,142 classes).
+- The logit scale s starts at CLIP's own (the code sets log(1/0.07), then loading CLIP's weights replaces it).
+
+Published (ViT-B/16, HLC Tables 1-3): ImageNet-LT 84.5 / 74.6 / 59.3 / 77.2; Places-LT 54.2 / 48.5 / 42.0 / 50.1;
+iNaturalist 2018 81.6 / 78.0 / 74.4 / 76.8 (81.0 overall at 384 px). Toy world, 2-core CPU: README ("Compared systems").
+"""
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# ---- stage 1: the losses ----
+
+def smooth_soft_ce(logits, target, smoothing=0.1):
+    """The code's smoothCE: (1 - e) x cross-entropy to the soft target + e x the mean negative log-probability."""
+    log_p = F.log_softmax(logits, dim=-1)
+    return ((1 - smoothing) * -(target * log_p).sum(-1) + smoothing * -log_p.mean(-1)).mean()
+
+
+def ccl_loss(image, text, labels, scale, smoothing=0.1):
+    """L_ccl over the batch: image i against sentence j, the target spread over the same-class pairs, both ways."""
+    logits = scale * image @ text.T  # (B, B), features normalised
+    same = (labels[:, None] == labels[None, :]).float()
+    target = same / same.sum(1, keepdim=True)  # symmetric, so one target serves both directions
+    return 0.5 * (smooth_soft_ce(logits, target, smoothing) + smooth_soft_ce(logits.T, target, smoothing))
+
+
+def distill_loss(student, teacher):
+    """L_dis: cross-entropy from frozen CLIP's similarities to the student's, on the same pairs, both ways."""
+    ce = lambda s, t: -(F.softmax(t, -1) * F.log_softmax(s, -1)).sum(-1).mean()
+    return 0.5 * (ce(student, teacher) + ce(student.T, teacher.T))
+
+
+# ---- anchor sentence selection and the LGR head ----
+
+def anss_scores(sentences, sentence_labels, images, image_labels, scale):
+    """L_lin of each sentence against the image set: -mean over the images of its class of
+    log softmax over all images of scale x cos(sentence, image). Lower picks out its class better."""
+    scores = []
+    for lo in range(0, len(sentences), 1024):
+        logits = scale * sentences[lo:lo + 1024] @ images.T  # (S, I)
+        target = (sentence_labels[lo:lo + 1024, None] == image_labels[None, :]).float()
+        scores.append(-(target / target.sum(1, keepdim=True).clamp(min=1) * F.log_softmax(logits, -1)).sum(-1))
+    return torch.cat(scores)
+
+
+def select_anchors(corpus, corpus_labels, images, image_labels, scale, num_classes, keep):
+    """(C, keep, d) anchors and their (C, keep) mask: each class's distinct sentences with the lowest L_lin."""
+    d = corpus.shape[1]
+    anchors, mask = torch.zeros(num_classes, keep, d), torch.zeros(num_classes, keep, dtype=torch.bool)
+    for c in range(num_classes):
+        own = torch.unique(corpus[corpus_labels == c], dim=0)  # the balanced corpus repeats sentences
+        if len(own) == 0:
+            continue
+        score = anss_scores(own, torch.full((len(own),), c), images, image_labels, scale)
+        best = own[score.argsort()[:keep]]
+        anchors[c, :len(best)], mask[c, :len(best)] = best, True
+    return anchors, mask
+
+
+class LGR(nn.Module):
+    """Language-guided recognition: (image-branch logits MLP(f), language-branch logits cos(f, G) / tau)."""
+
+    def __init__(self, anchors, mask, num_classes, tau=0.07):
+        super().__init__()
+        d = anchors.shape[-1]
+        self.norm_q, self.norm_k = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.w_q, self.w_k = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            self.w_q.weight.copy_(torch.eye(d))
+            self.w_k.weight.copy_(torch.eye(d))
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, num_classes))
+        self.register_buffer("anchors", anchors)  # (C, M, d), V
+        self.register_buffer("mask", mask)
+        self.register_buffer("gram", anchors @ anchors.transpose(1, 2))  # (C, M, M)
+        self.tau = tau
+
+    def forward(self, f):
+        q = self.w_q(self.norm_q(f))  # (B, d)
+        k = self.w_k(self.norm_k(self.anchors))  # (C, M, d)
+        att = torch.einsum("bd,cmd->bcm", q, k) / math.sqrt(f.shape[-1])
+        att = torch.softmax(att.masked_fill(~self.mask, float("-inf")), dim=-1).nan_to_num(0.0)  # (B, C, M)
+        f_dot_g = torch.einsum("bcm,bcm->bc", att, torch.einsum("bd,cmd->bcm", f, self.anchors))
+        g_norm = torch.einsum("bcm,cmn,bcn->bc", att, self.gram, att).clamp(min=1e-12).sqrt()  # |G_c|
+        text_logits = f_dot_g / (f.norm(dim=-1, keepdim=True) * g_norm) / self.tau  # cos(f, G_c) / tau
+        return self.mlp(f), text_logits
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", required=True, help="imagenet_lt, places_lt, inat2018, or any name (generic layout)")
+    p.add_argument("--data-root", required=True, help="dataset root")
+    p.add_argument("--features", required=True, help="text_features.pt from stage 02 (corpus sentence features)")
+    p.add_argument("--out", required=True, help="folder to write (results.json, predictions.npz, checkpoints)")
+    p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (must match)")
+    p.add_argument("--pretrained", default="openai", help="hub tag, local file, or none (must match)")
+    p.add_argument("--finetune", choices=["prompts", "full"], default="prompts",
+                   help="stage 1 trains VPT-deep prompts (kit) or the whole visual tower (the original trains both "
+                        "towers)")
+    p.add_argument("--prompt-tokens", type=int, default=20, help="VPT tokens per layer (HLC's 20)")
+    p.add_argument("--prompt-depth", type=int, default=12, help="layers with prompts (HLC's 12)")
+    p.add_argument("--epochs", type=int, default=0, help="set both stages to this many epochs (0: --epochs-cvlp, -lgr)")
+    p.add_argument("--epochs-cvlp", type=int, default=50, help="stage 1 epochs (code: 50; iNaturalist 100)")
+    p.add_argument("--epochs-lgr", type=int, default=50, help="LGR epochs (code: 50; iNaturalist 360)")
+    p.add_argument("--lr", type=float, default=0, help="stage 1 AdamW lr (0: 5e-4 for prompts, 3.5e-5 for the full "
+                                                       "tower, the code's ImageNet-LT value)")
+    p.add_argument("--lr-lgr", type=float, default=1e-3, help="LGR AdamW lr (code: 1e-3 ImageNet-LT, 5e-5 Places-LT)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (code: 0.05)")
+    p.add_argument("--warmup-epochs", type=float, default=5, help="stage 1 linear warm-up epochs, at most a tenth of "
+                                                                   "the epochs (code: 5 of 50; LGR: 0)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (code: 128 per GPU, 8 GPUs)")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="L = (1 - w) L_ccl + w L_dis (code: 0.5)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing of L_ccl (code: 0.1)")
+    p.add_argument("--anchors", type=int, default=64, help="anchor sentences kept per class (code: 64)")
+    p.add_argument("--anss-images", type=int, default=50, help="images per class in AnSS's image set (paper: 50)")
+    p.add_argument("--tau", type=float, default=0.07, help="temperature of the language branch (code: 0.07)")
+    p.add_argument("--split", default="", help="split to evaluate (default: test; val for inat2018)")
+    p.add_argument("--shot-rule", choices=sorted(common.SHOT_RULES), default="lift", help="many/medium/few rule")
+    p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
+    p.add_argument("--decode", choices=sorted(common.DECODE_MODES), default="pil", help="see stage 03's --decode")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--resume", action="store_true", help="skip finished stages and continue last.pt (Make: RESUME=1)")
+    args = p.parse_args(argv)
+
+    # ---- setup ----
+    device = common.pick_device(args.device)
+    out = Path(args.out)
+    common.hold_run_lock(out, f"systems.vl_ltr -> {out}")
+    torch.manual_seed(args.seed)
+    epochs_cvlp, epochs_lgr = (args.epochs, args.epochs) if args.epochs else (args.epochs_cvlp, args.epochs_lgr)
+    lr = args.lr or (5e-4 if args.finetune == "prompts" else 3.5e-5)
+
+    # ---- data: the images, and the corpus sentences (features from stage 02) ----
+    classnames = common.class_names(args.dataset, args.data_root)
+    num_classes = len(classnames)
+    text = common.load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained)
+    corpus, corpus_labels = text["corpus"].float().to(device), text["corpus_labels"].to(device)
+    samples = common.read_split(args.data_root, args.dataset, "train", num_classes)
+    counts = common.class_counts(samples, num_classes)
+    split = args.split or common.dataset_info(args.dataset)["eval_split"]
+    test = common.read_split(args.data_root, args.dataset, split, num_classes)
+    labels = torch.tensor([y for _, y, _ in samples])
+    sqrt_weights = 1.0 / np.sqrt(np.maximum(counts, 1))  # the code's square-root sampling
+
+    # ---- model: the visual side (prompts or the whole tower), frozen CLIP as the teacher ----
+    clip, preprocess_train, preprocess_val, model_name = common.load_clip(args.model, args.pretrained, device)
+    common.drop_text_tower(clip)
+    teacher = clip.visual if args.finetune == "prompts" else copy.deepcopy(clip.visual)  # frozen, no prompts
+    student = common.PromptedVisual(clip.visual, args.prompt_tokens if args.finetune == "prompts" else 0,
+                                    args.prompt_depth).to(device)
+    if args.finetune == "full":
+        student.visual.requires_grad_(True)
+    logit_scale = nn.Parameter(torch.tensor(math.log(text["logit_scale"]), device=device))  # s, learnable
+    trained = [q for q in student.parameters() if q.requires_grad] + [logit_scale]
+    meta = common.make_meta("systems.vl_ltr", args, dataset=args.dataset, num_classes=num_classes, model=model_name,
+                            pretrained=args.pretrained, classnames_digest=common.names_digest(classnames),
+                            train_split_digest=common.split_digest(samples, args.data_root),
+                            text_features_digest=text["meta"]["digest"])
+    ckpt = common.PhaseCheckpoints(out, meta, args, args.resume)
+    order = torch.argsort(corpus_labels, stable=True)  # sentences by class, to draw one of an image's class
+    per_class = torch.bincount(corpus_labels, minlength=num_classes)
+    starts = torch.cumsum(per_class, 0) - per_class
+    print(f"VL-LTR on {args.dataset}: visual side {args.finetune} ({sum(q.numel() for q in trained) / 1e6:.3f}M "
+          f"trained), text tower frozen ({len(corpus)} cached sentences), teacher: frozen CLIP")
+
+    def run_phase(phase, modules, params, lr_, epochs, warmup_epochs, epoch_batches, loss_of, **keep):
+        """AdamW, linear warm-up then cosine to 0 (the code's), a checkpoint per epoch."""
+        optimizer = torch.optim.AdamW(params, lr=lr_, weight_decay=args.weight_decay)
+        for epoch in range(ckpt.start(phase, modules, optimizer), epochs):
+            t, losses, batches = time.time(), [], epoch_batches(epoch)
+            steps = len(batches)
+            warmup = int(min(warmup_epochs, epochs / 10) * steps)  # the code's 5 of 50 epochs, at most a tenth
+            for i, batch in enumerate(batches):
+                lr_now = common.lr_at(epoch * steps + i, epochs * steps, warmup, lr_)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now
+                loss = loss_of(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+            mean = torch.stack(losses).mean().item()
+            if not math.isfinite(mean):
+                raise SystemExit(f"{phase}: loss is {mean} in epoch {epoch + 1}; try a lower learning rate")
+            print(f"{phase} epoch {epoch + 1}/{epochs} loss {mean:.4f} lr {lr_now:.2e} {time.time() - t:.1f}s",
+                  flush=True)
+            ckpt.epoch_done(phase, epoch + 1, modules, optimizer, dict(loss=round(mean, 5),
+                                                                        seconds=round(time.time() - t, 2)))
+        ckpt.finish(phase, modules, **keep)
+
+    def sqrt_batches(epoch):
+        return common.weighted_batches(labels, sqrt_weights, args.batch_size, len(samples),
+                                       torch.Generator().manual_seed(args.seed * 1000 + epoch))
+
+    # ---- stage 1: CVLP, images against sentences of their class, distilled from frozen CLIP ----
+    stage1 = {"scale": nn.ParameterList([logit_scale]),  # with prompts, the tower itself need not be saved
+              **({"prompts": nn.ParameterList([student.prompts])} if args.finetune == "prompts" else {"tower": student})}
+    done = ckpt.finished("cvlp")
+    if done:
+        for name, module in stage1.items():
+            module.load_state_dict(done["modules"][name])
+    else:
+        sampler = common.Batches()
+        loader, to_device = common.image_loader(samples, preprocess_train, args.decode, device, seed=args.seed,
+                                                workers=args.workers, batch_sampler=sampler)
+        draw = {}  # the epoch's generator of sentence picks, seeded by the epoch so a resumed run repeats them
+
+        def cvlp_batches(epoch):
+            draw["gen"] = torch.Generator().manual_seed(args.seed * 1000 + 500 + epoch)
+            sampler.batches = [[(epoch, j) for j in b.tolist()] for b in sqrt_batches(epoch)]
+            return loader
+
+        def cvlp_loss(batch):
+            images, y = to_device(batch)
+            pick = (torch.rand(len(y), generator=draw["gen"]).to(device) * per_class[y]).long()
+            sentences = corpus[order[starts[y] + pick]]  # one sentence of each image's class, (B, d)
+            with common.image_autocast(device):
+                image = student(images)
+                with torch.no_grad():
+                    image_teacher = teacher(images)
+            image, image_teacher = F.normalize(image.float(), dim=-1), F.normalize(image_teacher.float(), dim=-1)
+            logits = logit_scale.exp() * image @ sentences.T
+            teacher_logits = text["logit_scale"] * image_teacher @ sentences.T
+            return ((1 - args.distill_weight) * ccl_loss(image, sentences, y, logit_scale.exp(), args.smoothing)
+                    + args.distill_weight * distill_loss(logits, teacher_logits))
+
+        student.train()
+        run_phase("cvlp", stage1, trained, lr, epochs_cvlp, args.warmup_epochs, cvlp_batches, cvlp_loss)
+    student.eval().requires_grad_(False)
+
+    # ---- anchor sentences (AnSS) and the LGR head, on the frozen stage-1 features (encoded once) ----
+    encode = lambda items, what: common.encode_split({"f": student}, items, preprocess_val, device,
+                                                     workers=args.workers, desc=what, decode=args.decode)["f"]
+    done = ckpt.finished("lgr")
+    if done:
+        anchors, mask = done["anchors"], done["anchor_mask"]
+        head = LGR(anchors, mask, num_classes, args.tau).to(device)
+        head.load_state_dict(done["modules"]["lgr"])
+    else:
+        feats = encode(samples, "encode train").to(device)  # (N, d) normalised
+        gen = torch.Generator().manual_seed(args.seed)
+        subset = torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int(n), generator=gen)[:args.anss_images]]
+                            for c, n in enumerate(counts)])  # at most 50 images per class
+        anchors, mask = select_anchors(corpus, corpus_labels, feats[subset], labels[subset].to(device),
+                                       logit_scale.exp().item(), num_classes, args.anchors)
+        print(f"AnSS: {int(mask.sum())} anchor sentences, {args.anchors} at most per class, scored on "
+              f"{len(subset)} images")
+        head = LGR(anchors, mask, num_classes, args.tau).to(device)
+        labels_device = labels.to(device)
+
+        def lgr_loss(idx):
+            image_logits, text_logits = head(feats[idx])
+            return F.cross_entropy(image_logits, labels_device[idx]) + F.cross_entropy(text_logits, labels_device[idx])
+
+        run_phase("lgr", {"lgr": head}, head.parameters(), args.lr_lgr, epochs_lgr, 0,
+                  lambda epoch: [b.to(device) for b in sqrt_batches(1000 + epoch)], lgr_loss,
+                  anchors=anchors.cpu(), anchor_mask=mask.cpu())
+
+    # ---- evaluation: the two branches' probabilities added ----
+    with torch.no_grad():
+        f = encode(test, "eval").to(device)
+        image_logits, text_logits = head(f)
+        preds = {"vl_ltr_lgr": (F.softmax(image_logits, -1) + F.softmax(text_logits, -1)).argmax(1).cpu().numpy(),
+                 "vl_ltr_linear": image_logits.argmax(1).cpu().numpy(), "vl_ltr_text": text_logits.argmax(1).cpu().numpy()}
+    truth = np.array([y for _, y, _ in test])
+    results = common.write_system_results(out, "VL-LTR", preds, truth, counts, args.shot_rule, meta, titles={
+        "vl_ltr_lgr": "CVLP + LGR (both branches)", "vl_ltr_linear": "image branch alone",
+        "vl_ltr_text": "language branch alone"})
+    v = results["variants"]
+    print(f"VL-LTR on {args.dataset} {split}: LGR {v['vl_ltr_lgr']['overall']:.2f} (many {v['vl_ltr_lgr']['many']} / "
+          f"med {v['vl_ltr_lgr']['medium']} / few {v['vl_ltr_lgr']['few']}), image branch "
+          f"{v['vl_ltr_linear']['overall']:.2f} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
