@@ -165,8 +165,9 @@ def scale_run(args):
         own, worker = [int(x) for x in out.stdout.rsplit("PEAK_KB", 1)[1].split()[:2]]
         figures[script] = dict(seconds=round(time.time() - t, 1), peak_gb=round(own / 2**20, 2),
                                largest_worker_gb=round(worker / 2**20, 2))
-        print(f"{script:26s} {figures[script]['seconds']:7.1f} s   peak memory {figures[script]['peak_gb']:6.2f} GB "
-              f"(largest loader worker {figures[script]['largest_worker_gb']:.2f} GB)", flush=True)
+        f = figures[script]
+        print(f"{script:26s} {f['seconds']:7.1f} s   peak memory {f['peak_gb']:6.2f} GB (its largest child process, "
+              f"e.g. a loader worker: {f['largest_worker_gb']:.2f} GB)", flush=True)
     size = (run / "predictions.npz").stat().st_size
     figures["predictions_npz_mb"] = round(size / 1e6, 1)
     print(f"predictions.npz: {size / 1e6:.1f} MB ({classes} classes, {n} images, 512-wide features); run in {run}")

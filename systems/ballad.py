@@ -30,8 +30,6 @@ overall (BALLAD Table 1); iNaturalist 2018 ResNet-50 only (74.2). Toy world, 2-c
 systems") for the measured time and numbers.
 """
 import argparse
-import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -125,28 +123,7 @@ def main(argv=None):
     print(f"BALLAD on {args.dataset}: visual tower {total / 1e6:.2f}M parameters (trained in phase A), adapter "
           f"{sum(p.numel() for p in adapter.parameters()) / 1e6:.3f}M (phase B, {args.adapter}); text tower frozen")
 
-    def run_phase(phase, modules, params, lr, epochs, epoch_batches, loss_of):
-        """SGD with cosine decay to 0 (the code's), a checkpoint per epoch; epoch_batches(epoch) -> its batches."""
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-        for epoch in range(ckpt.start(phase, modules, optimizer), epochs):
-            t, losses, batches = time.time(), [], epoch_batches(epoch)
-            for i, batch in enumerate(batches):
-                lr_now = common.lr_at(epoch * len(batches) + i, epochs * len(batches), 0, lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_now
-                loss = loss_of(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
-            mean = torch.stack(losses).mean().item()
-            if not math.isfinite(mean):
-                raise SystemExit(f"{phase}: loss is {mean} in epoch {epoch + 1}; try a lower learning rate")
-            print(f"{phase} epoch {epoch + 1}/{epochs} loss {mean:.4f} lr {lr_now:.2e} {time.time() - t:.1f}s",
-                  flush=True)
-            ckpt.epoch_done(phase, epoch + 1, modules, optimizer, dict(loss=round(mean, 5),
-                                                                        seconds=round(time.time() - t, 2)))
-        ckpt.finish(phase, modules)
+    sgd = lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
     # ---- phase A: the visual tower against the class prompts, instance-balanced sampling ----
     done = ckpt.finished("phase_a")
@@ -172,8 +149,8 @@ def main(argv=None):
                 f = visual(images)
             return F.cross_entropy(clip_logits(f.float(), classifier, args.logit_scale), y)
 
-        run_phase("phase_a", {"visual": visual}, visual.parameters(), args.lr_a, epochs_a, phase_a_batches,
-                  phase_a_loss)
+        ckpt.run_epochs("phase_a", {"visual": visual}, sgd(visual.parameters(), args.lr_a), args.lr_a, epochs_a,
+                        phase_a_batches, phase_a_loss)  # SGD, cosine to 0 (the code's)
     visual.eval().requires_grad_(False)
 
     # ---- phase B: the adapter on features of the frozen phase-A tower (encoded once), class-balanced sampling ----
@@ -191,7 +168,8 @@ def main(argv=None):
         adapter_loss = lambda idx: F.cross_entropy(clip_logits(adapter(feats[idx]), classifier, args.logit_scale),
                                                    labels_device[idx])
         labels_device = labels.to(device)
-        run_phase("phase_b", {"adapter": adapter}, adapter.parameters(), args.lr_b, epochs_b, balanced, adapter_loss)
+        ckpt.run_epochs("phase_b", {"adapter": adapter}, sgd(adapter.parameters(), args.lr_b), args.lr_b, epochs_b,
+                        balanced, adapter_loss)
 
     # ---- evaluation: one pass of the phase-A tower over the test images ----
     with torch.no_grad():

@@ -29,7 +29,8 @@ Where the kit departs from the original (no public code; the paper and its bases
 - Left open by the paper, set as LPT: prompt lengths 10 (foreground and background), 20 groups, top-2; alpha and
   beta one per layer, starting at 1. The orthogonality term sums |cos| over the pairs of groups of a layer and
   averages over the H layers: Eq. 6 sums the cosines themselves, whose minimum is not orthogonality (a simplex, every
-  pair at -1/(G-1)), while the text asks for groups "towards orthogonality", where |cos| is zero. GCL's noise multiplier 0.5 and no extra margin, as GCL's own first stage; GNM's rho 0.05, its
+  pair at -1/(G-1)), while the text asks for groups "towards orthogonality", where |cos| is zero. GCL's noise
+  multiplier 0.5 and no extra margin, as GCL's own first stage; GNM's rho 0.05, its
   noise halved once re-weighting starts (GNM-PT's code).
 
 Published (ImageNet-21k ViT-B/16, many / medium / few / all): ImageNet-LT 85.8 / 84.1 / 78.4 / 84.0 (LT-DPT

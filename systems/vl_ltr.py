@@ -38,7 +38,6 @@ iNaturalist 2018 81.6 / 78.0 / 74.4 / 76.8 (81.0 overall at 384 px). Toy world, 
 import argparse
 import copy
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -204,30 +203,7 @@ def main(argv=None):
     print(f"VL-LTR on {args.dataset}: visual side {args.finetune} ({sum(q.numel() for q in trained) / 1e6:.3f}M "
           f"trained), text tower frozen ({len(corpus)} cached sentences), teacher: frozen CLIP")
 
-    def run_phase(phase, modules, params, lr_, epochs, warmup_epochs, epoch_batches, loss_of, **keep):
-        """AdamW, linear warm-up then cosine to 0 (the code's), a checkpoint per epoch."""
-        optimizer = torch.optim.AdamW(params, lr=lr_, weight_decay=args.weight_decay)
-        for epoch in range(ckpt.start(phase, modules, optimizer), epochs):
-            t, losses, batches = time.time(), [], epoch_batches(epoch)
-            steps = len(batches)
-            warmup = int(min(warmup_epochs, epochs / 10) * steps)  # the code's 5 of 50 epochs, at most a tenth
-            for i, batch in enumerate(batches):
-                lr_now = common.lr_at(epoch * steps + i, epochs * steps, warmup, lr_)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_now
-                loss = loss_of(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
-            mean = torch.stack(losses).mean().item()
-            if not math.isfinite(mean):
-                raise SystemExit(f"{phase}: loss is {mean} in epoch {epoch + 1}; try a lower learning rate")
-            print(f"{phase} epoch {epoch + 1}/{epochs} loss {mean:.4f} lr {lr_now:.2e} {time.time() - t:.1f}s",
-                  flush=True)
-            ckpt.epoch_done(phase, epoch + 1, modules, optimizer, dict(loss=round(mean, 5),
-                                                                        seconds=round(time.time() - t, 2)))
-        ckpt.finish(phase, modules, **keep)
+    adamw = lambda params, lr_: torch.optim.AdamW(params, lr=lr_, weight_decay=args.weight_decay)
 
     def sqrt_batches(epoch):
         return common.weighted_batches(labels, sqrt_weights, args.batch_size, len(samples),
@@ -266,7 +242,8 @@ def main(argv=None):
                     + args.distill_weight * distill_loss(logits, teacher_logits))
 
         student.train()
-        run_phase("cvlp", stage1, trained, lr, epochs_cvlp, args.warmup_epochs, cvlp_batches, cvlp_loss)
+        ckpt.run_epochs("cvlp", stage1, adamw(trained, lr), lr, epochs_cvlp, cvlp_batches, cvlp_loss,
+                        warmup_epochs=args.warmup_epochs)
     student.eval().requires_grad_(False)
 
     # ---- anchor sentences (AnSS) and the LGR head, on the frozen stage-1 features (encoded once) ----
@@ -293,9 +270,9 @@ def main(argv=None):
             image_logits, text_logits = head(feats[idx])
             return F.cross_entropy(image_logits, labels_device[idx]) + F.cross_entropy(text_logits, labels_device[idx])
 
-        run_phase("lgr", {"lgr": head}, head.parameters(), args.lr_lgr, epochs_lgr, 0,
-                  lambda epoch: [b.to(device) for b in sqrt_batches(1000 + epoch)], lgr_loss,
-                  anchors=anchors.cpu(), anchor_mask=mask.cpu())
+        ckpt.run_epochs("lgr", {"lgr": head}, adamw(head.parameters(), args.lr_lgr), args.lr_lgr, epochs_lgr,
+                        lambda epoch: [b.to(device) for b in sqrt_batches(1000 + epoch)], lgr_loss,
+                        anchors=anchors.cpu(), anchor_mask=mask.cpu())
 
     # ---- evaluation: the two branches' probabilities added ----
     with torch.no_grad():

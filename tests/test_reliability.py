@@ -47,7 +47,7 @@ def test_make_follows_the_data_and_a_preview_writes_nothing(own_run):
     assert stages_to_run(args) == set()
     before = snapshot(run)
     for preview in (["-n", "all", *make_args(world, run, epochs=3)], ["-q", "all", *make_args(world, run, epochs=3)]):
-        out = make(*preview)
+        make(*preview)
         assert snapshot(run) == before, preview  # neither writes a params file nor anything else
     assert "03_train" in make("-n", "all", *make_args(world, run, epochs=3)).stdout
     assert make("-q", "all", *make_args(world, run, epochs=3)).returncode == 1
