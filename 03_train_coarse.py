@@ -14,7 +14,7 @@ concatenated, mixed with a shuffled copy (SFM, Eq. 2) and classified by the cosi
 descriptor weights learn from the image features through Algorithm 1's score. --batch-size is the global batch:
 under torchrun each of N processes takes B / N images of every step, and the loss is computed on the gathered
 batch, so N processes follow one process step for step. Typical time: the toy world (30 epochs of 1,609
-images) 86 s on a 2-core CPU, about 560 images/s.
+images) 115 s on a 2-core CPU, about 440 images/s (86 s on the same kind of machine in an earlier session).
 """
 import argparse
 import json
