@@ -162,8 +162,11 @@ def check_dataset(root, dataset, splits=("train", None)):
         alt = f" (or {', '.join(info['json'][s] for s in missing)})" if "json" in info else ""
         label = {"imagenet_lt": "ImageNet-LT", "places_lt": "Places-LT", "inat2018": "iNaturalist 2018"}.get(dataset,
                                                                                                          dataset)
+        close = difflib.get_close_matches(dataset, [*DATASETS, "toy"], n=1, cutoff=0.7)
+        hint = (f" DATASET={dataset} is not a known dataset, so its generic layout was looked for: did you mean "
+                f"DATASET={close[0]}?") if close and dataset not in DATASETS else ""
         raise SystemExit(f"DATA_ROOT={root} holds no {label}: {files}{alt} not found there. They come from "
-                         f"{info['source']}; pass DATA_ROOT=/path/to/{dataset} (README, Datasets).")
+                         f"{info['source']}; pass DATA_ROOT=/path/to/{dataset} (README, Datasets).{hint}")
 
 
 def read_split(root, dataset, split, num_classes, check_files=True):

@@ -195,6 +195,14 @@ def test_no_benchmark_data_is_said_before_any_request(tmp_path):
     assert server.requests == 0
 
 
+def test_a_misspelt_dataset_name_is_pointed_at_the_known_one(tmp_path):
+    with pytest.raises(SystemExit, match=r"DATASET=imagent_lt is not a known dataset.*did you mean DATASET=imagenet_lt"):
+        common.check_dataset(tmp_path, "imagent_lt")
+    with pytest.raises(SystemExit) as own_data:  # a name of one's own gets no guess
+        common.check_dataset(tmp_path, "birds")
+    assert "did you mean" not in str(own_data.value)
+
+
 def test_log_line_comes_after_the_checkpoint(made_run, tiny_world, tmp_path, monkeypatch):
     stage = load_stage("03_train_coarse.py")
     args = train_args(tiny_world, made_run / "text_features.pt", tmp_path / "coarse.pt", "--epochs", "3")
