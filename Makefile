@@ -69,9 +69,10 @@ IMAGE_DIRS  := $(if $(DATA_GOALS),$(wildcard $(addprefix $(DATA_ROOT)/,$(shell a
                sub(/\/[^\/]*$$/,""); if (!seen[$$0]++) print}' $(filter %.txt,$(SPLIT_FILES)) /dev/null))))
 IMAGE_DATA  := $(SPLIT_FILES) $(NAME_FILES) $(MODEL_FILES) $(IMAGE_DIRS)
 
-# ---- each stage's arguments go to $(RUN)/params/<stage>, which its own recipe rewrites when they change (never while
-#      make reads this file, so `make -n` and `make -q` write nothing); make then re-runs exactly the stages whose
-#      inputs or knobs changed ----
+# ---- each stage's arguments are recorded in $(RUN)/params/<stage> when the stage succeeds (with its output's file time);
+#      a stage whose recorded arguments differ from this call's runs again. Nothing is written while make reads this
+#      file (`make -n` and `make -q` write nothing), and a stage that fails records nothing, so after a typo in a path
+#      or flag is fixed, the next make has nothing to redo ----
 CORPUS_PARAMS  := --dataset $(DATASET) --data-root $(DATA_ROOT) --seed $(SEED) \
                   $(if $(WIKI),--wiki $(WIKI)) $(if $(DESCRIPTORS),--descriptors $(DESCRIPTORS)) \
                   $(if $(CUPL),--cupl $(CUPL)) $(if $(LLM_MODEL),--llm-model $(LLM_MODEL)) $(CORPUS_ARGS)
@@ -83,14 +84,13 @@ EVAL_PARAMS    := --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL)
                   --device $(DEVICE) --seed $(SEED) --decode $(DECODE) --feature-cache $(FEATURE_CACHE) $(EVAL_ARGS)
 
 same = $(and $(findstring x$(1)x,x$(2)x),$(findstring x$(2)x,x$(1)x))
-define params_rule
-$(RUN)/params/$(1): $(if $(call same,$(strip $(2)),$(strip $(file <$(RUN)/params/$(1)))),,FORCE)
-	@mkdir -p $$(@D) && printf '%s\n' '$(subst ','\'',$(strip $(2)))' > $$@
-endef
-$(eval $(call params_rule,corpus,$(CORPUS_PARAMS)))
-$(eval $(call params_rule,features,$(FEATURE_PARAMS)))
-$(eval $(call params_rule,train,$(TRAIN_PARAMS)))
-$(eval $(call params_rule,eval,$(EVAL_PARAMS)))
+# $(1): the params file's name, $(2): the arguments, $(3): the targets they make
+params_rule = $(eval $(3): $(if $(call same,$(strip $(2)),$(strip $(file <$(RUN)/params/$(1)))),,FORCE))
+record = @{ mkdir -p $(RUN)/params && printf '%s\n' '$(subst ','\'',$(strip $(2)))' > $(RUN)/params/$(1) && \
+         touch -r $@ $(RUN)/params/$(1); } || echo "could not record $(RUN)/params/$(1): make will run this stage again" >&2
+$(RUN)/params/%: ;
+$(call params_rule,corpus,$(CORPUS_PARAMS),$(RUN)/corpus.json)
+$(call params_rule,features,$(FEATURE_PARAMS),$(RUN)/text_features.pt)
 FORCE:
 
 .PHONY: all corpus features train eval test test-fast setup help clean clean-toy toy table4 table6 table7 tables \
@@ -115,15 +115,19 @@ endif
 $(RUN)/corpus.json: 01_build_corpus.py llm.py common.py $(RUN)/params/corpus $(NAME_FILES) $(TEXT_FILES) $(TOY_DATA) \
                     $(SETUP)
 	$(PY) 01_build_corpus.py $(CORPUS_PARAMS) --out $@
+	$(call record,corpus,$(CORPUS_PARAMS))
 
 $(RUN)/text_features.pt: 02_cache_descriptors.py common.py $(RUN)/corpus.json $(RUN)/params/features $(MODEL_FILES)
 	$(PY) 02_cache_descriptors.py --corpus $(RUN)/corpus.json $(FEATURE_PARAMS) --out $@
+	$(call record,features,$(FEATURE_PARAMS))
 
 $(RUN)/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(RUN)/params/train $(IMAGE_DATA)
 	$(LAUNCH) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) $(if $(RESUME),--resume) --out $@
+	$(call record,train,$(TRAIN_PARAMS))
 
 $(RUN)/results.json: 04_eval_hlc.py common.py $(RUN)/coarse.pt $(RUN)/text_features.pt $(RUN)/params/eval $(IMAGE_DATA)
 	$(LAUNCH) 04_eval_hlc.py --features $(RUN)/text_features.pt --coarse $(RUN)/coarse.pt $(EVAL_PARAMS) --out $@
+	$(call record,eval,$(EVAL_PARAMS))
 
 # ---- the paper's tables. Table 4: one training per ablation row, each in its own run directory
 #      $(RUN)/ablation/<row>/ with the switches below (recorded in its meta); the full model is $(RUN) itself.
@@ -135,6 +139,8 @@ ABLATION_sfm    := --desc-loss-weight 0
 ABLATION_ce     := --desc-loss-la 0
 ABLATIONS := lp vpt corpus sfm ce
 .SECONDARY: $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/coarse.pt $(RUN)/ablation/$(a)/results.json)
+$(call params_rule,train,$(TRAIN_PARAMS),$(RUN)/coarse.pt $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/coarse.pt))
+$(call params_rule,eval,$(EVAL_PARAMS),$(RUN)/results.json $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/results.json))
 
 $(RUN)/ablation/%/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(RUN)/params/train $(IMAGE_DATA)
 	$(LAUNCH) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) $(ABLATION_$*) \
@@ -170,7 +176,7 @@ TOY_SYSTEM_lt_dpt        := --epochs 10 --drw-epochs 3 --batch-size 32 --workers
 endif
 system_params = --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) --pretrained $(PRETRAINED) --seed $(SEED) \
                 --device $(DEVICE) $(TOY_SYSTEM_$(1)) $(SYSTEM_EPOCHS) $(SYSTEM_ARGS)
-$(foreach s,$(SYSTEMS),$(eval $(call params_rule,system-$(s),$(call system_params,$(s)))))
+$(foreach s,$(SYSTEMS),$(call params_rule,system-$(s),$(call system_params,$(s)),$(RUN)/systems/$(s)/results.json))
 .SECONDARY: $(foreach s,$(SYSTEMS),$(RUN)/systems/$(s)/results.json)
 ifneq ($(filter system,$(MAKECMDGOALS)),)
 ifeq ($(filter $(NAME),$(SYSTEMS)),)
@@ -180,6 +186,7 @@ endif
 
 $(RUN)/systems/%/results.json: systems/%.py common.py $(RUN)/text_features.pt $(RUN)/params/system-% $(IMAGE_DATA)
 	$(PY) -m systems.$* --features $(RUN)/text_features.pt $(call system_params,$*) $(if $(RESUME),--resume) --out $(@D)
+	$(call record,system-$*,$(call system_params,$*))
 
 system: $(RUN)/systems/$(NAME)/results.json ## one compared system: make system NAME=ballad (EPOCHS=N, SYSTEM_ARGS=...)
 	@cat $(RUN)/systems/$(NAME)/results.md

@@ -105,8 +105,6 @@ def test_make_is_incremental(made_run, tiny_world):
     out = subprocess.run(["make", "-C", str(ROOT), "-n", "all"] + make_args(tiny_world, made_run, epochs=3),
                          capture_output=True, text=True)
     assert "03_train_coarse.py" in out.stdout and "02_cache_descriptors.py" not in out.stdout
-    subprocess.run(["make", "-C", str(ROOT), "-n", "all"] + make_args(tiny_world, made_run),
-                   capture_output=True, text=True)  # restore the params file
 
 
 def test_resume_matches_uninterrupted_run(made_run, tiny_world, tmp_path, monkeypatch):

@@ -92,6 +92,17 @@ def test_make_follows_the_data_and_a_preview_writes_nothing(own_run):
         image.write_bytes(saved)
 
 
+def test_a_failed_stage_records_nothing_so_fixing_a_typo_redoes_nothing(own_run):
+    world, run = own_run
+    args = make_args(world, run, epochs=1)
+    typo = [a.replace("--batch-size 8", "--batch-size 8x") if a.startswith("TRAIN_ARGS") else a for a in args]
+    out = make("all", *typo)
+    assert out.returncode != 0 and "--batch-size" in out.stderr  # stage 03 refused it and wrote nothing
+    missing = make("corpus", *args, f"DESCRIPTORS={world}/descriptors-typo.json")
+    assert missing.returncode != 0 and "descriptors-typo.json" in missing.stdout + missing.stderr
+    assert stages_to_run(args) == set()  # the typos fixed: nothing to redo, no retraining
+
+
 def test_resume_refuses_other_settings(made_run, tiny_world, tmp_path):
     stage = load_stage("03_train_coarse.py")
     out = tmp_path / "coarse.pt"
