@@ -884,6 +884,18 @@ def write_system_results(out_dir, system, preds, labels, counts, shot_rule, meta
     return results
 
 
+def run_script(main):
+    """A script's entry point: bad input (a missing or unreadable file, a value the kit refuses, a full disk) ends
+    with its message on one line and exit status 1 instead of a traceback; HLC_TRACEBACK=1 shows the traceback."""
+    try:
+        main()
+    except (OSError, ValueError) as e:
+        if os.environ.get("HLC_TRACEBACK"):
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {e}  (HLC_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # files: atomic writes and meta
 # ---------------------------------------------------------------------------------------------------
