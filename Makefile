@@ -69,10 +69,10 @@ IMAGE_DIRS  := $(if $(DATA_GOALS),$(wildcard $(addprefix $(DATA_ROOT)/,$(shell a
                sub(/\/[^\/]*$$/,""); if (!seen[$$0]++) print}' $(filter %.txt,$(SPLIT_FILES)) /dev/null))))
 IMAGE_DATA  := $(SPLIT_FILES) $(NAME_FILES) $(MODEL_FILES) $(IMAGE_DIRS)
 
-# ---- each stage's arguments are recorded in $(RUN)/params/<stage> when the stage succeeds (with its output's file time);
-#      a stage whose recorded arguments differ from this call's runs again. Nothing is written while make reads this
-#      file (`make -n` and `make -q` write nothing), and a stage that fails records nothing, so after a typo in a path
-#      or flag is fixed, the next make has nothing to redo ----
+# ---- the arguments each output was made with are recorded in $(RUN)/params/<name> when its stage succeeds; an output
+#      whose recorded arguments differ from this call's is made again. Nothing is written while make reads this file
+#      (`make -n` and `make -q` write nothing), and a stage that fails records nothing, so after a typo in a path or
+#      flag is fixed, the next make has nothing to redo ----
 CORPUS_PARAMS  := --dataset $(DATASET) --data-root $(DATA_ROOT) --seed $(SEED) \
                   $(if $(WIKI),--wiki $(WIKI)) $(if $(DESCRIPTORS),--descriptors $(DESCRIPTORS)) \
                   $(if $(CUPL),--cupl $(CUPL)) $(if $(LLM_MODEL),--llm-model $(LLM_MODEL)) $(CORPUS_ARGS)
@@ -84,11 +84,10 @@ EVAL_PARAMS    := --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL)
                   --device $(DEVICE) --seed $(SEED) --decode $(DECODE) --feature-cache $(FEATURE_CACHE) $(EVAL_ARGS)
 
 same = $(and $(findstring x$(1)x,x$(2)x),$(findstring x$(2)x,x$(1)x))
-# $(1): the params file's name, $(2): the arguments, $(3): the targets they make
+# $(1): the params file's name (one per output), $(2): the arguments, $(3): the output they make
 params_rule = $(eval $(3): $(if $(call same,$(strip $(2)),$(strip $(file <$(RUN)/params/$(1)))),,FORCE))
-record = @{ mkdir -p $(RUN)/params && printf '%s\n' '$(subst ','\'',$(strip $(2)))' > $(RUN)/params/$(1) && \
-         touch -r $@ $(RUN)/params/$(1); } || echo "could not record $(RUN)/params/$(1): make will run this stage again" >&2
-$(RUN)/params/%: ;
+record = @{ mkdir -p $(RUN)/params && printf '%s\n' '$(subst ','\'',$(strip $(2)))' > $(RUN)/params/$(1); } || \
+         echo "could not record $(RUN)/params/$(1): make will run this stage again" >&2
 $(call params_rule,corpus,$(CORPUS_PARAMS),$(RUN)/corpus.json)
 $(call params_rule,features,$(FEATURE_PARAMS),$(RUN)/text_features.pt)
 FORCE:
@@ -112,20 +111,20 @@ ifeq ($(DATASET),toy)
 $(DESCRIPTORS): $(TOY_DATA) ;
 endif
 
-$(RUN)/corpus.json: 01_build_corpus.py llm.py common.py $(RUN)/params/corpus $(NAME_FILES) $(TEXT_FILES) $(TOY_DATA) \
+$(RUN)/corpus.json: 01_build_corpus.py llm.py common.py $(NAME_FILES) $(TEXT_FILES) $(TOY_DATA) \
                     $(SETUP)
 	$(PY) 01_build_corpus.py $(CORPUS_PARAMS) --out $@
 	$(call record,corpus,$(CORPUS_PARAMS))
 
-$(RUN)/text_features.pt: 02_cache_descriptors.py common.py $(RUN)/corpus.json $(RUN)/params/features $(MODEL_FILES)
+$(RUN)/text_features.pt: 02_cache_descriptors.py common.py $(RUN)/corpus.json $(MODEL_FILES)
 	$(PY) 02_cache_descriptors.py --corpus $(RUN)/corpus.json $(FEATURE_PARAMS) --out $@
 	$(call record,features,$(FEATURE_PARAMS))
 
-$(RUN)/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(RUN)/params/train $(IMAGE_DATA)
+$(RUN)/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(IMAGE_DATA)
 	$(LAUNCH) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) $(if $(RESUME),--resume) --out $@
 	$(call record,train,$(TRAIN_PARAMS))
 
-$(RUN)/results.json: 04_eval_hlc.py common.py $(RUN)/coarse.pt $(RUN)/text_features.pt $(RUN)/params/eval $(IMAGE_DATA)
+$(RUN)/results.json: 04_eval_hlc.py common.py $(RUN)/coarse.pt $(RUN)/text_features.pt $(IMAGE_DATA)
 	$(LAUNCH) 04_eval_hlc.py --features $(RUN)/text_features.pt --coarse $(RUN)/coarse.pt $(EVAL_PARAMS) --out $@
 	$(call record,eval,$(EVAL_PARAMS))
 
@@ -139,16 +138,20 @@ ABLATION_sfm    := --desc-loss-weight 0
 ABLATION_ce     := --desc-loss-la 0
 ABLATIONS := lp vpt corpus sfm ce
 .SECONDARY: $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/coarse.pt $(RUN)/ablation/$(a)/results.json)
-$(call params_rule,train,$(TRAIN_PARAMS),$(RUN)/coarse.pt $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/coarse.pt))
-$(call params_rule,eval,$(EVAL_PARAMS),$(RUN)/results.json $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/results.json))
+$(call params_rule,train,$(TRAIN_PARAMS),$(RUN)/coarse.pt)
+$(call params_rule,eval,$(EVAL_PARAMS),$(RUN)/results.json)
+$(foreach a,$(ABLATIONS),$(call params_rule,ablation-$(a)-train,$(TRAIN_PARAMS) $(ABLATION_$(a)),$(RUN)/ablation/$(a)/coarse.pt))
+$(foreach a,$(ABLATIONS),$(call params_rule,ablation-$(a)-eval,$(EVAL_PARAMS),$(RUN)/ablation/$(a)/results.json))
 
-$(RUN)/ablation/%/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(RUN)/params/train $(IMAGE_DATA)
+$(RUN)/ablation/%/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(IMAGE_DATA)
 	$(LAUNCH) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) $(ABLATION_$*) \
 	    $(if $(RESUME),--resume) --out $@
+	$(call record,ablation-$*-train,$(TRAIN_PARAMS) $(ABLATION_$*))
 
-$(RUN)/ablation/%/results.json: 04_eval_hlc.py common.py $(RUN)/ablation/%/coarse.pt $(RUN)/params/eval $(IMAGE_DATA)
+$(RUN)/ablation/%/results.json: 04_eval_hlc.py common.py $(RUN)/ablation/%/coarse.pt $(RUN)/text_features.pt $(IMAGE_DATA)
 	$(LAUNCH) 04_eval_hlc.py --features $(RUN)/text_features.pt --coarse $(RUN)/ablation/$*/coarse.pt $(EVAL_PARAMS) \
 	    --explain 0 --out $@
+	$(call record,ablation-$*-eval,$(EVAL_PARAMS))
 
 $(RUN)/tables/table4.md: make_tables.py $(RUN)/results.json $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/results.json)
 	$(PY) make_tables.py --run $(RUN) --table 4 > /dev/null
@@ -184,7 +187,7 @@ $(error NAME=$(NAME) is not a compared system; choose one of: $(SYSTEMS))
 endif
 endif
 
-$(RUN)/systems/%/results.json: systems/%.py common.py $(RUN)/text_features.pt $(RUN)/params/system-% $(IMAGE_DATA)
+$(RUN)/systems/%/results.json: systems/%.py common.py $(RUN)/text_features.pt $(IMAGE_DATA)
 	$(PY) -m systems.$* --features $(RUN)/text_features.pt $(call system_params,$*) $(if $(RESUME),--resume) --out $(@D)
 	$(call record,system-$*,$(call system_params,$*))
 

@@ -188,6 +188,9 @@ def tables_run(made_run, tiny_world):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Table 4" in out.stdout and "Table 6" in out.stdout and "Table 7" in out.stdout
+    again = subprocess.run(["make", "-C", str(ROOT), "-n", "tables"] + make_args(tiny_world, made_run),
+                           capture_output=True, text=True)
+    assert "03_train" not in again.stdout and "04_eval" not in again.stdout, again.stdout  # each row recorded its params
     return made_run
 
 

@@ -154,6 +154,9 @@ def systems_run(made_run, tiny_world):
         out = subprocess.run(["make", "-C", str(ROOT), "system", f"NAME={name}"] + system_args(tiny_world, made_run),
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    again = subprocess.run(["make", "-C", str(ROOT), "-n", "compare"] + system_args(tiny_world, made_run),
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "-m systems." not in again.stdout, again.stdout  # each recorded its params
     return made_run
 
 
