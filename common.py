@@ -736,8 +736,44 @@ def shot_counts(counts, rule="lift"):
 
 
 # ---------------------------------------------------------------------------------------------------
-# what the compared systems' scripts (systems/*.py) share: samplers, phased checkpoints, results files
+# what the compared systems' scripts (systems/*.py) share: command line, data, samplers, phased checkpoints, results files
 # ---------------------------------------------------------------------------------------------------
+
+def add_system_run_args(parser, decode_modes=None):
+    """The flags every compared system takes after its own: evaluation split and shot rule, loading, device, seed,
+    resume. decode_modes=None: PIL only (a recipe whose training augmentation cannot move to the device)."""
+    p = parser
+    p.add_argument("--split", default="", help="split to evaluate (default: test; val for inat2018)")
+    p.add_argument("--shot-rule", choices=sorted(SHOT_RULES), default="lift", help="many/medium/few rule")
+    p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
+    if decode_modes:
+        p.add_argument("--decode", choices=sorted(decode_modes), default="pil", help="see stage 03's --decode")
+    else:
+        p.add_argument("--decode", choices=["pil"], default="pil", help="its training augmentation needs PIL decoding")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--resume", action="store_true", help="skip finished phases and continue last.pt (Make: RESUME=1)")
+
+
+def system_setup(args, name):
+    """Device, output folder (locked for this run) and seed of a compared system."""
+    device = pick_device(args.device)
+    out = Path(args.out)
+    hold_run_lock(out, f"systems.{name} -> {out}")
+    torch.manual_seed(args.seed)
+    return device, out
+
+
+def system_data(args):
+    """Class names, the stage-02 text features checked against them, the training list with its class counts, and
+    the evaluation split's name and list."""
+    classnames = class_names(args.dataset, args.data_root)
+    text = load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained)
+    samples = read_split(args.data_root, args.dataset, "train", len(classnames))
+    split = args.split or dataset_info(args.dataset)["eval_split"]
+    test = read_split(args.data_root, args.dataset, split, len(classnames))
+    return classnames, text, samples, class_counts(samples, len(classnames)), split, test
+
 
 def weighted_batches(labels, class_weights, batch_size, num_samples, generator):
     """One epoch of num_samples indices drawn with replacement, image i with probability proportional to

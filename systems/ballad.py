@@ -30,7 +30,6 @@ overall (BALLAD Table 1); iNaturalist 2018 ResNet-50 only (74.2). Toy world, 2-c
 systems") for the measured time and numbers.
 """
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,30 +81,16 @@ def main(argv=None):
     p.add_argument("--crop-scale", type=float, default=0.5, help="phase A RandomResizedCrop scale floor (code: 0.5)")
     p.add_argument("--jitter", type=float, default=0.4, help="phase A colour jitter (code: 0.4), with flips")
     p.add_argument("--grad-checkpointing", action="store_true", help="phase A: recompute activations (less memory)")
-    p.add_argument("--split", default="", help="split to evaluate (default: test; val for inat2018)")
-    p.add_argument("--shot-rule", choices=sorted(common.SHOT_RULES), default="lift", help="many/medium/few rule")
-    p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
-    p.add_argument("--decode", choices=["pil"], default="pil", help="phase A's flips and jitter need PIL decoding")
-    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--resume", action="store_true", help="skip finished phases and continue last.pt (Make: RESUME=1)")
+    common.add_system_run_args(p)
     args = p.parse_args(argv)
 
     # ---- setup ----
-    device = common.pick_device(args.device)
-    out = Path(args.out)
-    common.hold_run_lock(out, f"systems.ballad -> {out}")
-    torch.manual_seed(args.seed)
+    device, out = common.system_setup(args, "ballad")
     epochs_a, epochs_b = (args.epochs, args.epochs) if args.epochs else (args.epochs_a, args.epochs_b)
 
     # ---- data ----
-    classnames = common.class_names(args.dataset, args.data_root)
+    classnames, text, samples, counts, split, test = common.system_data(args)
     num_classes = len(classnames)
-    text = common.load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained)
-    samples = common.read_split(args.data_root, args.dataset, "train", num_classes)
-    counts = common.class_counts(samples, num_classes)
-    split = args.split or common.dataset_info(args.dataset)["eval_split"]
-    test = common.read_split(args.data_root, args.dataset, split, num_classes)
     labels = torch.tensor([y for _, y, _ in samples])
 
     # ---- model: the visual tower trains in phase A; the class-prompt features are the (frozen) classifier ----

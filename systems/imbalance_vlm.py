@@ -36,7 +36,6 @@ import argparse
 import copy
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -210,29 +209,15 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=3, help="decoder blocks (paper: 3)")
     p.add_argument("--heads", type=int, default=4, help="decoder attention heads (paper: 4)")
     p.add_argument("--mlp-ratio", type=float, default=0.5, help="decoder MLP ratio (code: 0.5)")
-    p.add_argument("--split", default="", help="split to evaluate (default: test; val for inat2018)")
-    p.add_argument("--shot-rule", choices=sorted(common.SHOT_RULES), default="lift", help="many/medium/few rule")
-    p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
-    p.add_argument("--decode", choices=["pil"], default="pil", help="the training flips need PIL decoding")
-    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--resume", action="store_true", help="skip finished stages and continue last.pt (Make: RESUME=1)")
+    common.add_system_run_args(p)
     args = p.parse_args(argv)
 
     # ---- setup ----
-    device = common.pick_device(args.device)
-    out = Path(args.out)
-    common.hold_run_lock(out, f"systems.imbalance_vlm -> {out}")
-    torch.manual_seed(args.seed)
+    device, out = common.system_setup(args, "imbalance_vlm")
 
     # ---- data ----
-    classnames = common.class_names(args.dataset, args.data_root)
+    classnames, text, samples, counts, split, test = common.system_data(args)
     num_classes = len(classnames)
-    text = common.load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained)
-    samples = common.read_split(args.data_root, args.dataset, "train", num_classes)
-    counts = common.class_counts(samples, num_classes)
-    split = args.split or common.dataset_info(args.dataset)["eval_split"]
-    test = common.read_split(args.data_root, args.dataset, split, num_classes)
     labels = torch.tensor([y for _, y, _ in samples])
     prior = torch.from_numpy(common.class_prior(counts)).to(device)  # (C,) float64
     margins = ldam_margins(counts).to(device)

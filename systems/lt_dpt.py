@@ -40,7 +40,6 @@ comparable with CLIP on ImageNet-LT, whose pre-training overlaps ImageNet-21k. T
 import argparse
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -200,29 +199,15 @@ def main(argv=None):
     p.add_argument("--gnm", action=argparse.BooleanOptionalAction, default=True,
                    help="GNM: step from weights perturbed by clamped Gaussian noise (paper: on)")
     p.add_argument("--gnm-rho", type=float, default=0.05, help="GNM noise scale rho (GNM-PT: 0.05)")
-    p.add_argument("--split", default="", help="split to evaluate (default: test; val for inat2018)")
-    p.add_argument("--shot-rule", choices=sorted(common.SHOT_RULES), default="lift", help="many/medium/few rule")
-    p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
-    p.add_argument("--decode", choices=sorted(common.DECODE_MODES), default="pil", help="see stage 03's --decode")
-    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--resume", action="store_true", help="continue from last.pt (Make: RESUME=1)")
+    common.add_system_run_args(p, common.DECODE_MODES)
     args = p.parse_args(argv)
 
     # ---- setup ----
-    device = common.pick_device(args.device)
-    out = Path(args.out)
-    common.hold_run_lock(out, f"systems.lt_dpt -> {out}")
-    torch.manual_seed(args.seed)
+    device, out = common.system_setup(args, "lt_dpt")
 
     # ---- data ----
-    classnames = common.class_names(args.dataset, args.data_root)
+    classnames, text, samples, counts, split, test = common.system_data(args)
     num_classes = len(classnames)
-    text = common.load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained)
-    samples = common.read_split(args.data_root, args.dataset, "train", num_classes)
-    counts = common.class_counts(samples, num_classes)
-    split = args.split or common.dataset_info(args.dataset)["eval_split"]
-    test = common.read_split(args.data_root, args.dataset, split, num_classes)
     margins = gcl_margins(counts).to(device)
     drw_weights = effective_number_weights(counts, args.drw_beta).to(device)
 

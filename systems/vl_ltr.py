@@ -38,7 +38,6 @@ iNaturalist 2018 81.6 / 78.0 / 74.4 / 76.8 (81.0 overall at 384 px). Toy world, 
 import argparse
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -153,32 +152,18 @@ def main(argv=None):
     p.add_argument("--anchors", type=int, default=64, help="anchor sentences kept per class (code: 64)")
     p.add_argument("--anss-images", type=int, default=50, help="images per class in AnSS's image set (paper: 50)")
     p.add_argument("--tau", type=float, default=0.07, help="temperature of the language branch (code: 0.07)")
-    p.add_argument("--split", default="", help="split to evaluate (default: test; val for inat2018)")
-    p.add_argument("--shot-rule", choices=sorted(common.SHOT_RULES), default="lift", help="many/medium/few rule")
-    p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
-    p.add_argument("--decode", choices=sorted(common.DECODE_MODES), default="pil", help="see stage 03's --decode")
-    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--resume", action="store_true", help="skip finished stages and continue last.pt (Make: RESUME=1)")
+    common.add_system_run_args(p, common.DECODE_MODES)
     args = p.parse_args(argv)
 
     # ---- setup ----
-    device = common.pick_device(args.device)
-    out = Path(args.out)
-    common.hold_run_lock(out, f"systems.vl_ltr -> {out}")
-    torch.manual_seed(args.seed)
+    device, out = common.system_setup(args, "vl_ltr")
     epochs_cvlp, epochs_lgr = (args.epochs, args.epochs) if args.epochs else (args.epochs_cvlp, args.epochs_lgr)
     lr = args.lr or (5e-4 if args.finetune == "prompts" else 3.5e-5)
 
     # ---- data: the images, and the corpus sentences (features from stage 02) ----
-    classnames = common.class_names(args.dataset, args.data_root)
+    classnames, text, samples, counts, split, test = common.system_data(args)
     num_classes = len(classnames)
-    text = common.load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained)
     corpus, corpus_labels = text["corpus"].float().to(device), text["corpus_labels"].to(device)
-    samples = common.read_split(args.data_root, args.dataset, "train", num_classes)
-    counts = common.class_counts(samples, num_classes)
-    split = args.split or common.dataset_info(args.dataset)["eval_split"]
-    test = common.read_split(args.data_root, args.dataset, split, num_classes)
     labels = torch.tensor([y for _, y, _ in samples])
     sqrt_weights = 1.0 / np.sqrt(np.maximum(counts, 1))  # the code's square-root sampling
 
