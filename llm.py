@@ -35,6 +35,10 @@ class LLMFatal(SystemExit):
     """An answer that retrying cannot fix (bad key, unknown model): stop the run at once."""
 
 
+class _Skipped(Exception):
+    """A request not sent because another one already failed with LLMFatal."""
+
+
 def article(name):
     return "an" if name[:1].lower() in "aeiou" else "a"
 
@@ -179,6 +183,7 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
     stats = dict(done=0, cached=0, failed=0)
     bar = tqdm(total=len(classnames) * (1 + 5 * cupl_answers), desc="llm", disable=not progress)
     lock = threading.Lock()
+    fatal = threading.Event()  # set by the first answer that retrying cannot fix: no thread sends another request
 
     def answer(prompt, cls, sample):
         cached = cache.get(model, prompt, classnames[cls], sample)
@@ -186,7 +191,13 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
             with lock:
                 stats["cached"] += 1
             return cached
-        text = client.ask(prompt)
+        if fatal.is_set():
+            raise _Skipped
+        try:
+            text = client.ask(prompt)
+        except LLMFatal:
+            fatal.set()
+            raise
         cache.put(model, prompt, classnames[cls], sample, text)
         with lock:
             stats["done"] += 1
@@ -226,6 +237,8 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
                     result = fut.result()
                 except LLMFatal:
                     raise
+                except _Skipped:  # the fatal answer's own future is still to come, and is raised then
+                    continue
                 except RuntimeError as e:
                     stats["failed"] += 1
                     failures.append(f"{classnames[c]} ({kind}): {e}")

@@ -155,7 +155,7 @@ def test_401_stops_at_once_and_says_what_to_check(world20, tmp_path):
             run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "1")
     msg = str(e.value)
     assert "401" in msg and "OPENAI_API_KEY" in msg and server.url in msg and KEY not in msg
-    assert server.requests <= 2  # no retries, no further classes
+    assert server.requests == 1  # no retries, and no other class's request once the first answer said 401
 
 
 def test_unknown_model_stops_at_once(world20, tmp_path):
