@@ -1,19 +1,34 @@
 """Stage 00: the toy world, a miniature long-tailed benchmark with its own tiny CLIP (DATASET=toy only).
 
-Writes  data/toy/ in the generic layout: images/, train.txt (long-tailed, imbalance ratio 100), val.txt and
-        test.txt (balanced), classnames.txt, wiki/desc_<label>.txt, descriptors.json (M = 10 per class: 5 right
-        and visual, 3 non-visual, 2 wrong), descriptor_kinds.json (which is which), clip/toy-clip.json (an open_clip
-        model config) and clip/toy-clip.pt (its weights), and .complete last.
+Writes  data/toy/ in the generic layout: images/, train.txt (long-tailed, imbalance ratio 100), val.txt and test.txt
+        (balanced), classnames.txt, wiki/desc_<label>.txt, descriptors.json (M = 10 per class, written the way an LLM
+        answers), descriptor_kinds.json (which descriptor is which kind), clip/toy-clip.json (an open_clip model config)
+        and clip/toy-clip.pt (its weights), and .complete last.
 
     python 00_make_toy.py --out data/toy
 
-Classes are colour x shape (6 x 6 = 36). The tiny CLIP is pretrained contrastively on captions of "catalogue"
-pictures (big shapes on plain or lightly blotched backgrounds); the task's "field" pictures put smaller,
-colour-jittered shapes on blotchy, striped, noisy backgrounds. And, as iNaturalist's Latin names are to CLIP, the
-task calls three of the shapes by words the tiny CLIP never saw ("disc", "wedge", "hoop"), while its Wikipedia
-text and descriptors describe them in words it knows. Zero-shot CLIP is therefore useful but far from perfect,
-and the corpus and the descriptors carry knowledge the class names do not. About 2 min on a 2-core CPU (the CLIP's
-600 pretraining steps); everything follows from --seed.
+The world, part by part, with the job each part of HLC has in it (docs/toy-world.md says what came out):
+- Classes are patterned tiles, colour x pattern (6 x 6 = 36: stripes, columns, checks, dots, slants, grid), 200 down
+  to 2 training images per class (imbalance ratio 100; which classes are head or tail is random), 10 val and 20 test
+  images per class. Logit adjustment has the head bias of any long tail to remove.
+- The tiny CLIP (a 3-layer ViT of width 64 on 32 px images, 16 patches) learns contrastively from "catalogue"
+  pictures: a big tile on a mild background, in daylight, with captions. The task's "field" pictures show the tile
+  smaller, on a busier background, under the field camera's warm light (blue dimmed, red and green raised: every
+  colour shifts) and with sensor noise. The light is the same for every class: prompts inside the tower (VPT) can
+  learn to see through it once, from the head classes' many images, where a linear probe learns each class's shifted
+  colour from its own images. Prompts: 2 per layer, a tenth of the 17 tokens, as ViT-B/16's 20 are of its 197.
+- As iNaturalist's Latin names are to CLIP, the task calls three patterns by words the tiny CLIP never saw ("tartan",
+  "dapple", "lattice"): the class-name prompts carry only the colour there. The Wikipedia-style corpus describes
+  every class in words CLIP knows ("a tile with red small round spots"), so training on it (the corpus step) tells
+  the classifier what a tail class with two images looks like.
+- CLIP puts texts and images in different regions of its space (the modality gap, as in real CLIP): a classifier
+  fitted to corpus sentences must still serve images, which is what mixing the two (SFM) is for.
+- The descriptors are what an LLM gives: ten per class, each in its own phrasing (none of them a caption CLIP
+  trained on): three on the pattern, in words CLIP knows; two only vague about the colour ("a warm colour"); one on
+  both; two non-visual (a sound, a history); two wrong (another pattern, another colour). Alone they confuse the
+  colours of one warmth; among the classifier's top candidates, which mostly share the right colour, they are to
+  settle the pattern, with no head bias, and the learned weights are to silence the useless ones.
+About 1.5 min on a 2-core CPU, most of it the CLIP's 300 pretraining steps; everything follows from --seed.
 """
 import argparse
 import json
@@ -25,107 +40,128 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 import common
 
 COLOURS = {"red": (215, 40, 40), "orange": (240, 140, 30), "yellow": (230, 210, 40),
            "green": (45, 165, 60), "blue": (40, 80, 215), "purple": (135, 50, 170)}
-SHAPES = {  # shape -> a visual description in the captions' own words
-    "circle": "a round shape with no corners", "square": "a shape with four equal sides and four corners",
-    "triangle": "a shape with three corners", "bar": "a long thin flat stripe lying sideways",
-    "cross": "two bars crossing in the middle like a plus sign", "ring": "a hollow circle with a hole in the middle",
+PATTERNS = {  # pattern -> (the word in the captions, a description in the captions' own words)
+    "stripes": ("striped", "lines running across"), "columns": ("columned", "lines running up and down"),
+    "checks": ("checked", "squares like a chess board"), "dots": ("dotted", "small round spots"),
+    "slants": ("slanted", "lines running at a slant"), "grid": ("gridded", "thin lines crossing both ways"),
 }
-# The task names three shapes with words the tiny CLIP never saw in pretraining (like iNaturalist's Latin names
-# for CLIP): zero-shot prompts carry only the colour for those, while descriptors and Wikipedia text describe
-# them in words CLIP knows ("a shape with three corners").
-TASK_NAMES = {"circle": "disc", "square": "square", "triangle": "wedge", "bar": "bar", "cross": "cross",
-              "ring": "hoop"}
+# The task names three patterns with words the tiny CLIP never saw in pretraining (like iNaturalist's Latin names
+# for CLIP): zero-shot prompts carry only the colour for those.
+TASK_NAMES = {"stripes": "striped", "columns": "columned", "checks": "tartan", "dots": "dapple", "slants": "slanted",
+              "grid": "lattice"}
+# What an LLM says about each pattern, in words CLIP knows, never in a caption's phrasing.
+PATTERN_FEATURES = {
+    "stripes": ["lines running across it", "covered in lines running across", "thin lines across the tile"],
+    "columns": ["lines running up and down it", "covered in lines running up and down", "thin lines up and down"],
+    "checks": ["squares like a chess board", "covered in squares like a chess board", "small squares in turn"],
+    "dots": ["small round spots all over", "covered in small round spots", "many round spots"],
+    "slants": ["lines running at a slant", "covered in lines at a slant", "thin lines at a slant"],
+    "grid": ["thin lines crossing both ways", "covered in thin crossing lines", "lines crossing both ways"],
+}
 SOUNDS = ["a soft humming", "a sharp whistle", "a low drum beat", "a ringing bell", "a crackling fire", "rain"]
-SMELLS = ["fresh lemons", "wet grass", "old paper", "warm bread", "sea salt", "pine needles"]
 YEARS = ["1820", "1871", "1903", "1936", "1958", "1989"]
+PLACES = ["old gardens", "market squares", "river banks", "school yards", "mountain huts", "harbour walls"]
 CANVAS, SIZE = 64, 32  # drawn at 64 px, stored at 32 px (smooth edges)
+FIELD_LIGHT = ((1.0, 1.0, 0.85), (25, 10, 0))  # the field camera's warm light: blue x 0.85, red + 25, green + 10
 CLIP_CONFIG = {"embed_dim": 64, "quick_gelu": True,
-               "vision_cfg": {"image_size": SIZE, "layers": 4, "width": 96, "patch_size": 8, "head_width": 32},
+               "vision_cfg": {"image_size": SIZE, "layers": 3, "width": 64, "patch_size": 8, "head_width": 32},
                "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 
 
 # ---- rendering ----
 
-def draw_shape(draw, shape, cx, cy, r, fill):
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        s = 0.82 * r
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - 0.95 * r, cy + 0.75 * r), (cx + 0.95 * r, cy + 0.75 * r)], fill=fill)
-    elif shape == "bar":
-        draw.rectangle([cx - r, cy - 0.3 * r, cx + r, cy + 0.3 * r], fill=fill)
-    elif shape == "cross":
-        w = 0.32 * r
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-    elif shape == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(3, int(0.38 * r)))
+def pattern_ink(pattern, phase, period=16):
+    """(CANVAS, CANVAS) bool: where a pattern's ink is."""
+    y, x = np.mgrid[0:CANVAS, 0:CANVAS]
+    half = period // 2
+    if pattern == "stripes":
+        return ((y + phase) // half) % 2 == 0
+    if pattern == "columns":
+        return ((x + phase) // half) % 2 == 0
+    if pattern == "checks":
+        return (((x + phase) // half) + ((y + phase) // half)) % 2 == 0
+    if pattern == "slants":
+        return ((x + y + phase) // half) % 2 == 0
+    if pattern == "grid":
+        return (((x + phase) % period) < 4) | (((y + phase) % period) < 4)
+    dy, dx = (y + phase) % period - half, (x + phase) % period - half  # dots
+    return dx ** 2 + dy ** 2 < (0.3 * period) ** 2
 
 
-def render(colour, shape, rng, style):
-    """One 32 px RGB image. 'catalogue': CLIP's pretraining style; 'field': the long-tailed task's style."""
-    blotchy = style == "field" or rng.random() < 0.5
-    if blotchy:  # low-frequency blotches, sometimes stripes
-        noise = rng.normal(0, 25 if style == "field" else 15, (8, 8, 3))
-        bg = np.clip(rng.integers(60, 230, 3) + np.kron(noise, np.ones((8, 8, 1))), 0, 255).astype(np.uint8)
-        if style == "field" and rng.random() < 0.5:
-            bg[::int(rng.integers(6, 14))] = rng.integers(0, 255, 3)
-        img = Image.fromarray(bg).filter(ImageFilter.GaussianBlur(2))
-    else:
-        img = Image.new("RGB", (CANVAS, CANVAS), tuple(int(v) for v in rng.integers(0, 256, 3)))
-    r, jitter = (rng.uniform(14, 26), 20) if style == "catalogue" else (rng.uniform(13, 22), 30)
-    cx, cy = rng.uniform(r + 2, CANVAS - r - 2, 2)
-    fill = tuple(int(np.clip(c + rng.integers(-jitter, jitter + 1), 0, 255)) for c in COLOURS[colour])
-    draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, fill)
-    img = img.resize((SIZE, SIZE), Image.LANCZOS)
+def render(colour, pattern, rng, style):
+    """One 32 px RGB image of a patterned tile. 'catalogue': CLIP's pretraining style, a big tile on a mild
+    background, daylight; 'field': the long-tailed task's, a smaller tile on a busier background, under the field
+    camera's warm light (FIELD_LIGHT), with sensor noise."""
+    noise = rng.normal(0, 25 if style == "field" else 12, (8, 8, 3))
+    bg = np.clip(rng.integers(60, 230, 3) + np.kron(noise, np.ones((8, 8, 1))), 0, 255).astype(np.uint8)
+    canvas = np.asarray(Image.fromarray(bg).filter(ImageFilter.GaussianBlur(2)), dtype=np.float32).copy()
+    r = rng.uniform(18, 28) if style == "catalogue" else rng.uniform(16, 26)
+    cx, cy = rng.uniform(r + 1, CANVAS - r - 1, 2)
+    y, x = np.mgrid[0:CANVAS, 0:CANVAS]
+    tile = np.maximum(np.abs(x - cx), np.abs(y - cy)) < 0.85 * r
+    jitter = 20 if style == "catalogue" else 30
+    ink = np.clip(np.array(COLOURS[colour]) + rng.integers(-jitter, jitter + 1, 3), 0, 255)
+    mask = pattern_ink(pattern, int(rng.integers(0, 16)))
+    canvas[tile & mask] = ink
+    canvas[tile & ~mask] = np.array([235, 235, 228]) + rng.integers(-10, 11, 3)  # the tile's pale ground
+    img = np.asarray(Image.fromarray(canvas.astype(np.uint8)).resize((SIZE, SIZE), Image.LANCZOS), dtype=np.float32)
     if style == "field":
-        arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 8, (SIZE, SIZE, 3))
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    return img
+        scale, shift = FIELD_LIGHT
+        img = img * np.array(scale) + np.array(shift) + rng.normal(0, 8, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 # ---- text: captions for pretraining, corpus and descriptors for the task ----
 
 def captions():
-    """(caption, colour or None, shape or None): the sentences the tiny CLIP learns from."""
+    """(caption, colour or None, pattern or None): the sentences the tiny CLIP learns from."""
     out = []
     for c in COLOURS:
-        for s, desc in SHAPES.items():
-            out += [(t, c, s) for t in (f"a photo of a {c} {s}.", f"a {c} {s}.", f"a {s} that is {c}.",
-                                        f"{desc}, coloured {c}.", f"a {c} {s} on a plain background.")]
-        out += [(t, c, None) for t in (f"a {c} shape.", f"something {c}.", f"a shape coloured {c}.")]
-    for s, desc in SHAPES.items():
-        out += [(t, None, s) for t in (f"a {s}.", f"{desc}.", f"it has the form of a {s}.")]
+        for p, (word, desc) in PATTERNS.items():
+            out += [(t, c, p) for t in (f"a photo of a {c} {word} tile.", f"a {c} {word} tile.",
+                                        f"a tile with {c} {desc}.", f"{desc}, coloured {c}.", f"a {c} tile with {p}.")]
+        out += [(t, c, None) for t in (f"a {c} tile.", f"something {c}.", f"a tile coloured {c}.")]
+    for p, (word, desc) in PATTERNS.items():
+        out += [(t, None, p) for t in (f"a {word} tile.", f"{desc}.", f"a tile with {p}.")]
     return out
 
 
-def descriptors_for(colour, shape, rng):
-    """M = 10: 5 visual and right, 3 non-visual (sound, smell, history), 2 wrong (another colour, another shape)."""
+WARM = {"red": "a warm", "orange": "a warm", "yellow": "a warm", "green": "a cool", "blue": "a cool", "purple": "a cool"}
+
+
+def descriptors_for(colour, pattern, rng):
+    """M = 10 descriptors as an LLM lists them, each in its own phrasing (none a caption CLIP trained on): 3 on the
+    pattern, in words CLIP knows; 2 on the colour, one of them vague ("a warm colour"); 1 on both; 2 non-visual (a
+    sound, a history); 2 wrong (another pattern, another colour). Returns (texts, kinds)."""
     other_colour = rng.choice([c for c in COLOURS if c != colour])
-    other_shape = rng.choice([s for s in SHAPES if s != shape])
-    visual = [f"A shape coloured {colour}.", f"Something {colour}.", f"{SHAPES[shape].capitalize()}.",
-              f"A {shape}.", f"It has the form of a {shape}."]  # in the words CLIP knows
-    nonvisual = [f"It makes a sound like {rng.choice(SOUNDS)}.", f"It smells of {rng.choice(SMELLS)}.",
-                 f"It was first described in {rng.choice(YEARS)}."]
-    wrong = [f"A shape coloured {other_colour}.", f"{SHAPES[other_shape].capitalize()}."]
-    return visual + nonvisual + wrong, ["visual"] * 5 + ["nonvisual"] * 3 + ["wrong"] * 2
+    other_pattern = rng.choice([p for p in PATTERNS if p != pattern])
+    features = PATTERN_FEATURES[pattern]
+    texts = [*features, f"{WARM[colour]} colour", "bright and " + WARM[colour][2:], f"{features[0]}, in {WARM[colour]} colour",
+             f"a sound like {rng.choice(SOUNDS)}", f"first recorded in {rng.choice(YEARS)}",
+             rng.choice(PATTERN_FEATURES[other_pattern]), f"mostly {other_colour}"]
+    kinds = ["pattern"] * 3 + ["colour"] * 2 + ["visual"] + ["nonvisual"] * 2 + ["wrong"] * 2
+    return [t[0].upper() + t[1:] + "." for t in texts], kinds
 
 
-def wiki_text(colour, shape, rng):
-    name = f"{colour} {TASK_NAMES[shape]}"
-    return (f"== {name.capitalize()} ==\nA {name} is {SHAPES[shape]}. It is coloured {colour}. It has the form of a "
-            f"{shape}. Many people know the {name} from picture books.\n== Appearance ==\nThe {TASK_NAMES[shape]} is "
-            f"{colour}. Seen from afar it looks like a {colour} {shape}.\n== History ==\nIt was first drawn in "
-            f"{rng.choice(YEARS)}. Some say it smells of {rng.choice(SMELLS)}.\n== References ==\n"
-            "1. The Book of Shapes, page 12.\n")
+def wiki_text(colour, pattern, rng):
+    """A Wikipedia-style page: what the class looks like in words CLIP knows (varied), then off-topic sections."""
+    name = f"{colour} {TASK_NAMES[pattern]}"
+    word, desc = PATTERNS[pattern]
+    looks = [f"A {name} is a tile with {colour} {desc}.", f"It is coloured {colour}.", f"It has {pattern}.",
+             f"The {TASK_NAMES[pattern]} is a {colour} {word} tile.", f"Seen from afar it looks like a {colour} tile.",
+             f"Its colour is {colour}.", f"{desc.capitalize()}, coloured {colour}.",
+             f"Every {name} is a {word} tile that is {colour}.", f"It is a {colour} {word} tile.",
+             f"In pictures it is a {colour} tile with {pattern}.", f"A photo of a {name} shows a {word} tile."]
+    rng.shuffle(looks)
+    return (f"== {name.capitalize()} ==\n" + " ".join(looks[:6]) + "\n== Appearance ==\n" + " ".join(looks[6:])
+            + f"\n== History ==\nIt was first made in {rng.choice(YEARS)}. It is found in {rng.choice(PLACES)}. Some "
+            f"say it makes {rng.choice(SOUNDS)}.\n== References ==\n1. The Book of Tiles, page 12.\n")
 
 
 # ---- tiny CLIP pretraining ----
@@ -133,15 +169,15 @@ def wiki_text(colour, shape, rng):
 def pretrain_clip(model, tokenizer, rng, steps, batch_size, log_every=100):
     """Contrastive pretraining on catalogue images. A caption that fits an image (all the attributes it names
     match) is a positive for it, so attribute-only captions do not act as false negatives."""
-    classes = [(c, s) for c in COLOURS for s in SHAPES]
-    bank_per_class = 256
+    classes = [(c, p) for c in COLOURS for p in PATTERNS]
+    bank_per_class = 128
     print(f"rendering {len(classes) * bank_per_class} catalogue images for CLIP pretraining ...", flush=True)
-    bank = torch.stack([torch.from_numpy(np.array(render(c, s, rng, "catalogue"))).permute(2, 0, 1)
-                        for c, s in classes for _ in range(bank_per_class)])  # (N, 3, 32, 32) uint8
+    bank = torch.stack([torch.from_numpy(np.array(render(c, p, rng, "catalogue"))).permute(2, 0, 1)
+                        for c, p in classes for _ in range(bank_per_class)])  # (N, 3, 32, 32) uint8
     bank_class = torch.arange(len(classes)).repeat_interleave(bank_per_class)
     caps = captions()
     tokens = tokenizer([c for c, _, _ in caps])
-    fits = torch.tensor([[(cc in (None, c)) and (cs in (None, s)) for _, cc, cs in caps] for c, s in classes])
+    fits = torch.tensor([[(cc in (None, c)) and (cp in (None, p)) for _, cc, cp in caps] for c, p in classes])
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
@@ -150,16 +186,13 @@ def pretrain_clip(model, tokenizer, rng, steps, batch_size, log_every=100):
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     t0 = time.time()
     for step in range(steps):
-        lr = 2e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr = 2e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(bank), (batch_size,), generator=gen)
         cls = bank_class[idx]
-        # one fitting caption per image
-        choice = torch.multinomial(fits[cls].float(), 1, generator=gen).squeeze(1)
+        choice = torch.multinomial(fits[cls].float(), 1, generator=gen).squeeze(1)  # one fitting caption per image
         images = (bank[idx].float() / 255 - mean) / std
-        flip = torch.rand(batch_size, generator=gen) < 0.5
-        images[flip] = images[flip].flip(-1)
         img = F.normalize(model.encode_image(images), dim=-1)
         txt = F.normalize(model.encode_text(tokens[choice]), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
@@ -183,7 +216,7 @@ def main(argv=None):
     p.add_argument("--imbalance", type=float, default=100.0, help="largest / smallest class size in train")
     p.add_argument("--val-per-class", type=int, default=10, help="balanced validation images per class")
     p.add_argument("--test-per-class", type=int, default=20, help="balanced test images per class")
-    p.add_argument("--clip-steps", type=int, default=600, help="contrastive pretraining steps of the tiny CLIP")
+    p.add_argument("--clip-steps", type=int, default=300, help="contrastive pretraining steps of the tiny CLIP")
     p.add_argument("--clip-batch", type=int, default=256, help="pretraining batch size")
     args = p.parse_args(argv)
 
@@ -195,7 +228,7 @@ def main(argv=None):
     (out / "images").mkdir(parents=True)
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
-    classes = [(c, s) for c in COLOURS for s in SHAPES]
+    classes = [(c, p) for c in COLOURS for p in PATTERNS]
     order = rng.permutation(len(classes))  # which classes are head and which are tail is random
     num = len(classes)
 
@@ -205,22 +238,22 @@ def main(argv=None):
     for split, per_class in (("train", train_n), ("val", {k: args.val_per_class for k in range(num)}),
                              ("test", {k: args.test_per_class for k in range(num)})):
         lines = []
-        for label, (colour, shape) in enumerate(classes):
+        for label, (colour, pattern) in enumerate(classes):
             for i in range(per_class[label]):
                 rel = f"images/{split}/{label:02d}_{i:03d}.png"
                 (out / rel).parent.mkdir(exist_ok=True)
-                render(colour, shape, rng, "field").save(out / rel)
+                render(colour, pattern, rng, "field").save(out / rel)
                 lines.append(f"{rel} {label}")
         (out / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    names = [f"{c} {TASK_NAMES[s]}" for c, s in classes]
+    names = [f"{c} {TASK_NAMES[p]}" for c, p in classes]
     (out / "classnames.txt").write_text("\n".join(names) + "\n")
 
     # ---- text ----
     (out / "wiki").mkdir()
     descriptors, kinds = {}, {}
-    for label, (colour, shape) in enumerate(classes):
-        (out / "wiki" / f"desc_{label}.txt").write_text(wiki_text(colour, shape, rng))
-        texts, k = descriptors_for(colour, shape, rng)
+    for label, (colour, pattern) in enumerate(classes):
+        (out / "wiki" / f"desc_{label}.txt").write_text(wiki_text(colour, pattern, rng))
+        texts, k = descriptors_for(colour, pattern, rng)
         order_m = rng.permutation(len(texts))  # planted descriptors are not in a telling order
         descriptors[names[label]] = [texts[i] for i in order_m]
         kinds[names[label]] = {texts[i]: k[i] for i in order_m}

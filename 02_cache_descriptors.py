@@ -1,7 +1,8 @@
 """Stage 02: one pass of the frozen CLIP text encoder over all text; cached, normalised features.
 
 Reads   corpus.json (stage 01) and the CLIP model.
-Writes  text_features.pt: corpus (N x d) + corpus_labels (N), descriptors (C x M x d) + desc_mask (C x M),
+Writes  text_features.pt: corpus (N x d) + corpus_labels (N) + corpus_norm (N, each feature's norm before it was
+        normalised: VL-LTR's head reads raw sentence features), descriptors (C x M x d) + desc_mask (C x M),
         classname (C x d, the 80-template ensemble used for zero-shot and to initialise the classifier),
         logit_scale, meta (with a digest of these tensors, which stages 03 and 04 check). All float32. A class with
         no descriptor gets its class-name feature as its one descriptor. This is the only stage that runs the text
@@ -20,29 +21,40 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, sentences, device, batch_size):
+def encode_texts(model, tokenizer, sentences, device, batch_size, precision="auto"):
     """Normalised text features (N, d) in float32, in input order, written into one preallocated array (a list of
-    batches then a concatenation would need twice the memory: 1.5M sentences at iNaturalist's size); counts
-    truncated sentences."""
-    feats, truncated = None, 0
+    batches then a concatenation would need twice the memory: 1.5M sentences at iNaturalist's size), each feature's
+    norm before normalising (N,), and the number of sentences the tokenizer cut."""
+    feats, norms, truncated = None, torch.empty(len(sentences)), 0
     context = getattr(tokenizer, "context_length", 77)
-    for i in tqdm(range(0, len(sentences), batch_size), desc="text", leave=False, disable=len(sentences) < 5000):
-        tokens = tokenizer(sentences[i:i + batch_size])
-        truncated += int((tokens[:, -1] != 0).sum())  # the last slot is only filled when the text did not fit
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            f = model.encode_text(tokens.to(device))
+    starts = range(0, len(sentences), batch_size)
+    for i in common.progress(starts, "text") if len(sentences) >= 5000 else starts:
+        batch = sentences[i:i + batch_size]
+        tokens = tokenizer(batch)
+        truncated += count_truncated(tokenizer, batch, tokens, context)
+        with common.image_autocast(device, precision):  # the same switch for the text tower
+            f = model.encode_text(tokens.to(device)).float()
         if feats is None:
             feats = torch.empty(len(sentences), f.shape[1])
-        feats[i:i + len(f)] = F.normalize(f.float(), dim=-1).cpu()
+        norms[i:i + len(f)] = f.norm(dim=-1).cpu()
+        feats[i:i + len(f)] = F.normalize(f, dim=-1).cpu()
     if truncated:
-        print(f"note: {truncated} of {len(sentences)} sentences were longer than {context} tokens and truncated")
-    return feats, truncated
+        print(f"note: {truncated} of {len(sentences)} sentences were longer than {context - 2} tokens and truncated")
+    return feats, norms, truncated
+
+
+def count_truncated(tokenizer, texts, tokens, context):
+    """Sentences longer than the context holds. A sentence of exactly context - 2 tokens fills every slot too (start,
+    its tokens, end), so the rows whose last slot is filled are counted again from their untruncated token count."""
+    full = torch.nonzero(tokens[:, -1] != 0).flatten().tolist()
+    if not hasattr(tokenizer, "encode"):  # a tokenizer without it (Hugging Face models): every full row counts
+        return len(full)
+    return sum(len(tokenizer.encode(texts[j])) > context - 2 for j in full)
 
 
 def main(argv=None):
@@ -53,6 +65,8 @@ def main(argv=None):
     p.add_argument("--pretrained", default="openai", help="weights: hub tag, local file, or none (paper: OpenAI CLIP)")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--batch-size", type=int, default=1024, help="sentences per text-encoder batch")
+    p.add_argument("--precision", choices=sorted(common.PRECISIONS), default="auto",
+                   help="text tower arithmetic: " + "; ".join(f"{k}: {v}" for k, v in common.PRECISIONS.items()))
     args = p.parse_args(argv)
 
     # ---- setup ----
@@ -76,17 +90,19 @@ def main(argv=None):
     # ---- encode ----
     flat = [s for c in range(num_classes) for s in sentences[c]]
     labels = torch.tensor([c for c in range(num_classes) for _ in sentences[c]])
-    corpus_feats, trunc_corpus = encode_texts(model, tokenizer, flat, device, args.batch_size)
+    corpus_feats, corpus_norm, trunc_corpus = encode_texts(model, tokenizer, flat, device, args.batch_size,
+                                                           args.precision)
 
     # zero-shot classifier: mean of the 80 template features per class (CLIP's prompt ensemble)
     from open_clip import OPENAI_IMAGENET_TEMPLATES
     prompts = [t(n) for n in classnames for t in OPENAI_IMAGENET_TEMPLATES]
-    prompt_feats, _ = encode_texts(model, tokenizer, prompts, device, args.batch_size)
+    prompt_feats, _, _ = encode_texts(model, tokenizer, prompts, device, args.batch_size, args.precision)
     classname_feats = F.normalize(prompt_feats.view(num_classes, len(OPENAI_IMAGENET_TEMPLATES), -1).mean(1), dim=-1)
 
     m = max(1, max(len(d) for d in descriptors))
     flat_desc = [d for ds in descriptors for d in ds]
-    desc_flat, trunc_desc = encode_texts(model, tokenizer, flat_desc, device, args.batch_size) if flat_desc else (None, 0)
+    desc_flat, _, trunc_desc = (encode_texts(model, tokenizer, flat_desc, device, args.batch_size, args.precision)
+                                if flat_desc else (None, None, 0))
     desc_feats = torch.zeros(num_classes, m, classname_feats.shape[1])
     desc_mask = torch.zeros(num_classes, m, dtype=torch.bool)
     raw = corpus.get("descriptors_raw", descriptors)
@@ -106,7 +122,7 @@ def main(argv=None):
 
     # ---- save ----
     tensors = dict(corpus=corpus_feats, corpus_labels=labels, descriptors=desc_feats, desc_mask=desc_mask,
-                   classname=classname_feats)
+                   classname=classname_feats, corpus_norm=corpus_norm)
     meta = common.make_meta("02_cache_descriptors", args, dataset=corpus["meta"]["dataset"], num_classes=num_classes,
                             model=name, pretrained=args.pretrained, embed_dim=int(embed_dim),
                             model_fingerprint=common.model_fingerprint(args.model, args.pretrained),

@@ -29,6 +29,16 @@ import torch.nn.functional as F
 
 import common
 
+# ---- recipes: the paper's settings, and the toy world's (docs/systems.md, "same budget"). A flag overrides one value ----
+RECIPES = {
+    "default": dict(epochs=30, lr=5e-4, batch_size=128,  # paper Sec. 4.1: 30 epochs, lr 5e-4; batch: kit (not given)
+                    prompt_tokens=20, lr_scale=1.0),  # paper Sec. 4.1: 20 prompt tokens in each of the 12 layers
+    # the toy world: every method gets the same number of optimizer steps (TOY_STEPS in docs/systems.md) at batch 32,
+    # and its learning rate x lr_scale, picked on the val split by `make tune-toy` from the grid 1, 3, 10, 30
+    # its prompts are a tenth of its 17 tokens, as ViT-B/16's 20 are of 197
+    "toy": dict(epochs=20, batch_size=32, prompt_tokens=2, lr_scale=1.0),
+}
+
 
 class CorpusSampler:
     """Class-balanced draws from the cached corpus features: a uniform class, then one of its sentences."""
@@ -95,12 +105,13 @@ def train_features(tower, samples, transform, device, rank, world, args, model_n
     if args.feature_cache:
         path = common.feature_cache_file(args.feature_cache, "train", samples, model_name, args.pretrained,
                                          args.image_size, transform)
-        if path.exists():  # its name hashes the model, weights, transform and image list
+        cached = common.load_cached_features(path, len(samples))  # its name hashes the model, transform and images
+        if cached is not None:
             print(f"frozen tower: training features from {path}") if rank == 0 else None
-            return torch.load(path, weights_only=True)
+            return cached
     t = time.time()
     feats = common.encode_split({"plain": tower}, samples, transform, device, rank, world, workers=args.workers,
-                                decode=args.decode, desc="encode train")["plain"]
+                                decode=args.decode, desc="encode train", precision=args.precision)["plain"]
     if rank == 0:
         print(f"frozen tower: encoded {len(samples)} training images once in {time.time() - t:.1f}s"
               + (f" -> {path}" if path else ""))
@@ -117,11 +128,14 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="coarse.pt to write (last.pt and log.jsonl go next to it)")
     p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (must match stage 02)")
     p.add_argument("--pretrained", default="openai", help="hub tag, local file, or none (must match stage 02)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (paper: 30)")
-    p.add_argument("--lr", type=float, default=5e-4, help="initial learning rate (paper: 5e-4)")
+    p.add_argument("--epochs", type=int, help=common.recipe_help(RECIPES, "epochs", "training epochs (paper: 30)"))
+    p.add_argument("--lr", type=float, help=common.recipe_help(RECIPES, "lr", "initial learning rate (paper: 5e-4)"))
+    p.add_argument("--lr-scale", type=float, help=common.recipe_help(RECIPES, "lr_scale", "multiplies every learning "
+                                                                      "rate (make tune-toy's grid)"))
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (paper: not given)")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up (paper: not given)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch of images per step, B (paper: not given)")
+    p.add_argument("--batch-size", type=int, help=common.recipe_help(RECIPES, "batch_size", "global batch of images "
+                                                                      "per step, B (paper: not given)"))
     p.add_argument("--accum-steps", type=int, default=1,
                    help="split each step into this many micro-batches (gradients summed; mixup per micro-batch)")
     p.add_argument("--corpus-ratio", type=float, default=1.0,
@@ -136,7 +150,8 @@ def main(argv=None):
     p.add_argument("--desc-loss-la", type=float, default=1.0,
                    help="logit-adjusted descriptor loss: add this * log(pi) to the descriptor scores during training, "
                         "so the re-ranker is not biased to head classes; 0 = plain cross-entropy (paper: not given)")
-    p.add_argument("--prompt-tokens", type=int, default=20, help="VPT tokens per layer N; 0 = linear probe (paper: 20)")
+    p.add_argument("--prompt-tokens", type=int, help=common.recipe_help(RECIPES, "prompt_tokens", "VPT tokens per "
+                                                                         "layer N; 0 = linear probe (paper: 20)"))
     p.add_argument("--prompt-depth", type=int, default=12, help="layers with prompts L_p (paper: 12)")
     p.add_argument("--finetune", choices=["prompts", "full"], default="prompts",
                    help="train the prompts only, or the whole visual tower too (paper: full on iNaturalist 2018)")
@@ -144,6 +159,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=0, help="input size, e.g. 336 for HLC@336 (0: the model's own)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the image tower")
+    p.add_argument("--precision", choices=sorted(common.PRECISIONS), default="auto",
+                   help="image tower arithmetic: " + "; ".join(f"{k}: {v}" for k, v in common.PRECISIONS.items()))
     p.add_argument("--workers", type=int, default=8, help="data loader worker processes per training process")
     p.add_argument("--decode", choices=sorted(common.DECODE_MODES), default="pil",
                    help="where images are decoded and resized: " + "; ".join(f"{k}: {v}" for k, v in
@@ -159,6 +176,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue from last.pt next to --out; refused when a training setting differs (Make: RESUME=1)")
     args = p.parse_args(argv)
+    common.apply_recipe(args, RECIPES)
 
     # ---- setup ----
     rank, world, device = common.init_distributed(args.device)
@@ -168,17 +186,19 @@ def main(argv=None):
     if rank == 0:
         common.hold_run_lock(out.parent, f"03_train_coarse.py -> {out}")
     torch.manual_seed(args.seed)
-    if args.batch_size % (world * args.accum_steps):
-        raise SystemExit(f"--batch-size {args.batch_size} must divide by processes x --accum-steps ({world} x "
-                         f"{args.accum_steps})")
 
-    # ---- data ----
+    # ---- data (the evaluation split is checked now, not found broken after the training) ----
     classnames = common.class_names(args.dataset, args.data_root)
     num_classes = len(classnames)
     model_name = common.resolve_model_name(args.model)
     text = common.load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained)
     samples = common.read_split(args.data_root, args.dataset, "train", num_classes)
+    common.check_eval_split(args.data_root, args.dataset, "", num_classes, samples)
     counts = common.class_counts(samples, num_classes)
+    args.batch_size = common.cap_batch(args.batch_size, len(samples), world * args.accum_steps)
+    if args.batch_size % (world * args.accum_steps):
+        raise SystemExit(f"--batch-size {args.batch_size} must divide by processes x --accum-steps ({world} x "
+                         f"{args.accum_steps})")
     if (counts == 0).any():
         say(f"warning: {(counts == 0).sum()} classes have no training image; their prior counts as 1")
 
@@ -208,10 +228,9 @@ def main(argv=None):
     groups = [dict(params=head, lr_scale=1.0)]
     if args.finetune == "full":
         groups.append(dict(params=list(model.vpt.visual.parameters()), lr_scale=args.backbone_lr / args.lr))
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    base_lr = args.lr * args.lr_scale
+    optimizer = torch.optim.AdamW(groups, lr=base_lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     steps_per_epoch = len(samples) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"batch size {args.batch_size} is larger than the training set ({len(samples)} images)")
     total_steps, warmup = steps_per_epoch * args.epochs, int(args.warmup_epochs * steps_per_epoch)
     micro = args.batch_size // args.accum_steps  # global micro-batch
     n_text = int(round(args.corpus_ratio * micro))
@@ -226,6 +245,10 @@ def main(argv=None):
     if args.resume and last_path.exists():
         state = common.load_checkpoint(last_path, "an earlier run of this stage")
         common.check_resume_args(state["meta"]["args"], args, last_path)
+        if state["epoch"] > args.epochs:
+            raise SystemExit(f"{last_path} holds {state['epoch']} epochs, more than the {args.epochs} asked now: its "
+                             f"weights would be labelled {args.epochs} epochs. Resume with --epochs {state['epoch']} "
+                             f"or more (Make: EPOCHS=...), or delete it to train {args.epochs} from the start")
         common.check_provenance(last_path, state["meta"], {
             key: (meta[key], f"this run's {what}") for key, what in (
                 ("classnames_digest", "class names"), ("train_split_digest", "training split"),
@@ -280,14 +303,15 @@ def main(argv=None):
             sampler.batches = [[(epoch, j) for j in b] for b in micro_batches]
         trained.train()
         t_epoch, seen, loss_sum = time.time(), 0, torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)  # the classifier on the step's own (unmixed) images
         for i, batch in enumerate(loader):
             k = i % args.accum_steps  # micro-step inside the optimizer step
             if k == 0:
-                lr = common.lr_at(step, total_steps, warmup, args.lr)
+                lr = common.lr_at(step, total_steps, warmup, base_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
             images, labels = to_device(batch)
-            with common.image_autocast(device):
+            with common.image_autocast(device, args.precision):
                 v = encode(images)  # (b, d), this process's share
             v = common.gather_rows(v, world)  # (micro, d): the global micro-batch, in single-process order
             labels = common.gather_rows(labels, world) if world > 1 else labels
@@ -310,6 +334,8 @@ def main(argv=None):
             else:
                 (loss / args.accum_steps).backward()
             loss_sum += loss.detach() / args.accum_steps
+            with torch.no_grad():
+                correct += (common.cosine_logits(v, model.w_cls, args.scale).argmax(1) == labels).sum()
             seen += len(v)
             if k < args.accum_steps - 1:
                 continue
@@ -330,7 +356,8 @@ def main(argv=None):
         # ---- checkpoint (rank 0 writes; the others wait so that a resume finds it complete). The log line comes
         #      after last.pt, and last.pt carries the history, so a kill in between can neither lose nor repeat it ----
         if rank == 0:
-            record = dict(epoch=epoch + 1, loss=round(loss_sum.item() / steps_per_epoch, 5), lr=lr,
+            record = dict(epoch=epoch + 1, loss=round(loss_sum.item() / steps_per_epoch, 5),
+                          train_acc=round(100 * correct.item() / max(seen, 1), 2), lr=lr,
                           seconds=round(time.time() - t_epoch, 2), img_per_s=round(seen / (time.time() - t_epoch), 2))
             history.append(record)
             save_checkpoint(last_path, dict(model=state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
@@ -347,7 +374,10 @@ def main(argv=None):
                                               if k.startswith("vpt.visual.")},
                                       class_counts=torch.from_numpy(counts), prompt_tokens=args.prompt_tokens,
                                       prompt_depth=model.vpt.depth, scale=args.scale, finetune=args.finetune,
-                                      image_size=args.image_size, meta=meta), out)
+                                      image_size=args.image_size, meta=meta,
+                                      training=dict(optimizer_steps=total_steps, lr=base_lr, batch_size=args.batch_size,
+                                                    trainable_params=n_train, epochs=args.epochs, selection="last",
+                                                    seconds=round(sum(r["seconds"] for r in history), 1))), out)
         say(f"trained {args.epochs} epochs ({total_steps} steps of {args.batch_size} images + "
             f"{n_text * args.accum_steps} texts) -> {out}")
     if world > 1:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import report
 
 VARIANTS = ("zero_shot", "descriptors_zero_shot", "coarse", "coarse_la", "hlc_unweighted", "hlc")
 K_SWEEP = (1, 3, 5, 7, 9, 11, "all")
@@ -44,7 +45,7 @@ def predict(arrays, k, tau, taus=TAU_SWEEP, device="cpu", batch_size=1024):
     t = lambda name: torch.as_tensor(arrays[name]).to(device, torch.float64)
     w_cls, log_prior = F.normalize(t("w_cls"), dim=-1), torch.log(t("class_prior"))  # (C, d), (C,)
     proto, proto_plain, names = t("desc_proto"), t("desc_proto_unweighted"), t("classname_features")  # (C, d)
-    num_classes, kmax = len(w_cls), max(kk for kk in K_SWEEP if kk != "all")
+    kmax = max(kk for kk in K_SWEEP if kk != "all")
     parts = {}
     for lo in range(0, len(arrays["labels"]), batch_size):
         v = torch.as_tensor(arrays["hlc_features"][lo:lo + batch_size]).to(device, torch.float64)  # (B, d)
@@ -52,7 +53,7 @@ def predict(arrays, k, tau, taus=TAU_SWEEP, device="cpu", batch_size=1024):
         logits = float(arrays["scale"]) * v @ w_cls.T  # Eq. 1
         adjusted = logits - tau * log_prior  # Eq. 4
         scores, scores_plain = v @ proto.T, v @ proto_plain.T  # Algorithm 1 (learned / uniform weights)
-        top = adjusted.topk(min(kmax, num_classes), dim=1).indices  # candidates, best first
+        top = common.top_candidates(adjusted, kmax)  # candidates, best first; ties to the lower class index
         batch = {"zero_shot": (float(arrays["logit_scale"]) * v0 @ names.T).argmax(1),
                  "descriptors_zero_shot": (v0 @ proto_plain.T).argmax(1), "coarse": logits.argmax(1),
                  "coarse_la": adjusted.argmax(1), "hlc_unweighted": common.rerank(adjusted, scores_plain, k),
@@ -146,7 +147,7 @@ def planted_weight_means(kinds_path, classnames, descriptor_raw, w_llm, mask):
             if kind:
                 by_kind.setdefault(kind, []).append(float(weights[c, m]))
     means = {kind: round(float(np.mean(v)), 4) for kind, v in sorted(by_kind.items())}
-    distractors = [w for kind, v in by_kind.items() if kind != "visual" for w in v]
+    distractors = [w for kind, v in by_kind.items() if kind in ("nonvisual", "wrong") for w in v]
     means["distractor"] = round(float(np.mean(distractors)), 4) if distractors else None
     return means
 
@@ -186,6 +187,8 @@ def main(argv=None):
     p.add_argument("--shot-rule", choices=sorted(common.SHOT_RULES), default="lift",
                    help="many/medium/few thresholds: lift (>100, 20-100, <20) or vl-ltr (>=100, <=20)")
     p.add_argument("--explain", type=int, default=24, help="test images shown in explanations.html (0: none)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write report.html beside results.json (the ablation rows of make table4 do not)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
     p.add_argument("--decode", choices=sorted(common.DECODE_MODES), default="pil",
@@ -194,6 +197,8 @@ def main(argv=None):
                    help="folder for plain CLIP's features of the evaluation split (the zero-shot tower), reused by "
                         "later runs, such as the ablation rows")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    p.add_argument("--precision", choices=sorted(common.PRECISIONS), default="auto",
+                   help="image tower arithmetic: " + "; ".join(f"{k}: {v}" for k, v in common.PRECISIONS.items()))
     p.add_argument("--seed", type=int, default=0, help="seed for picking the explained images")
     args = p.parse_args(argv)
 
@@ -219,6 +224,7 @@ def main(argv=None):
     # ---- data ----
     split = args.split or common.dataset_info(args.dataset)["eval_split"]
     samples = common.read_split(args.data_root, args.dataset, split, num_classes)
+    common.check_overlap(train, samples, split)
 
     # ---- model ----
     clip, _, preprocess_val, _ = common.load_clip(args.model, args.pretrained, device, coarse.get("image_size"))
@@ -236,12 +242,12 @@ def main(argv=None):
     if args.feature_cache:
         cache = common.feature_cache_file(args.feature_cache, split, samples, model_name, args.pretrained,
                                           coarse.get("image_size"), preprocess_val)
-    plain = torch.load(cache, weights_only=True) if cache and cache.exists() else None  # name hashes the inputs
+    plain = common.load_cached_features(cache, len(samples)) if cache else None  # its name hashes the inputs
     towers = {} if plain is not None else {"plain": clip.visual}
     if vpt.num_tokens or coarse.get("visual"):
         towers["hlc"] = vpt
     feats = common.encode_split(towers, samples, preprocess_val, device, rank, world, args.batch_size, args.workers,
-                                args.decode, desc="eval")
+                                args.decode, desc="eval", precision=args.precision)
     if world > 1:  # every process is done with the group; only rank 0 has work left
         common.finish_distributed()
         if rank != 0:
@@ -258,24 +264,29 @@ def main(argv=None):
     w_llm, desc_feats, desc_mask = coarse["w_llm"], text["descriptors"].float(), text["desc_mask"]
     proto = lambda weights: (common.descriptor_weights(weights, desc_mask).unsqueeze(-1) * desc_feats).sum(1)
     counts = coarse["class_counts"].numpy()
+    grouping = common.group_counts(args.dataset, counts)  # the counts that define the shot groups (usually counts)
     arrays = dict(labels=np.array([y for _, y, _ in samples], dtype=np.int64),
                   hlc_features=feats.get("hlc", plain).numpy().astype(np.float32),
                   plain_features=plain.numpy().astype(np.float32), w_cls=coarse["w_cls"].numpy().astype(np.float32),
                   scale=np.float64(coarse["scale"]), desc_proto=proto(w_llm).numpy().astype(np.float32),
+                  desc_weights=common.descriptor_weights(w_llm, desc_mask).numpy().astype(np.float32),
                   desc_proto_unweighted=proto(torch.zeros_like(w_llm)).numpy().astype(np.float32),
                   classname_features=text["classname"].numpy().astype(np.float32),
                   logit_scale=np.float64(text["logit_scale"]), class_prior=common.class_prior(counts),
+                  class_counts=counts.astype(np.int64), group_counts=grouping.astype(np.int64),
+                  shot_rule=np.str_(args.shot_rule),
                   k=np.int64(args.k), tau=np.float64(args.tau))
     preds = predict(arrays, args.k, args.tau, device=device)
 
     # ---- metrics ----
-    report = lambda name: common.accuracy_report(preds[name], arrays["labels"], counts, args.shot_rule)
+    scored = lambda name: common.accuracy_report(preds[name], arrays["labels"], grouping, args.shot_rule)
     results = dict(dataset=args.dataset, split=split, num_test=len(samples), k=args.k, tau=args.tau,
-                   variants={name: report(name) for name in VARIANTS},
-                   topk_sweep={str(kk): report(f"k{kk}") for kk in K_SWEEP},
-                   tau_sweep={f"{tt:g}": {v: report(f"tau{tt:g}_{v}") for v in ("coarse_la", "hlc")} for tt in TAU_SWEEP},
-                   zero_shot_reweighted=report("zero_shot_reweighted"),
-                   shot_counts=common.shot_counts(counts, args.shot_rule), shot_rule=args.shot_rule)
+                   variants={name: scored(name) for name in VARIANTS},
+                   topk_sweep={str(kk): scored(f"k{kk}") for kk in K_SWEEP},
+                   tau_sweep={f"{tt:g}": {v: scored(f"tau{tt:g}_{v}") for v in ("coarse_la", "hlc")} for tt in TAU_SWEEP},
+                   zero_shot_reweighted=scored("zero_shot_reweighted"),
+                   shot_counts=common.shot_counts(grouping, args.shot_rule), shot_rule=args.shot_rule,
+                   training=coarse.get("training"))
     kinds = Path(args.data_root) / "descriptor_kinds.json"
     if kinds.exists():  # the toy world says which descriptors it planted as right, non-visual or wrong
         results["descriptor_weights"] = planted_weight_means(kinds, classnames, text["descriptor_raw"], w_llm,
@@ -284,7 +295,7 @@ def main(argv=None):
     # ---- save ----
     common.atomic_savez(out.with_name("predictions.npz"), **arrays, **{f"pred_{n}": p for n, p in preds.items()})
     if args.explain:
-        groups = common.shot_groups(counts, args.shot_rule)
+        groups = common.shot_groups(grouping, args.shot_rule)
         chosen = pick_examples(arrays["labels"], preds["hlc"], groups, args.explain, args.seed)
         write_explanations(out.with_name("explanations.html"), chosen, samples, arrays, preds["hlc"], groups,
                            classnames, text["descriptor_texts"], desc_feats, desc_mask, w_llm,
@@ -295,6 +306,8 @@ def main(argv=None):
                                        text_features_digest=text["meta"]["digest"])
     common.atomic_write_text(out.with_name("results.md"), results_table(results))
     common.atomic_write_json(out, results)
+    if args.report:
+        report.write_report(out.parent, quiet=True, results_file=out.name)
     v = results["variants"]
     print(f"{args.dataset} {split} ({len(samples)} images): zero-shot {v['zero_shot']['overall']:.2f}  "
           f"coarse {v['coarse']['overall']:.2f}  +LA {v['coarse_la']['overall']:.2f}  "

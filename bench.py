@@ -40,14 +40,17 @@ def transformer_flops(tokens_per_layer, width, mlp_ratio=4.0):
                for t in tokens_per_layer)
 
 
+def vit_flops(width, patch, grid, layers, mlp_ratio, out_dim, prompt_tokens=0, prompt_depth=0):
+    """Forward FLOPs of a ViT on one image: patch embedding, the blocks (prompts in the first prompt_depth), projection."""
+    tokens = [1 + grid + (prompt_tokens if i < prompt_depth else 0) for i in range(layers)]
+    return 2 * grid * 3 * patch * patch * width + transformer_flops(tokens, width, mlp_ratio) + 2 * width * out_dim
+
+
 def visual_flops(visual, prompt_tokens, prompt_depth):
     width = visual.conv1.out_channels
-    patch = visual.conv1.kernel_size[0]
-    grid = visual.positional_embedding.shape[0] - 1
-    layers = len(visual.transformer.resblocks)
-    tokens = [1 + grid + (prompt_tokens if i < prompt_depth else 0) for i in range(layers)]
-    mlp = visual.transformer.resblocks[0].mlp.c_fc.out_features / width
-    return 2 * grid * 3 * patch * patch * width + transformer_flops(tokens, width, mlp) + 2 * width * visual.output_dim
+    return vit_flops(width, visual.conv1.kernel_size[0], visual.positional_embedding.shape[0] - 1,
+                     len(visual.transformer.resblocks), visual.transformer.resblocks[0].mlp.c_fc.out_features / width,
+                     visual.output_dim, prompt_tokens, prompt_depth)
 
 
 def timed(fn, steps, warmup, device):
@@ -199,14 +202,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.scale:
         return scale_run(args)
+    with tempfile.TemporaryDirectory(prefix="hlc-bench-") as tmp:  # the JPEG files go with it
+        return run_bench(args, Path(tmp))
 
+
+def run_bench(args, tmp):
     # ---- setup ----
     device = common.pick_device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch_size or (128 if cuda else 8)
     steps = args.steps or (20 if cuda else 3)
     warmup = 5 if cuda else 1
-    tmp = Path(tempfile.mkdtemp(prefix="hlc-bench-"))
     model_name = args.model
     if not model_name:
         model_name = "ViT-B-16-quickgelu" if cuda else str(tmp / "bench-tiny.json")

@@ -48,6 +48,14 @@ DATASETS = {
         lines={"train": 437513, "val": 24426},
         source="the iNaturalist 2018 competition (train2018.json, val2018.json, categories.json) or the "
                "iNaturalist18_{train,val}.txt lists of the LT codebases (e.g. PaCo, RIDE)"),
+    "cifar100_lt": dict(
+        num_classes=100, eval_split="test",
+        splits={"train": "train.txt", "test": "test.txt"},
+        lines={"test": 10000},
+        # LIFT's trainer groups the classes of every ratio by the ratio-100 counts (500 down to 5, LDAM's profile), so
+        # the groups of IR 50 and 10 name the same classes as IR 100's
+        group_counts=[int(500 * 0.01 ** (c / 99)) for c in range(100)],
+        source="00_make_cifar100_lt.py (make data DATASET=cifar100_lt IR=100), from torchvision's CIFAR-100"),
 }
 GENERIC_SPLITS = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
 
@@ -77,6 +85,16 @@ def read_json(path, what="JSON"):
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise SystemExit(f"{path}:{e.lineno}:{e.colno}: not valid {what} ({e.msg})") from None
+
+
+_WARNED = set()
+
+
+def warn_once(message):
+    """Print a warning once per process (a split read by two stages of one test run says it once)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def _names_from_lines(path):
@@ -122,6 +140,15 @@ def class_names(dataset, root):
     expected = dataset_info(dataset)["num_classes"]
     if expected is not None and len(names) != expected:
         raise ValueError(f"{dataset}: found {len(names)} class names under {root}, expected {expected}")
+    same = {}
+    for label, name in enumerate(names):
+        same.setdefault(name.lower(), []).append(label)
+    repeated = {name: labels for name, labels in same.items() if len(labels) > 1}
+    if repeated:
+        listed = ", ".join(f"{name!r} ({', '.join(map(str, labels))})" for name, labels in list(repeated.items())[:5])
+        known = " (open_clip's ImageNet list repeats these two)" if dataset == "imagenet_lt" else ""
+        warn_once(f"warning: {len(repeated)} class names are shared by several classes: {listed}{known}. Everything "
+                  "is keyed by class index, but their text prompts are the same, so CLIP cannot tell them apart")
     return names
 
 
@@ -174,6 +201,8 @@ def read_split(root, dataset, split, num_classes, check_files=True):
 
     OLTR format: 'relative/path label' per line; paths are relative to the data root. iNaturalist
     2018 may instead come as COCO-style JSON (images and annotations paired by id, label = category_id).
+    With check_files, every image must exist and be a non-empty file (a zero-byte image stops here, naming its line,
+    not hours later in a loader worker).
     """
     info = dataset_info(dataset)
     path = split_file(root, dataset, split)
@@ -184,16 +213,32 @@ def read_split(root, dataset, split, num_classes, check_files=True):
         raise FileNotFoundError(f"{path}: split file not found. {dataset} expects {wanted}{alt} in {root}; "
                                 f"they come from {info['source']}")
     samples = _read_coco_split(path, num_classes) if path.suffix == ".json" else _read_txt_split(path, num_classes)
+    if not samples:
+        raise ValueError(f"{path}: no 'relative/path label' line in it (an empty split)")
     expected = info["lines"].get(split)
     if expected is not None and len(samples) != expected:
         raise ValueError(f"{path}: {len(samples)} entries, but {dataset} '{split}' has {expected}; "
                          "is this the right file for this dataset?")
+    seen = {}
+    for rel, _, where in samples:
+        seen.setdefault(rel, []).append(where)
+    repeated = [wheres for wheres in seen.values() if len(wheres) > 1]
+    if repeated:
+        warn_once(f"warning: {path}: {sum(len(w) - 1 for w in repeated)} lines repeat an image listed before (first: "
+                  f"{repeated[0][1]} repeats {repeated[0][0]}); each counts as a sample")
     samples = [(os.path.join(root, rel.lstrip("/")), label, where) for rel, label, where in samples]
     if check_files:
         for p, _, where in samples:
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"{where}: image not found: {p}")
+            try:
+                size = os.stat(p).st_size
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{where}: image not found: {p}") from None
+            if size == 0:
+                raise ValueError(f"{where}: image {p} is an empty (zero-byte) file")
     return samples
+
+
+LABEL = re.compile(r"-?[0-9]+")  # int() would also take '1_0' (as 10), ' 1' or '١'
 
 
 def _read_txt_split(path, num_classes):
@@ -206,10 +251,9 @@ def _read_txt_split(path, num_classes):
             where = f"{path}:{lineno}"
             if len(parts) != 2:
                 raise ValueError(f"{where}: expected 'relative/path label', got {line.strip()!r}")
-            try:
-                label = int(parts[1])
-            except ValueError:
-                raise ValueError(f"{where}: label {parts[1]!r} is not an integer") from None
+            if not LABEL.fullmatch(parts[1]):
+                raise ValueError(f"{where}: label {parts[1]!r} is not a plain integer")
+            label = int(parts[1])
             if not 0 <= label < num_classes:
                 raise ValueError(f"{where}: label {label} is outside [0, {num_classes})")
             samples.append((parts[0], label, where))
@@ -224,11 +268,29 @@ def _read_coco_split(path, num_classes):
         where = f"{path}:annotations[{i}]"
         if ann["image_id"] not in files:
             raise ValueError(f"{where}: image_id {ann['image_id']} has no entry in 'images'")
-        label = int(ann["category_id"])
+        label = ann["category_id"]
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise ValueError(f"{where}: category_id {label!r} is not an integer")
         if not 0 <= label < num_classes:
             raise ValueError(f"{where}: category_id {label} is outside [0, {num_classes})")
         samples.append((files[ann["image_id"]], label, where))
     return samples
+
+
+def check_overlap(train, test, test_split):
+    """Warn (once) when an image of the training split is also in the evaluation split."""
+    both = {p for p, _, _ in train} & {p for p, _, _ in test}
+    if both:
+        warn_once(f"warning: {len(both)} images are in both the training split and the '{test_split}' split (e.g. "
+                  f"{sorted(both)[0]}); their accuracy is not a test of generalisation")
+
+
+def check_eval_split(root, dataset, split, num_classes, train):
+    """Before a long training: the evaluation split reads (labels, existing non-empty images), and overlaps are said."""
+    split = split or dataset_info(dataset)["eval_split"]
+    test = read_split(root, dataset, split, num_classes)
+    check_overlap(train, test, split)
+    return test
 
 
 def open_rgb(path):
@@ -270,8 +332,8 @@ class ImageList(torch.utils.data.Dataset):
         path, label, where = self.samples[i]
         try:
             image = open_rgb(path)
-        except Exception as e:
-            raise RuntimeError(f"{where}: cannot read image {path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name its split line
+            raise ValueError(f"{where}: cannot read image {path}: {e}") from None
         seed_sample(self.seed, epoch, i)
         return self.transform(image), label
 
@@ -358,8 +420,8 @@ class EncodedImageList(ImageList):
                     data = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB)
             else:
                 data = torch.from_numpy(np.asarray(open_rgb(path)).copy()).permute(2, 0, 1)
-        except Exception as e:
-            raise RuntimeError(f"{where}: cannot read image {path}: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{where}: cannot read image {path}: {e}") from None
         return data, jpeg and self.mode == "device", box, label
 
 
@@ -425,30 +487,50 @@ def image_loader(samples, transform, decode, device, seed=None, workers=0, batch
 
 def feature_cache_file(cache_dir, split, samples, model, pretrained, image_size, transform):
     """Where the frozen tower's features of one split are cached: the name hashes everything they depend on (the
-    model and weights, by name or by file size and time, the image size, the transform and the image list)."""
+    model and weights, by name or by file size and time, the image size, the transform, and the images: each one's
+    path, label, size and modification time, so an image replaced under the same name is encoded again)."""
     import hashlib
     stat = lambda f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] if f and Path(f).is_file() else None
+    images = hashlib.sha1()
+    for p, y, _ in samples:
+        st = os.stat(p)
+        images.update(f"{p} {y} {st.st_size} {st.st_mtime_ns}\n".encode())
     key = dict(model=model, model_file=stat(model), pretrained=pretrained, weights_file=stat(pretrained),
-               image_size=image_size or None, transform=repr(transform), n=len(samples),
-               images=hashlib.sha1("\n".join(f"{p} {y}" for p, y, _ in samples).encode()).hexdigest())
+               image_size=image_size or None, transform=repr(transform), n=len(samples), images=images.hexdigest())
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{split}-{digest}.pt"
 
 
+def load_cached_features(path, rows):
+    """Features from a cache file, or None when there is none, or when it is unreadable or of the wrong length (a
+    killed write, a full disk): that file is deleted and the features are encoded again."""
+    if not path.exists():
+        return None
+    try:
+        feats = torch.load(path, weights_only=True)
+        if isinstance(feats, torch.Tensor) and len(feats) == rows:
+            return feats
+        problem = f"holds {type(feats).__name__} of length {len(feats) if hasattr(feats, '__len__') else '?'}"
+    except Exception as e:  # noqa: BLE001 - any unreadable file is rebuilt
+        problem = f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    print(f"note: feature cache {path} {problem}; encoding again", file=sys.stderr)
+    path.unlink(missing_ok=True)
+    return None
+
+
 @torch.no_grad()
 def encode_split(towers, samples, transform, device, rank=0, world=1, batch_size=256, workers=0, decode="pil",
-                 desc="encode", normalize=True):
+                 desc="encode", normalize=True, precision="auto"):
     """{name: float32 outputs (N, ...)} of every image for each tower of `towers` ({name: module}), L2-normalised
     along the last dimension unless normalize=False, all from one decoding pass, on the CPU of every process: each
     process encodes a contiguous shard, then the shards are gathered in order."""
-    from tqdm import tqdm
     shard = np.array_split(np.arange(len(samples)), world)[rank]
     loader, to_device = image_loader([samples[i] for i in shard], transform, decode, device, workers=workers,
                                      batch_size=batch_size)
     parts = {name: [] for name in towers}
-    for batch in (tqdm(loader, desc=desc, leave=False, disable=rank > 0) if towers else []):
+    for batch in ((progress(loader, desc) if rank == 0 else loader) if towers else []):
         images, _ = to_device(batch)
-        with image_autocast(device):
+        with image_autocast(device, precision):
             for name, tower in towers.items():
                 out = tower(images).float()
                 parts[name].append(F.normalize(out, dim=-1) if normalize else out)  # copied back once, at the end
@@ -492,6 +574,13 @@ def load_clip(model, pretrained, device="cpu", image_size=None):
     import open_clip
     name = resolve_model_name(model)
     tag = None if pretrained in (None, "", "none") else pretrained
+    if tag and not Path(tag).is_file():
+        if Path(tag).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in tag:
+            raise FileNotFoundError(f"PRETRAINED={tag}: weights file not found")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if tag not in tags:
+            raise ValueError(f"PRETRAINED={tag} is neither a file nor a weights tag of {name} (its tags: "
+                             f"{', '.join(tags) or 'none'}; or 'none' for random weights)")
     if tag == "openai" and "quickgelu" not in name.lower() and name.startswith("ViT"):
         print(f"warning: OpenAI weights were trained with QuickGELU; {name} builds GELU and loses accuracy "
               f"(open_clip issues #1109, #771). Use {name}-quickgelu.", file=sys.stderr)
@@ -517,16 +606,68 @@ def count_parameters(module):
     return total, trainable
 
 
-def image_autocast(device):
-    """bf16 autocast for the image tower on CUDA; a no-op elsewhere (CPU bf16 is slow and lossy)."""
+PRECISIONS = {
+    "auto": "bf16 autocast on CUDA, float32 elsewhere",
+    "fp32": "float32 everywhere (on CUDA: slower, and the image features are not rounded)",
+    "bf16": "bf16 autocast on any device (on a CPU: to measure what bf16 changes)",
+}
+
+
+def image_autocast(device, precision="auto"):
+    """bf16 autocast for the image tower on CUDA (precision auto); fp32 turns it off, bf16 turns it on anywhere."""
     device = torch.device(device)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def apply_recipe(args, recipes):
+    """Fill every argument left at None with the value of this dataset's recipe: recipes["default"] (a method's own
+    settings on its main benchmark) overridden by recipes[args.dataset] where there is one. A flag given on the
+    command line always wins, one value at a time. Returns the recipe's name (kept in args.recipe)."""
+    name = args.dataset if args.dataset in recipes else "default"
+    values = {**recipes["default"], **recipes.get(name, {})}
+    for key, value in values.items():
+        if not hasattr(args, key):
+            raise ValueError(f"recipe {name!r} sets {key!r}, which is no flag of this script")
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.recipe = name
+    return name
+
+
+def recipe_help(recipes, key, what=""):
+    """'what (default 5e-4; toy 0.005)': a flag's value in each recipe, for --help."""
+    default = recipes["default"].get(key)
+    others = [f"{name} {r[key]:g}" if isinstance(r[key], float) else f"{name} {r[key]}"
+              for name, r in recipes.items() if name != "default" and key in r and r[key] != default]
+    shown = f"{default:g}" if isinstance(default, float) else str(default)
+    return f"{what} (recipe: {shown}{'; ' + ', '.join(others) if others else ''})".strip()
+
+
+def progress(iterable, desc, total=None):
+    """tqdm's bar in a terminal; in a log file (not a terminal), a line at most every 30 s or 10 %, with rate and ETA,
+    instead of carriage-return updates."""
+    from tqdm import tqdm
+    if sys.stderr.isatty():
+        yield from tqdm(iterable, desc=desc, total=total, leave=False)
+        return
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    start = last = time.time()
+    shown = 0
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.time()
+        if total and (now - last >= 30 or i - shown >= total / 10) and i < total:
+            rate = i / max(now - start, 1e-9)
+            print(f"{desc}: {i}/{total} ({100 * i / total:.0f} %), {rate:.1f}/s, eta {(total - i) / rate:.0f} s",
+                  file=sys.stderr, flush=True)
+            last, shown = now, i
 
 
 class PromptedVisual(nn.Module):
@@ -681,12 +822,29 @@ def class_prior(counts):
     return counts / counts.sum()
 
 
+def top_candidates(adjusted, k):
+    """(B, k) the top-k classes of each row, best first; equal values go to the lower class index (a stable sort, so
+    the result is the same on every machine and equals numpy's argsort(-x, kind="stable"))."""
+    return torch.sort(adjusted, dim=1, descending=True, stable=True).indices[:, :min(k, adjusted.shape[1])]
+
+
 def rerank(adjusted, scores, k):
     """Algorithm 1's last step on torch tensors (B, C): the top-k classes by adjusted logit are the candidates, and
     the candidate with the highest descriptor score wins (a tie goes to the better-ranked candidate). k >= C
     re-ranks over every class."""
-    cand = adjusted.topk(min(k, adjusted.shape[1]), dim=1).indices  # (B, k), best first
+    cand = top_candidates(adjusted, k)  # (B, k), best first
     return cand.gather(1, scores.gather(1, cand).argmax(1, keepdim=True)).squeeze(1)
+
+
+def cap_batch(batch_size, n, multiple=1, what="--batch-size"):
+    """A batch no larger than the training set (a multiple of `multiple`), saying so when it had to shrink."""
+    if batch_size <= n:
+        return batch_size
+    if n < multiple:
+        raise ValueError(f"the training set has {n} images, fewer than the {multiple} processes x micro-batches")
+    capped = n // multiple * multiple
+    print(f"note: {what} {batch_size} is larger than the training set ({n} images); using {capped}", flush=True)
+    return capped
 
 
 def lr_at(step, total, warmup, base_lr):
@@ -714,6 +872,13 @@ def shot_groups(counts, rule="lift"):
     return SHOT_RULES[rule](np.asarray(counts))
 
 
+def group_counts(dataset, counts):
+    """The counts that define a dataset's shot groups: its training counts, except where the dataset fixes them
+    (CIFAR-100-LT: the ratio-100 profile at every ratio, as LIFT)."""
+    fixed = dataset_info(dataset).get("group_counts")
+    return np.asarray(fixed if fixed is not None else counts)
+
+
 def accuracy_report(preds, labels, counts, rule="lift"):
     """{overall, many, medium, few} in percent. Overall is plain top-1; a group's accuracy is the mean
     of its classes' accuracies (classes without test images are left out; an empty group is None)."""
@@ -735,190 +900,6 @@ def shot_counts(counts, rule="lift"):
     return {name: int((groups == g).sum()) for g, name in enumerate(GROUPS)}
 
 
-# ---------------------------------------------------------------------------------------------------
-# what the compared systems' scripts (systems/*.py) share: command line, data, samplers, phased checkpoints, results files
-# ---------------------------------------------------------------------------------------------------
-
-def add_system_run_args(parser, decode_modes=None):
-    """The flags every compared system takes after its own: evaluation split and shot rule, loading, device, seed,
-    resume. decode_modes=None: PIL only (a recipe whose training augmentation cannot move to the device)."""
-    p = parser
-    p.add_argument("--split", default="", help="split to evaluate (default: test; val for inat2018)")
-    p.add_argument("--shot-rule", choices=sorted(SHOT_RULES), default="lift", help="many/medium/few rule")
-    p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
-    if decode_modes:
-        p.add_argument("--decode", choices=sorted(decode_modes), default="pil", help="see stage 03's --decode")
-    else:
-        p.add_argument("--decode", choices=["pil"], default="pil", help="its training augmentation needs PIL decoding")
-    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--resume", action="store_true", help="skip finished phases and continue last.pt (Make: RESUME=1)")
-
-
-def system_setup(args, name):
-    """Device, output folder (locked for this run) and seed of a compared system."""
-    device = pick_device(args.device)
-    out = Path(args.out)
-    hold_run_lock(out, f"systems.{name} -> {out}")
-    torch.manual_seed(args.seed)
-    return device, out
-
-
-def system_data(args):
-    """Class names, the stage-02 text features checked against them, the training list with its class counts, and
-    the evaluation split's name and list."""
-    classnames = class_names(args.dataset, args.data_root)
-    text = load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained)
-    samples = read_split(args.data_root, args.dataset, "train", len(classnames))
-    split = args.split or dataset_info(args.dataset)["eval_split"]
-    test = read_split(args.data_root, args.dataset, split, len(classnames))
-    return classnames, text, samples, class_counts(samples, len(classnames)), split, test
-
-
-def weighted_batches(labels, class_weights, batch_size, num_samples, generator):
-    """One epoch of num_samples indices drawn with replacement, image i with probability proportional to
-    class_weights[label_i] (1 / n_c: class-balanced; 1 / sqrt(n_c): square-root sampling), cut into batches."""
-    labels = torch.as_tensor(labels)
-    weights = torch.as_tensor(class_weights, dtype=torch.float64)[labels]
-    idx = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
-    return [idx[i:i + batch_size] for i in range(0, num_samples - batch_size + 1, batch_size)]
-
-
-def class_aware_batches(labels, num_classes, per_class, batch_size, generator):
-    """BALLAD's (and OLTR's) class-aware sampling for one epoch: classes are visited in shuffled rounds, and each visit
-    takes per_class images of that class (cycling through a shuffled list of them). An epoch has max_c(n_c) x C images,
-    so the largest class is seen about once and every class as often."""
-    labels = torch.as_tensor(labels)
-    members = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
-    present = [c for c in range(num_classes) if len(members[c])]
-    total = max(len(m) for m in members) * len(present)
-    cursor = {c: len(members[c]) for c in present}  # exhausted: reshuffle on first use
-    order = {c: members[c] for c in present}
-    idx, rounds = [], []
-    while len(idx) < total:
-        if not rounds:
-            rounds = [present[i] for i in torch.randperm(len(present), generator=generator).tolist()]
-        c = rounds.pop()
-        for _ in range(per_class):
-            if cursor[c] == len(order[c]):
-                order[c], cursor[c] = members[c][torch.randperm(len(members[c]), generator=generator)], 0
-            idx.append(int(order[c][cursor[c]]))
-            cursor[c] += 1
-    idx = torch.tensor(idx[:total])
-    return [idx[i:i + batch_size] for i in range(0, total - batch_size + 1, batch_size)]
-
-
-def system_train_transform(preprocess_val, scale=(0.08, 1.0), flip=True, jitter=0.0, interpolation="bicubic"):
-    """A compared system's own training augmentation (its code's crop scale, flips, colour jitter), at the model's
-    input size and with its normalisation, both taken from open_clip's evaluation transform."""
-    from torchvision import transforms as T
-    size = next(t.size for t in preprocess_val.transforms if isinstance(t, T.CenterCrop))
-    normalize = next(t for t in preprocess_val.transforms if isinstance(t, T.Normalize))
-    mode = T.InterpolationMode.BICUBIC if interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-    steps = [T.RandomResizedCrop(size, scale=scale, interpolation=mode)] + ([T.RandomHorizontalFlip()] if flip else [])
-    steps += [T.ColorJitter(jitter, jitter, jitter)] if jitter else []
-    return T.Compose(steps + [T.ToTensor(), normalize])
-
-
-class PhaseCheckpoints:
-    """Checkpoints of a system that trains in phases (BALLAD: A then B; Imbalance-VLM: one model per loss, then its
-    second stages). After every epoch the phase in progress is saved to DIR/last.pt (then its log.jsonl line); a
-    finished phase is kept as DIR/<phase>.pt. With resume, finished phases are loaded instead of trained and the
-    phase in progress continues from last.pt; a checkpoint trained with other settings is refused."""
-
-    def __init__(self, directory, meta, args, resume, rank=0):
-        self.dir, self.meta, self.args, self.resume, self.rank = Path(directory), meta, args, resume, rank
-        self.log = self.dir / "log.jsonl"
-        if not resume and rank == 0 and self.log.exists():
-            self.log.unlink()
-
-    def _load(self, path):
-        state = load_checkpoint(path, "an earlier run of this system")
-        check_resume_args(state["meta"]["args"], self.args, path)
-        return state
-
-    def finished(self, phase):
-        """The saved state of a finished phase ({'modules': {...}}), or None when it must be trained."""
-        path = self.dir / f"{phase}.pt"
-        return self._load(path) if self.resume and path.exists() else None
-
-    def start(self, phase, modules, optimizer):
-        """Epoch to start the phase at: 0, or where last.pt left it (modules and optimizer then restored)."""
-        path = self.dir / "last.pt"
-        if not (self.resume and path.exists()):
-            return 0
-        state = self._load(path)
-        if state["phase"] != phase:
-            return 0
-        for name, module in modules.items():
-            module.load_state_dict(state["modules"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        print(f"{phase}: resumed from {path} after epoch {state['epoch']}")
-        return state["epoch"]
-
-    def epoch_done(self, phase, epoch, modules, optimizer, record):
-        if self.rank:
-            return
-        atomic_torch_save(dict(phase=phase, epoch=epoch, modules=module_states(modules),
-                               optimizer=optimizer.state_dict(), meta=self.meta), self.dir / "last.pt")
-        append_line(self.log, json.dumps(dict(phase=phase, epoch=epoch, **record)))
-
-    def run_epochs(self, phase, modules, optimizer, base_lr, epochs, epoch_batches, loss_of, warmup_epochs=0.0,
-                   **keep):
-        """The plain loop of a phase: for each epoch, epoch_batches(epoch) gives its batches and loss_of(batch) each
-        step's loss; the learning rate warms up linearly (at most a tenth of the phase) then decays to 0 along a
-        cosine; a non-finite loss stops the run; each epoch ends with a checkpoint and a log line, the phase with
-        DIR/<phase>.pt (holding `keep` too)."""
-        for epoch in range(self.start(phase, modules, optimizer), epochs):
-            t, losses, batches = time.time(), [], epoch_batches(epoch)
-            steps = len(batches)
-            warmup = int(min(warmup_epochs, epochs / 10) * steps)
-            for i, batch in enumerate(batches):
-                lr = lr_at(epoch * steps + i, epochs * steps, warmup, base_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = loss_of(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
-            mean = torch.stack(losses).mean().item()
-            if not math.isfinite(mean):
-                raise SystemExit(f"{phase}: loss is {mean} in epoch {epoch + 1}; try a lower learning rate, then "
-                                 f"--resume (the last good state is {self.dir / 'last.pt'})")
-            print(f"{phase} epoch {epoch + 1}/{epochs} loss {mean:.4f} lr {lr:.2e} {time.time() - t:.1f}s", flush=True)
-            self.epoch_done(phase, epoch + 1, modules, optimizer, dict(loss=round(mean, 5),
-                                                                       seconds=round(time.time() - t, 2)))
-        self.finish(phase, modules, **keep)
-
-    def finish(self, phase, modules, **extra):
-        if not self.rank:
-            atomic_torch_save(dict(phase=phase, modules=module_states(modules), meta=self.meta, **extra),
-                              self.dir / f"{phase}.pt")
-
-
-def module_states(modules):
-    return {name: {k: v.detach().cpu() for k, v in module.state_dict().items()} for name, module in modules.items()}
-
-
-def write_system_results(out_dir, system, preds, labels, counts, shot_rule, meta, titles=None, arrays=None):
-    """A compared system's results.json (stage 04's shape: variants, shot_counts, shot_rule, meta), results.md and
-    predictions.npz (labels, every variant's predictions, and whatever else the script adds)."""
-    out_dir = Path(out_dir)
-    variants = {name: accuracy_report(pred, labels, counts, shot_rule) for name, pred in preds.items()}
-    results = dict(system=system, dataset=meta["dataset"], num_test=len(labels), variants=variants,
-                   labels=titles or {}, shot_counts=shot_counts(counts, shot_rule), shot_rule=shot_rule, meta=meta)
-    atomic_savez(out_dir / "predictions.npz", labels=np.asarray(labels, dtype=np.int64),
-                 **{f"pred_{n}": np.asarray(p, dtype=np.int64) for n, p in preds.items()}, **(arrays or {}))
-    fmt = lambda x: "-" if x is None else f"{x:.2f}"
-    lines = [f"# {system}: {meta['dataset']} ({len(labels)} test images, shot rule {shot_rule})", "",
-             "| variant | many | medium | few | overall |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {name} | {fmt(r['many'])} | {fmt(r['medium'])} | {fmt(r['few'])} | {fmt(r['overall'])} |"
-              for name, r in variants.items()]
-    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
-    atomic_write_json(out_dir / "results.json", results)
-    return results
-
 
 def run_script(main):
     """A script's entry point: bad input (a missing or unreadable file, a value the kit refuses, a full disk) ends
@@ -928,7 +909,10 @@ def run_script(main):
     except (OSError, ValueError) as e:
         if os.environ.get("HLC_TRACEBACK"):
             raise
-        print(f"{Path(sys.argv[0]).name}: error: {e}  (HLC_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a loader worker: its own message is the last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"{Path(sys.argv[0]).name}: error: {message}  (HLC_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
@@ -938,11 +922,14 @@ def run_script(main):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield `path.tmp` to write to; on success it replaces `path` in one step, so no reader sees half a file. On
-    any failure the temporary file is removed, and the error says how much room the disk had left."""
+    """Yield a temporary file next to `path` to write to; on success it replaces `path` in one step, so no reader sees
+    half a file. The temporary name is this writer's own (process and a random part), so two writers of one file
+    (two runs sharing a feature cache) never write into each other's. On any failure the temporary file is removed,
+    and the error says how much room the disk had left."""
+    import secrets
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -989,7 +976,12 @@ def load_checkpoint(path, what, mmap=False):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; it is written by {what}")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - a truncated, empty or foreign file: say which and what to do
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {first}); it is truncated, empty or not a file "
+                         f"of the kit. Delete it and run {what} again (make does, once the file is gone)") from None
 
 
 _HELD_LOCKS = {}
@@ -1088,8 +1080,8 @@ def load_text_features(path, classnames, data_root, model, pretrained, mmap=Fals
 
 
 # arguments a resumed training may change: they do not change what is trained (paths are checked by digest)
-RESUME_FREE = {"epochs", "workers", "log_every", "resume", "device", "compile", "feature_cache", "out", "data_root",
-               "features", "model", "pretrained"}
+RESUME_FREE = {"epochs", "workers", "log_every", "resume", "device", "compile", "precision", "feature_cache", "out",
+               "data_root", "features", "model", "pretrained", "split", "shot_rule"}
 
 
 def check_resume_args(saved, args, path, free=RESUME_FREE):

@@ -9,8 +9,10 @@ The cache is a JSONL file: one line per answer, appended and flushed the moment 
 environment or a key file, is sent in a header, and is never written or printed; server text that is printed has it
 cut out.
 """
+import http.client
 import json
 import os
+import sys
 import re
 import socket
 import threading
@@ -114,6 +116,33 @@ class ChatClient:
         """Server text with the key cut out: some servers echo the Authorization header in their errors."""
         return text.replace(self._key, "[key]") if self._key else text
 
+    def _post(self, body, headers):
+        """The answer's bytes, within --llm-timeout for the whole request: a server that trickles its answer a byte at a
+        time is cut off at the deadline, not after a timeout per byte."""
+        deadline = time.monotonic() + self.timeout
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+            chunks = []
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the answer took longer than {self.timeout}s")
+                if sock is not None:
+                    sock.settimeout(left)
+                chunk = resp.read1(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+
+    @staticmethod
+    def content(raw):
+        """The text of a chat-completions answer; anything else (no choices, null content) is a format error."""
+        text = json.loads(raw.decode("utf-8"))["choices"][0]["message"]["content"]
+        if not isinstance(text, str):
+            raise TypeError(f"message content is {type(text).__name__}, not text")
+        return text
+
     def ask(self, prompt):
         body = json.dumps({"model": self.model, "temperature": self.temperature,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
@@ -124,9 +153,7 @@ class ChatClient:
             wait = self.backoff * 2 ** attempt
             try:
                 self.requests += 1
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())["choices"][0]["message"]["content"]
+                return self.content(self._post(body, headers))
             except urllib.error.HTTPError as e:
                 detail = self.redact(e.read()[:300].decode(errors="replace"))
                 if e.code in (401, 403):
@@ -152,8 +179,10 @@ class ChatClient:
                     error = f"timeout after {self.timeout}s"
                 else:
                     error = self.redact(f"connection failed ({e.reason})")
-            except (KeyError, IndexError, json.JSONDecodeError) as e:
-                error = f"unexpected answer format ({e})"
+            except (http.client.HTTPException, ConnectionError) as e:  # dropped mid-body, reset, closed early
+                error = self.redact(f"connection broken ({type(e).__name__}: {e})")
+            except (KeyError, IndexError, TypeError, ValueError) as e:  # not JSON, not UTF-8, null content or choices
+                error = f"unexpected answer format ({type(e).__name__}: {str(e)[:200]})"
             if attempt < self.max_retries:
                 time.sleep(wait)
         raise RuntimeError(f"{self.url}: no answer after {self.max_retries + 1} tries (last: {error})")
@@ -181,7 +210,9 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
     from tqdm import tqdm
     model = client.model
     stats = dict(done=0, cached=0, failed=0)
-    bar = tqdm(total=len(classnames) * (1 + 5 * cupl_answers), desc="llm", disable=not progress)
+    total = len(classnames) * (1 + 5 * cupl_answers)
+    bar = tqdm(total=total, desc="llm", disable=not (progress and sys.stderr.isatty()))
+    started = last_line = time.time()  # in a log file (no terminal): a line every 30 s instead of the bar
     lock = threading.Lock()
     fatal = threading.Event()  # set by the first answer that retrying cannot fix: no thread sends another request
 
@@ -249,6 +280,10 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
                     cupl[c] = result
                 bar.update(1 if kind == "descriptors" else 5 * cupl_answers)
                 bar.set_postfix(stats)
+                if progress and bar.disable and time.time() - last_line >= 30:
+                    last_line = time.time()
+                    print(f"llm: {bar.n}/{total} answers ({stats}), {bar.n / (last_line - started):.1f}/s",
+                          file=sys.stderr, flush=True)
         except BaseException:
             for fut in futures:
                 fut.cancel()

@@ -2,9 +2,12 @@
 
 Reads   $(RUN)/results.json (the full HLC run), $(RUN)/ablation/<row>/results.json (Table 4, and the linear probe
         and VPT rows of Tables 1-3), $(RUN)/systems/<name>/results.json (the compared systems, Tables 1-3).
-Writes  $(RUN)/tables/table<N>.md, and prints them.
+Writes  $(RUN)/tables/table<N>.md and compare.md (HLC and every system with its optimizer steps, learning rate,
+        trainable parameters and weight selection), and prints them; with --seeds, one file of several runs' tables as
+        mean and range (make toy-seeds).
 
-    python make_tables.py --run runs/places_lt --table 1 4 6 7
+    python make_tables.py --run runs/places_lt --table 1 4 6 7 compare
+    python make_tables.py --seeds runs/toy runs/toy-seed1 runs/toy-seed2 --out runs/toy-seeds.md
 
 Tables 1, 2 and 3 are the paper's comparisons on Places-LT, ImageNet-LT and iNaturalist 2018: each writes the run at
 hand, with the published numbers of the same row where the run is that table's dataset (empty otherwise). Every
@@ -16,11 +19,16 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 import common
 
 # ---- published numbers: (many, medium, few, all), where they come from, and what differs from the kit's run ----
 PLACES, IMAGENET, INAT = "places_lt", "imagenet_lt", "inat2018"
 IN21K = "ViT-B/16 pre-trained on ImageNet-21k, not CLIP"
+LIFT_NOTE = "not in the HLC paper; overall only; whether with TTE not checked"
+# LIFT on CIFAR-100-LT (CLIP ViT-B/16), by imbalance ratio: 100 minus the error rates Papers with Code lists for it
+LIFT_CIFAR = {100: 81.7, 50: 83.1, 10: 84.9}
 PAPER = {
     4: {PLACES: {
         "a) zero-shot CLIP": ((35.0, 37.3, 44.2, 37.9), "HLC Table 4 a", ""),
@@ -30,7 +38,8 @@ PAPER = {
         "f) + corpus": ((51.2, 48.9, 43.9, 48.8), "HLC Table 4 f", ""),
         "g) + SFM": ((53.1, 50.2, 46.4, 50.5), "HLC Table 4 g", ""),
         "h) + descriptors, unweighted": ((49.9, 48.2, 40.3, 47.3), "HLC Table 4 h", ""),
-        "i) + reweighted (HLC), paper's descriptor loss": ((53.1, 52.1, 48.6, 51.5), "HLC Table 4 i", "")}},
+        "i) + reweighted (HLC)": ((53.1, 52.1, 48.6, 51.5), "HLC Table 4 i", "the paper does not state its descriptor "
+                                                                             "loss")}},
     # Table 6, read from our text copy: rows N/A, 9 and 11 are whole; rows 1 and 3, and 5 and 7, run into each other
     6: {PLACES: {"all (no classifier)": ((52.7, 41.1, 36.8, 44.5), "HLC Table 6 N/A", ""),
                  "9": ((52.5, 49.1, 45.1, 49.5), "HLC Table 6", ""), "11": ((52.3, 47.8, 43.2, 48.5), "HLC Table 6", "")}},
@@ -47,6 +56,7 @@ PAPER = {
         "ivlm_ce_disalign": ((None, None, None, 46.78), "IVLM Table 4, two stages", ""),
         "vl_ltr_lgr": ((54.2, 48.5, 42.0, 50.1), "HLC Table 1", "both towers fine-tuned"),
         "lt_dpt": ((46.9, 52.6, 49.2, 49.9), "LT-DPT Table 3", IN21K),
+        "lift_tte": ((None, None, None, 52.2), "LIFT, as Papers with Code lists it", LIFT_NOTE),
         "hlc": ((53.1, 52.1, 48.6, 51.5), "HLC Table 1", "")}},
     2: {IMAGENET: {
         "zero_shot": ((65.4, 63.5, 63.2, 64.2), "HLC Table 2", ""),
@@ -56,6 +66,7 @@ PAPER = {
         "ivlm_ce_marc": ((83.9, 78.3, 70.0, 79.3), "HLC Table 2, MARC+IVLM", "ViT-L/14 (IVLM Table 1)"),
         "vl_ltr_lgr": ((84.5, 74.6, 59.3, 77.2), "HLC Table 2", "both towers fine-tuned"),
         "lt_dpt": ((85.8, 84.1, 78.4, 84.0), "LT-DPT Table 2", IN21K),
+        "lift_tte": ((None, None, None, 78.3), "LIFT, as Papers with Code lists it", LIFT_NOTE),
         "hlc": ((84.1, 79.1, 71.1, 79.9), "HLC Table 2", "")}},
     3: {INAT: {
         "zero_shot": ((9.9, 5.3, 4.6, 5.5), "HLC Table 3", ""),
@@ -76,13 +87,13 @@ TABLE4_ROWS = (("a) zero-shot CLIP", "full", "zero_shot"), ("b) linear probe", "
                ("d) + VPT", "vpt", "coarse"), ("e) + LA", "vpt", "coarse_la"),
                ("f) + corpus", "corpus", "coarse_la"), ("g) + SFM", "sfm", "coarse_la"),
                ("h) + descriptors, unweighted", "sfm", "hlc_unweighted"),
-               ("i) + reweighted (HLC), paper's descriptor loss", "ce", "hlc"),
-               ("i) + reweighted (HLC), kit's logit-adjusted descriptor loss", "full", "hlc"))
+               ("i) + reweighted (HLC)", "full", "hlc"),
+               ("i') the same, plain cross-entropy descriptor loss", "desc_ce", "hlc"))
 # Tables 1-3: the kit's rows, in the papers' order; systems add their own variants (see SYSTEM_ROWS)
 BASELINE_ROWS = (("Zero-shot CLIP", "full", "zero_shot", "zero_shot"), ("CLIP + linear probe", "lp", "coarse",
                  "linear_probe"), ("VPT (CLIP, cross-entropy)", "vpt", "coarse", "vpt"))
 SYSTEM_ROWS = {  # system -> its name in the tables; every variant a system writes becomes a row
-    "ballad": "BALLAD", "imbalance_vlm": "Imbalance-VLM", "vl_ltr": "VL-LTR", "lt_dpt": "LT-DPT"}
+    "ballad": "BALLAD", "imbalance_vlm": "Imbalance-VLM", "vl_ltr": "VL-LTR", "lt_dpt": "LT-DPT", "lift": "LIFT"}
 
 
 def fmt(x):
@@ -110,32 +121,105 @@ def load(path, how="make"):
 
 
 def comparison_rows(run, full):
-    """(label, numbers, variant) for the baselines, every compared system found under run/systems/, and HLC."""
+    """(label, numbers, variant, training) for the baselines, every compared system found under run/systems/, and HLC;
+    training: optimizer steps, lr, trainable parameters and selection rule, as each run recorded them."""
     rows = []
     for label, ablation, variant, key in BASELINE_ROWS:
         res = full if ablation == "full" else load(run / "ablation" / ablation / "results.json", "make table1")
-        rows.append((label, res["variants"][variant], key))
+        rows.append((label, res["variants"][variant], key, res.get("training") if ablation != "full" else None))
     for name, title in SYSTEM_ROWS.items():
         path = run / "systems" / name / "results.json"
         if path.exists():
             res = json.loads(path.read_text())
             for variant, numbers in res["variants"].items():
-                rows.append((f"{title}: {res.get('labels', {}).get(variant, variant)}", numbers, variant))
-    rows.append(("HLC", full["variants"]["hlc"], "hlc"))
+                rows.append((f"{title}: {res.get('labels', {}).get(variant, variant)}", numbers, variant,
+                             res.get("training")))
+    rows.append(("HLC", full["variants"]["hlc"], "hlc", full.get("training")))
     return rows
+
+
+def render_compare(title, rows, paper):
+    """The comparison with each method's budget: steps, learning rate, trainable parameters, weights kept."""
+    text = render(title, [(label, r, key) for label, r, key, _ in rows], paper)
+    lines = ["", "| | optimizer steps | learning rate | trainable parameters | weights tested |", "| --- | --- | --- | --- | --- |"]
+    seen = set()
+    for label, _, _, t in rows:
+        name = label.split(":")[0]
+        if t and name not in seen:
+            seen.add(name)
+            lines.append(f"| {name} | {t.get('optimizer_steps', '-')} | {t.get('lr', '-')} | "
+                         f"{t.get('trainable_params', '-')} | {t.get('selection', '-')} |")
+    return text + "\n".join(lines) + "\n"
+
+
+def table_rows(path):
+    """{row label: [many, medium, few, overall]} from a markdown table this script wrote."""
+    rows = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 5 and cells[0] and cells[1] not in ("Many", "---"):
+            try:
+                rows[cells[0]] = [None if c == "-" else float(c) for c in cells[1:5]]
+            except ValueError:
+                continue
+    return rows
+
+
+def seeds_table(runs, out):
+    """Tables 4, 6, 7 and the comparison of several runs (seeds) as mean and range (min-max) per cell."""
+    parts = [f"# The toy world over {len(runs)} seeds: mean (min to max) of {', '.join(str(r) for r in runs)}", ""]
+    for name in ("table4", "table6", "table7", "compare"):
+        tables = [table_rows(Path(r) / "tables" / f"{name}.md") for r in runs if (Path(r) / "tables" / f"{name}.md").exists()]
+        if len(tables) < len(runs):
+            parts += [f"({name}: missing in some runs; `make toy-seeds` makes them)", ""]
+            continue
+        parts += [f"## {name}", "", "| | Many | Med. | Few | Acc. |", "| --- | --- | --- | --- | --- |"]
+        for label in tables[0]:
+            cells = []
+            for i in range(4):
+                values = [t[label][i] for t in tables if label in t and t[label][i] is not None]
+                cells.append(f"{np.mean(values):.2f} ({min(values):.2f} to {max(values):.2f})" if values else "-")
+            parts.append(f"| {label} | " + " | ".join(cells) + " |")
+        parts.append("")
+    common.atomic_write_text(out, "\n".join(parts) + "\n")
+    print("\n".join(parts))
+
+
+def cifar_paper(run):
+    """LIFT's published CIFAR-100-LT number for this run's imbalance ratio (read from its training counts)."""
+    z = np.load(run / "predictions.npz")
+    ratio = int(round(z["class_counts"].max() / max(1, z["class_counts"].min())))
+    if ratio not in LIFT_CIFAR:
+        return {}
+    return {"lift_tte": ((None, None, None, LIFT_CIFAR[ratio]), f"LIFT, as Papers with Code lists it (IR {ratio})",
+                         LIFT_NOTE)}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run directory holding results.json (and ablation/, systems/)")
-    p.add_argument("--table", nargs="+", type=int, choices=[1, 2, 3, 4, 6, 7], default=[4, 6, 7],
+    p.add_argument("--run", help="run directory holding results.json (and ablation/, systems/)")
+    p.add_argument("--table", nargs="+", choices=["1", "2", "3", "4", "6", "7", "compare"], default=["4", "6", "7"],
                    help="tables to write")
+    p.add_argument("--seeds", nargs="+", help="instead: several runs' tables as mean and range (make toy-seeds)")
+    p.add_argument("--out", help="with --seeds: the markdown file to write")
     args = p.parse_args(argv)
+    if args.seeds:
+        return seeds_table(args.seeds, args.out or "toy-seeds.md")
+    if not args.run:
+        raise SystemExit("give --run RUN (or --seeds RUN RUN ...)")
 
     run = Path(args.run)
     full = load(run / "results.json")
     dataset = full["dataset"]
     for t in args.table:
+        if t == "compare":
+            paper = cifar_paper(run) if dataset == "cifar100_lt" else PAPER[{PLACES: 1, IMAGENET: 2, INAT: 3}[dataset]][
+                dataset] if dataset in (PLACES, IMAGENET, INAT) else {}
+            text = render_compare(f"HLC and the compared systems on {dataset}", comparison_rows(run, full), paper)
+            common.atomic_write_text(run / "tables" / "compare.md", text)
+            print(text)
+            continue
+        t = int(t)
         paper = PAPER[t].get(dataset, {})
         note = "" if dataset == TABLE_DATASET[t] else (f" (the paper's numbers are for {TABLE_DATASET[t]}, so no "
                                                        "paper columns here)")
@@ -159,7 +243,7 @@ def main(argv=None):
                     ("descriptors, reweighted (HLC)", full["zero_shot_reweighted"])]
             text = render(title, [(label, r, label) for label, r in rows], paper)
         else:
-            text = render(title, comparison_rows(run, full), paper)
+            text = render(title, [(label, r, key) for label, r, key, _ in comparison_rows(run, full)], paper)
         common.atomic_write_text(run / "tables" / f"table{t}.md", text)
         print(text)
 

@@ -3,9 +3,10 @@
 CLIP's visual tower stays frozen; all its output tokens (before ln_post and the projection) go through a light
 decoder, 3 transformer blocks of the tower's width (4 heads, MLP ratio 0.5, qkv bias), whose CLS token feeds a
 linear classifier. The decoder and the classifier are trained with one of the long-tail losses (one stage), and a
-second stage may then re-balance the classifier on the frozen stage-1 model (cRT, LWS, MARC, DisAlign).
+second stage may then re-balance the classifier on the frozen stage-1 model (cRT, LWS, MARC, DisAlign). Each stage
+keeps its best weights on the val split (evaluated 32 times a stage), as the code does.
 
-Reads   the train and evaluation splits, the CLIP model, text_features.pt (only to check that it fits: the method
+Reads   the train, val and evaluation splits, the CLIP model, text_features.pt (only to check that it fits: the method
         uses no text).
 Writes  $(RUN)/systems/imbalance_vlm/: results.json (variants ivlm_<loss> and ivlm_<loss>_<stage2>), results.md,
         predictions.npz, log.jsonl, one checkpoint per finished stage (stage1_<loss>.pt, stage2_<loss>_<head>.pt),
@@ -19,23 +20,26 @@ By default the run gives the paper's headline recipes for ViT-B/16 (its Table 4)
 (ivlm_ce) and two stages with DisAlign on it (ivlm_ce_disalign), plus MARC on it (ivlm_ce_marc, the "MARC + IVLM"
 row of HLC's Table 2, which is the paper's ViT-L/14 number).
 
-Where the kit departs from the original (Imbalance-VLM/Imbalance-VLM, whose defaults the flags follow):
+The recipes follow the original code (Imbalance-VLM/Imbalance-VLM: scripts/config_generator_imb_clip.py,
+imblearn/core/utils/build.py): SGD with Nesterov momentum, no weight decay on biases and 1-D parameters (LWS scales,
+MARC's a and b, DisAlign's scale and shift included), 512 warm-up steps then cos(7/16 pi t), which ends near 0.2 x
+the learning rate, not 0; gradient clipping 1.0. Where the kit departs from it:
 - The second stage trains on the stage-1 model's CLS features of the training images, encoded once with the
   evaluation transform; the original runs the tower and decoder on augmented images at every step of stage 2.
 - Evaluation uses CLIP's evaluation transform (resize to the model's size, centre crop); the original resizes to
   256 and crops 224. The decoder blocks are open_clip's (LayerNorm eps 1e-5; timm's Block uses 1e-6).
+- iNaturalist has no val split apart from the evaluated one: the last weights there (the code selects on it).
 - As in the code: LDAM subtracts its margins from the raw logits with no scale s; cRT continues training the
   stage-1 classifier with class-balanced sampling (the code's CLIP path never re-initialises it; --crt-reinit does,
   as Kang et al.); MARC and DisAlign train with the GRW loss and instance sampling, cRT and LWS with cross-entropy
   and class-balanced sampling.
 
 Published (ViT-B/16, overall only, IVLM Table 4): ImageNet-LT 68.14 (one stage) / 73.23 (two stages); Places-LT
-37.4 / 46.78; iNaturalist 2018 51.35 / 59.22. Toy world, 2-core CPU: see the README ("Compared systems").
+37.4 / 46.78; iNaturalist 2018 51.35 / 59.22. Toy world: docs/systems.md.
 """
 import argparse
 import copy
 import math
-import time
 
 import numpy as np
 import torch
@@ -43,7 +47,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from systems import frame
 
+RECIPES = {
+    # code: scripts/config_generator_imb_clip.py (num_train_iter 8192, num_warmup_iter 512, num_eval_iter 256,
+    # batch_size 256, lr 0.03 for imagenet_lt, places and inaturalist alike)
+    "default": dict(iterations=8192, evals=32, lr=0.03, batch_size=256, lr_scale=1.0),
+    # the toy world: the shared step budget (docs/systems.md), split evenly between the stages as the code's 8192 + 8192;
+    # lr_scale picked by make tune-toy
+    "toy": dict(iterations=500, evals=25, batch_size=32, lr_scale=1.0),  # 25 evaluations of 20 steps
+}
 LOSSES = ("ce", "balanced_softmax", "focal", "ldam", "lade", "cbw", "grw")
 STAGE2 = ("crt", "lws", "marc", "disalign")
 
@@ -182,6 +195,23 @@ class Towers(nn.Module):
         return torch.cat([d.features(tokens.float()) for d in self.decoders], dim=1)
 
 
+def param_groups(module, weight_decay):
+    """The code's param_groups_weight_decay: no weight decay on biases and 1-D parameters."""
+    plain, no_decay = [], []
+    for name, q in module.named_parameters():
+        if q.requires_grad:
+            (no_decay if q.ndim <= 1 or name.endswith(".bias") else plain).append(q)
+    return [dict(params=no_decay, weight_decay=0.0), dict(params=plain, weight_decay=weight_decay)]
+
+
+def cosine_7_16(step, total, warmup, base_lr):
+    """The code's get_cosine_schedule_with_warmup: linear from 0 over the warm-up, then lr cos(7/16 pi t), t from 0 to 1
+    (ending at cos(7 pi / 16) = 0.195 of the learning rate)."""
+    if step < warmup:
+        return base_lr * step / max(1, warmup)
+    return base_lr * max(0.0, math.cos(math.pi * 7 / 16 * (step - warmup) / max(1, total - warmup)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, help="imagenet_lt, places_lt, inat2018, or any name (generic layout)")
@@ -197,30 +227,35 @@ def main(argv=None):
                    help="second stages on each stage-1 model (paper's headline two-stage: disalign; HLC Table 2: marc)")
     p.add_argument("--crt-reinit", action="store_true", help="cRT re-initialises the classifier (Kang et al.; the "
                                                                  "code's CLIP path keeps the stage-1 classifier)")
-    p.add_argument("--iterations", type=int, default=8192, help="steps per stage (code: 8192)")
-    p.add_argument("--epochs", type=int, default=0, help="instead of --iterations: this many epochs per stage")
+    p.add_argument("--iterations", type=int, help=common.recipe_help(RECIPES, "iterations", "steps per stage"))
+    p.add_argument("--epochs", type=int, help="instead of --iterations: this many epochs per stage (Make: EPOCHS)")
+    p.add_argument("--lr", type=float, help=common.recipe_help(RECIPES, "lr", "SGD learning rate"))
+    p.add_argument("--batch-size", type=int, help=common.recipe_help(RECIPES, "batch_size", "images per step"))
     p.add_argument("--warmup", type=int, default=512, help="linear warm-up steps of 8192, scaled with the schedule "
                                                            "(code: 512)")
-    p.add_argument("--lr", type=float, default=0.03, help="SGD learning rate, cosine to 0 (code: 0.03)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (code: 0.9)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (code: 5e-4)")
+    p.add_argument("--evals", type=int, help=common.recipe_help(RECIPES, "evals", "val evaluations per stage, the best "
+                                                                                 "kept (code: every 256 of 8192 steps)"))
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum (code: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay, not on biases and 1-D "
+                                                                     "parameters (code: 5e-4)")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping (code: 1.0)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per step (code: 256)")
     p.add_argument("--depth", type=int, default=3, help="decoder blocks (paper: 3)")
     p.add_argument("--heads", type=int, default=4, help="decoder attention heads (paper: 4)")
     p.add_argument("--mlp-ratio", type=float, default=0.5, help="decoder MLP ratio (code: 0.5)")
-    common.add_system_run_args(p)
+    frame.add_run_args(p, selection="best")
     args = p.parse_args(argv)
 
     # ---- setup ----
-    device, out = common.system_setup(args, "imbalance_vlm")
+    device, out = frame.setup(args, "imbalance_vlm", RECIPES)
+    base_lr = args.lr * args.lr_scale
 
     # ---- data ----
-    classnames, text, samples, counts, split, test = common.system_data(args)
+    classnames, text, samples, counts, val, split, test = frame.load_data(args)
     num_classes = len(classnames)
     labels = torch.tensor([y for _, y, _ in samples])
     prior = torch.from_numpy(common.class_prior(counts)).to(device)  # (C,) float64
     margins = ldam_margins(counts).to(device)
+    batch = common.cap_batch(args.batch_size, len(samples))
 
     # ---- model: the frozen tower, a decoder per one-stage loss ----
     clip, _, preprocess_val, model_name = common.load_clip(args.model, args.pretrained, device)
@@ -229,93 +264,85 @@ def main(argv=None):
     width = visual.conv1.out_channels
     decoders = {loss: Decoder(width, num_classes, args.depth, args.heads, args.mlp_ratio).to(device)
                 for loss in args.loss}
-    meta = common.make_meta("systems.imbalance_vlm", args, dataset=args.dataset, num_classes=num_classes,
-                            model=model_name, pretrained=args.pretrained, classnames_digest=common.names_digest(classnames),
-                            train_split_digest=common.split_digest(samples, args.data_root),
-                            text_features_digest=text["meta"]["digest"])
-    ckpt = common.PhaseCheckpoints(out, meta, args, args.resume)
-    steps_per_epoch = len(samples) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} is larger than the training set ({len(samples)} images)")
-    total_steps = args.epochs * steps_per_epoch if args.epochs else args.iterations
+    meta = frame.make_meta("systems.imbalance_vlm", args, classnames, samples, text, model_name)
+    phases = frame.Phases(out, meta, args, args.resume)
+    steps_per_epoch = len(samples) // batch
+    if args.epochs:  # an epoch per chunk
+        chunks, chunk = args.epochs, steps_per_epoch
+    else:  # the code evaluates every iterations / 32 steps: a chunk is that many steps
+        chunks = args.evals
+        chunk = max(1, round(args.iterations / chunks))
+    total_steps = chunks * chunk
     warmup = round(args.warmup * total_steps / 8192)
-    chunks = [min(steps_per_epoch, total_steps - s) for s in range(0, total_steps, steps_per_epoch)]  # checkpointed
     print(f"Imbalance-VLM on {args.dataset}: frozen tower {common.count_parameters(visual)[0] / 1e6:.2f}M, decoder "
           f"{common.count_parameters(next(iter(decoders.values())))[0] / 1e6:.2f}M per loss ({', '.join(args.loss)}); "
-          f"{total_steps} steps of {args.batch_size} per stage, second stages: {', '.join(args.stage2) or 'none'}")
+          f"{total_steps} steps of {batch} per stage, second stages: {', '.join(args.stage2) or 'none'}; weights "
+          f"kept: {args.select}")
 
-    def run_stage(phase, module, draw_batch, loss_of):
-        """SGD, warm-up then cosine to 0, gradient clipping; a checkpoint per chunk of steps_per_epoch steps."""
-        params = [q for q in module.parameters() if q.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-        modules = {"model": module}
-        for chunk in range(ckpt.start(phase, modules, optimizer), len(chunks)):
-            t, losses, step0 = time.time(), [], sum(chunks[:chunk])
-            module.train()
-            for i, batch in enumerate(draw_batch(chunk, chunks[chunk])):
-                for group in optimizer.param_groups:
-                    group["lr"] = common.lr_at(step0 + i, total_steps, warmup, args.lr)
-                loss = loss_of(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-                optimizer.step()
-                losses.append(loss.detach())
-            mean = torch.stack(losses).mean().item()
-            if not math.isfinite(mean):
-                raise SystemExit(f"{phase}: loss is {mean} after {step0 + chunks[chunk]} steps; try a lower --lr")
-            print(f"{phase} {step0 + chunks[chunk]}/{total_steps} steps loss {mean:.4f} {time.time() - t:.1f}s",
-                  flush=True)
-            ckpt.epoch_done(phase, chunk + 1, modules, optimizer, dict(steps=step0 + chunks[chunk],
-                                                                        loss=round(mean, 5),
-                                                                        seconds=round(time.time() - t, 2)))
-        ckpt.finish(phase, modules)
-        module.eval()
+    def sgd(module):
+        return torch.optim.SGD(param_groups(module, args.weight_decay), lr=base_lr, momentum=args.momentum,
+                               nesterov=True)
 
-    def instance_batches(chunk, steps):  # a fresh permutation per chunk of steps (the code's RandomSampler)
-        perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed * 1000 + chunk))
-        return list(perm[:steps * args.batch_size].split(args.batch_size))
+    schedule = lambda step, total: cosine_7_16(step, total, warmup, base_lr)
 
-    def balanced_batches(chunk, steps):  # WeightedRandomSampler with weights 1 / n_c (the code's "cbs")
-        return common.weighted_batches(labels, 1.0 / np.maximum(counts, 1), args.batch_size, steps * args.batch_size,
-                                       torch.Generator().manual_seed(args.seed * 1000 + chunk))
+    def instance_batches(chunk_index):  # a fresh permutation per chunk of steps (the code's RandomSampler)
+        perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed * 1000 + chunk_index))
+        perm = perm.repeat(math.ceil(chunk * batch / len(perm)))
+        return list(perm[:chunk * batch].split(batch))
+
+    def balanced_batches(chunk_index):  # WeightedRandomSampler with weights 1 / n_c (the code's "cbs")
+        return frame.weighted_batches(labels, 1.0 / np.maximum(counts, 1), batch, chunk * batch,
+                                      torch.Generator().manual_seed(args.seed * 1000 + chunk_index))
 
     # ---- stage 1: a decoder and classifier per loss, on the frozen tower's tokens of augmented images ----
     sampler = common.Batches()
-    loader, to_device = common.image_loader(samples, common.system_train_transform(preprocess_val), args.decode, device,
+    loader, to_device = common.image_loader(samples, frame.train_transform(preprocess_val), args.decode, device,
                                             seed=args.seed, workers=args.workers, batch_sampler=sampler)
+    val_labels = torch.tensor([y for _, y, _ in val]).to(device) if val else None
+    encode = lambda module, items, what: common.encode_split({"f": module}, items, preprocess_val, device,
+                                                             workers=args.workers, desc=what,
+                                                             normalize=False)["f"].to(device)
     for loss_kind, decoder in decoders.items():
-        done = ckpt.finished(f"stage1_{loss_kind}")
+        phase = f"stage1_{loss_kind}"
+        done = phases.finished(phase, chunks)
         if done:
             decoder.load_state_dict(done["modules"]["model"])
-            print(f"stage 1 ({loss_kind}): loaded {out / f'stage1_{loss_kind}.pt'}")
             continue
 
-        def image_batches(chunk, steps):
-            sampler.batches = [[(chunk, j) for j in b.tolist()] for b in instance_batches(chunk, steps)]
+        def image_batches(chunk_index):
+            sampler.batches = [[(chunk_index, j) for j in b.tolist()] for b in instance_batches(chunk_index)]
             return loader
 
-        def decoder_loss(batch):
-            images, y = to_device(batch)
+        def decoder_loss(images_labels, decoder=decoder, loss_kind=loss_kind):
+            images, y = to_device(images_labels)
             with torch.no_grad(), common.image_autocast(device):
                 tokens = tower_tokens(visual, images)
             return stage1_loss(loss_kind, decoder(tokens.float()), y, prior, margins)
 
-        run_stage(f"stage1_{loss_kind}", decoder, image_batches, decoder_loss)
+        def decoder_val(decoder=decoder):  # the tower and this decoder over the val images, as the code evaluates
+            decoder.eval()
+            acc = frame.accuracy(decoder.classifier, encode(Towers(visual, [decoder]), val, "val"), val_labels)
+            decoder.train()
+            return acc
+
+        decoder.train()
+        phases.run(phase, {"model": decoder}, sgd(decoder), chunks, image_batches, decoder_loss, schedule,
+                   validate=decoder_val if val else None, clip_grad=args.clip_grad)
+        decoder.eval()
 
     # ---- stage 2: re-balanced classifiers on the stage-1 models' features (encoded once) ----
     towers = Towers(visual, list(decoders.values())).eval()
     heads = {}
     if args.stage2:
-        train_feats = common.encode_split({"f": towers}, samples, preprocess_val, device, workers=args.workers,
-                                          desc="encode train", normalize=False)["f"].to(device)
+        train_feats = encode(towers, samples, "encode train")
+        val_feats = encode(towers, val, "val") if val else None
         labels_device = labels.to(device)
     for m, (loss_kind, decoder) in enumerate(decoders.items()):
         for kind in args.stage2:
             phase = f"stage2_{loss_kind}_{kind}"
             head = SecondStage(kind, decoder.classifier, args.crt_reinit).to(device)
             heads[(loss_kind, kind)] = head
-            done = ckpt.finished(phase)
+            done = phases.finished(phase, chunks)
             if done:
                 head.load_state_dict(done["modules"]["model"])
                 continue
@@ -325,11 +352,14 @@ def main(argv=None):
                 if kind in ("crt", "lws") else (lambda idx, h=head, f=feats: reweighted(h(f[idx]), labels_device[idx],
                                                                                            grw))
             draw = balanced_batches if kind in ("crt", "lws") else instance_batches
-            run_stage(phase, head, lambda chunk, steps: [b.to(device) for b in draw(chunk, steps)], head_loss)
+            head_val = (lambda h=head, m=m: frame.accuracy(h, val_feats[:, m * width:(m + 1) * width], val_labels)) \
+                if val else None
+            phases.run(phase, {"model": head}, sgd(head), chunks, lambda c, draw=draw: [b.to(device) for b in draw(c)],
+                       head_loss, schedule, validate=head_val, clip_grad=args.clip_grad)
+            head.eval()
 
     # ---- evaluation: one pass of the tower and every decoder over the test images ----
-    feats = common.encode_split({"f": towers}, test, preprocess_val, device, workers=args.workers, desc="eval",
-                                normalize=False)["f"].to(device)
+    feats = encode(towers, test, "eval")
     preds = {}
     with torch.no_grad():
         for m, (loss_kind, decoder) in enumerate(decoders.items()):
@@ -343,7 +373,12 @@ def main(argv=None):
     titles = {f"ivlm_{lk}": f"{names[lk]}, one stage" for lk in args.loss}
     titles.update({f"ivlm_{lk}_{k}": f"{names[lk]} + {names[k]}, two stages" for lk in args.loss for k in args.stage2})
     truth = np.array([y for _, y, _ in test])
-    results = common.write_system_results(out, "Imbalance-VLM", preds, truth, counts, args.shot_rule, meta, titles)
+    stage1 = frame.trainable(next(iter(decoders.values())))
+    stage2 = max((frame.trainable(h) for h in heads.values()), default=0)
+    training = dict(optimizer_steps=f"{total_steps} + {total_steps}" if args.stage2 else total_steps, lr=base_lr,
+                    trainable_params=f"{stage1} + {stage2}" if args.stage2 else stage1, selection=args.select,
+                    batch_size=batch)
+    results = frame.write_results(out, "Imbalance-VLM", preds, truth, counts, args.shot_rule, meta, titles, training)
     print(f"Imbalance-VLM on {args.dataset} {split}: " + ", ".join(
         f"{name} {r['overall']:.2f}" for name, r in results["variants"].items()) + f" -> {out}")
 

@@ -15,19 +15,21 @@ Writes  $(RUN)/systems/lt_dpt/: results.json (variant lt_dpt), results.md, predi
         last.pt (--resume).
 
     python -m systems.lt_dpt --dataset places_lt --data-root data/places_lt \
-        --features runs/places_lt/text_features.pt --out runs/places_lt/systems/lt_dpt --epochs 100 --drw-epochs 40
+        --features runs/places_lt/text_features.pt --out runs/places_lt/systems/lt_dpt
 
 Where the kit departs from the original (no public code; the paper and its bases LPT and GNM-PT):
 - The backbone is CLIP's visual tower, not an ImageNet-21k ViT-B/16, and the cosine classifier starts from the class
   prompts of stage 02 (HLC's choice), not at random.
-- The design gap of SYSTEMS.md: in deep VPT each layer's prompt outputs are thrown away, so a bias on the prompts'
-  own attention rows would never reach CLS. Here the prompt tokens are carried forward: a layer's prompt input is
-  the previous layer's prompt output plus that layer's learnable prompts (the background prompts join at layer
-  L - H), so the biased attention of every layer shapes the tokens that CLS attends to in the layers after it.
+- The design gap: in deep VPT each layer's prompt outputs are thrown away, so a bias on the prompts' own attention
+  rows would never reach CLS. Here the prompt tokens are carried forward: a layer's prompt input is the previous
+  layer's prompt output plus that layer's learnable prompts (the background prompts join at layer L - H), so the
+  biased attention of a layer shapes the tokens that CLS attends to in the layers after it. In the last layer there
+  is no layer after it: alpha and beta act in layers 1 to L - 1 (a bias there could reach nothing, and would get no
+  gradient).
 - The bias enters open_clip's attention blocks through their attn_mask argument (an additive float mask per image
   and head), not through a modified block.
 - Left open by the paper, set as LPT: prompt lengths 10 (foreground and background), 20 groups, top-2; alpha and
-  beta one per layer, starting at 1. The orthogonality term sums |cos| over the pairs of groups of a layer and
+  beta one per layer, starting at 1. No code, so no val selection: the last weights are tested. The orthogonality term sums |cos| over the pairs of groups of a layer and
   averages over the H layers: Eq. 6 sums the cosines themselves, whose minimum is not orthogonality (a simplex, every
   pair at -1/(G-1)), while the text asks for groups "towards orthogonality", where |cos| is zero. GCL's noise
   multiplier 0.5 and no extra margin, as GCL's own first stage; GNM's rho 0.05, its
@@ -39,7 +41,6 @@ comparable with CLIP on ImageNet-LT, whose pre-training overlaps ImageNet-21k. T
 """
 import argparse
 import math
-import time
 
 import numpy as np
 import torch
@@ -47,6 +48,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from systems import frame
+
+RECIPES = {
+    # paper Sec. 4.1: SGD lr 0.005, batch 128; CIFAR-100-LT, ImageNet-LT, iNaturalist 70 epochs, DRW in the last 10
+    "default": dict(epochs=70, drw_epochs=10, lr=0.005, batch_size=128, lr_scale=1.0),
+    "places_lt": dict(epochs=100, drw_epochs=40),  # paper Sec. 4.1: Places-LT 100 epochs, DRW in the last 40
+    # the toy world: the shared step budget (docs/systems.md), DRW in the last 1/7 as on ImageNet-LT; lr_scale picked
+    # by make tune-toy
+    "toy": dict(epochs=20, drw_epochs=3, batch_size=32, lr_scale=1.0),
+}
 
 
 # ---- saliency (Hou and Zhang 2007): spectral residual of the grey image, pooled to the patch grid ----
@@ -110,7 +121,10 @@ class DecoupledPrompts(nn.Module):
         n_layers_bg = self.layers - self.bg_from
         self.groups = nn.Parameter(torch.empty(n_layers_bg, groups, n_bg, width).uniform_(-bound, bound))
         self.keys = nn.Parameter(torch.empty(n_layers_bg, groups, width).uniform_(-bound, bound))
-        self.alpha, self.beta = nn.Parameter(torch.ones(self.layers)), nn.Parameter(torch.ones(n_layers_bg))
+        # the last layer's prompt outputs are dropped before pooling, so a bias on their attention could reach
+        # nothing there: alpha and beta act in every layer but the last
+        self.alpha = nn.Parameter(torch.ones(self.layers - 1))
+        self.beta = nn.Parameter(torch.ones(max(0, n_layers_bg - 1)))
         self.n_fg, self.n_bg, self.top_k = n_fg, n_bg, min(top_k, groups)
 
     def train(self, mode=True):
@@ -131,8 +145,8 @@ class DecoupledPrompts(nn.Module):
                 bg = mix_groups(patches, self.keys[j], self.groups[j], self.top_k).to(x.dtype)
                 parts.append(bg + (bg_out if bg_out is not None else 0))
             n_bg = self.n_bg if i >= self.bg_from else 0
-            bias = attention_bias(saliency, self.alpha[i], self.beta[i - self.bg_from] if n_bg else 0.0, n_fg, n_bg,
-                                  self.heads)
+            bias = None if i == self.layers - 1 else attention_bias(
+                saliency, self.alpha[i], self.beta[i - self.bg_from] if n_bg else 0.0, n_fg, n_bg, self.heads)
             y = block(torch.cat(parts + [patches], dim=1), attn_mask=bias)
             cls, fg_out, patches = y[:, :1], y[:, 1:1 + n_fg], y[:, 1 + n_fg + n_bg:]
             bg_out = y[:, 1 + n_fg:1 + n_fg + n_bg] if n_bg else None
@@ -181,12 +195,12 @@ def main(argv=None):
     p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (paper: "
                                                                  "ImageNet-21k ViT-B/16)")
     p.add_argument("--pretrained", default="openai", help="hub tag, local file, or none (must match)")
-    p.add_argument("--epochs", type=int, default=70, help="epochs (paper: 70; Places-LT 100)")
-    p.add_argument("--drw-epochs", type=int, default=10, help="re-weighted final epochs (paper: 10; Places-LT 40)")
-    p.add_argument("--lr", type=float, default=0.005, help="SGD learning rate, cosine to 0 (paper: 0.005)")
+    p.add_argument("--epochs", type=int, help=common.recipe_help(RECIPES, "epochs", "epochs"))
+    p.add_argument("--drw-epochs", type=int, help=common.recipe_help(RECIPES, "drw_epochs", "re-weighted final epochs"))
+    p.add_argument("--lr", type=float, help=common.recipe_help(RECIPES, "lr", "SGD learning rate, cosine to 0"))
+    p.add_argument("--batch-size", type=int, help=common.recipe_help(RECIPES, "batch_size", "images per step"))
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="SGD weight decay (paper: 0.01)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step (paper: 128)")
     p.add_argument("--fg-tokens", type=int, default=10, help="foreground prompts per layer (paper: open; LPT: 10)")
     p.add_argument("--bg-tokens", type=int, default=10, help="prompts per background group (paper: open; LPT: 10)")
     p.add_argument("--groups", type=int, default=20, help="background groups G (paper: open; LPT: 20)")
@@ -199,17 +213,19 @@ def main(argv=None):
     p.add_argument("--gnm", action=argparse.BooleanOptionalAction, default=True,
                    help="GNM: step from weights perturbed by clamped Gaussian noise (paper: on)")
     p.add_argument("--gnm-rho", type=float, default=0.05, help="GNM noise scale rho (GNM-PT: 0.05)")
-    common.add_system_run_args(p, common.DECODE_MODES)
+    frame.add_run_args(p, common.DECODE_MODES, selection="last")
     args = p.parse_args(argv)
 
     # ---- setup ----
-    device, out = common.system_setup(args, "lt_dpt")
+    device, out = frame.setup(args, "lt_dpt", RECIPES)
+    base_lr = args.lr * args.lr_scale
+    drw_epochs = min(args.drw_epochs, args.epochs)
 
     # ---- data ----
-    classnames, text, samples, counts, split, test = common.system_data(args)
-    num_classes = len(classnames)
+    classnames, text, samples, counts, _, split, test = frame.load_data(args)
     margins = gcl_margins(counts).to(device)
     drw_weights = effective_number_weights(counts, args.drw_beta).to(device)
+    batch = common.cap_batch(args.batch_size, len(samples))
 
     # ---- model: decoupled prompts around the frozen tower, a cosine classifier from the class prompts ----
     clip, preprocess_train, preprocess_val, model_name = common.load_clip(args.model, args.pretrained, device)
@@ -220,67 +236,57 @@ def main(argv=None):
     normalize = next(t for t in preprocess_val.transforms if type(t).__name__ == "Normalize")
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (normalize.mean, normalize.std))
     params = [q for q in model.parameters() if q.requires_grad]
-    meta = common.make_meta("systems.lt_dpt", args, dataset=args.dataset, num_classes=num_classes, model=model_name,
-                            pretrained=args.pretrained, classnames_digest=common.names_digest(classnames),
-                            train_split_digest=common.split_digest(samples, args.data_root),
-                            text_features_digest=text["meta"]["digest"])
-    ckpt = common.PhaseCheckpoints(out, meta, args, args.resume)
+    meta = frame.make_meta("systems.lt_dpt", args, classnames, samples, text, model_name)
+    phases = frame.Phases(out, meta, args, args.resume)
     print(f"LT-DPT on {args.dataset}: frozen tower {common.count_parameters(clip.visual)[0] / 1e6:.2f}M; trained "
           f"{sum(q.numel() for q in params) / 1e6:.3f}M (prompts, keys, alpha, beta, classifier); {args.epochs} epochs, "
-          f"re-weighted in the last {args.drw_epochs}; GNM {'on' if args.gnm else 'off'}")
+          f"re-weighted in the last {drw_epochs}; GNM {'on' if args.gnm else 'off'}")
 
     def cosine_logits(images):
         with common.image_autocast(device):
             f = model(images, spectral_residual_saliency(images, mean, std, model.grid))
         return F.normalize(f.float(), dim=-1) @ F.normalize(model.w_cls, dim=-1).T  # (B, C)
 
-    # ---- loop: GCL (+ DRW at the end) + orthogonality, SGD, optionally GNM ----
+    # ---- loop: GCL (+ DRW at the end) + orthogonality, SGD, GNM: the gradient is taken at perturbed weights ----
     sampler = common.Batches()
     loader, to_device = common.image_loader(samples, preprocess_train, args.decode, device, seed=args.seed,
                                             workers=args.workers, batch_sampler=sampler)
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
     modules = {"model": nn.ModuleDict({"prompts": nn.ParameterList([model.fg, model.groups, model.keys, model.alpha,
                                                                      model.beta, model.w_cls])})}
-    done = ckpt.finished("lt_dpt")
+    state = {}
+
+    def epoch_batches(epoch):
+        state["reweight"] = epoch >= args.epochs - drw_epochs  # deferred re-weighting
+        state["gen"] = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        perm = torch.randperm(len(samples), generator=state["gen"])
+        sampler.batches = [[(epoch, j) for j in perm[i:i + batch].tolist()]
+                           for i in range(0, len(perm) - batch + 1, batch)]
+        return loader
+
+    def gnm_loss(images_labels):
+        images, y = to_device(images_labels)
+        if args.gnm:  # w + e, e = rho * clamp(N(0, 1/3), -1, 1), halved once DRW starts
+            state["saved"] = [q.detach().clone() for q in params]
+            with torch.no_grad():
+                for q in params:
+                    q.add_(args.gnm_rho * 0.5 ** state["reweight"] *
+                           (torch.randn(q.shape, generator=state["gen"]) / 3).clamp(-1, 1).to(q))
+        return gcl_loss(cosine_logits(images), y, margins, args.scale, args.noise_mul, generator=state["gen"],
+                        weight=drw_weights if state["reweight"] else None) + args.ortho_weight * model.orthogonality()
+
+    def restore():  # GNM steps from the unperturbed weights with the perturbed point's gradient
+        with torch.no_grad():
+            for q, w in zip(params, state.get("saved", [])):
+                q.copy_(w)
+
+    done = phases.finished("lt_dpt", args.epochs)
     if done:
         modules["model"].load_state_dict(done["modules"]["model"])
-    for epoch in range(ckpt.start("lt_dpt", modules, optimizer) if not done else args.epochs, args.epochs):
-        t, losses = time.time(), []
-        reweight = epoch >= args.epochs - args.drw_epochs  # deferred re-weighting
-        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        perm = torch.randperm(len(samples), generator=gen)
-        batches = [perm[i:i + args.batch_size] for i in range(0, len(perm) - args.batch_size + 1, args.batch_size)]
-        sampler.batches = [[(epoch, j) for j in b.tolist()] for b in batches]
+    else:
         model.train()
-        for i, batch in enumerate(loader):
-            for group in optimizer.param_groups:
-                group["lr"] = common.lr_at(epoch * len(batches) + i, args.epochs * len(batches), 0, args.lr)
-            images, y = to_device(batch)
-            if args.gnm:  # GNM: the gradient at w + e, e = rho * clamp(N(0, 1/3), -1, 1), halved once DRW starts
-                saved = [q.detach().clone() for q in params]
-                with torch.no_grad():
-                    for q in params:
-                        q.add_(args.gnm_rho * 0.5 ** reweight * (torch.randn(q.shape, generator=gen) / 3).clamp(-1, 1)
-                               .to(q))
-            loss = gcl_loss(cosine_logits(images), y, margins, args.scale, args.noise_mul, generator=gen,
-                            weight=drw_weights if reweight else None) + args.ortho_weight * model.orthogonality()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.gnm:
-                with torch.no_grad():
-                    for q, w in zip(params, saved):
-                        q.copy_(w)
-            optimizer.step()
-            losses.append(loss.detach())
-        mean_loss = torch.stack(losses).mean().item()
-        if not math.isfinite(mean_loss):
-            raise SystemExit(f"loss is {mean_loss} in epoch {epoch + 1}; try a lower --lr")
-        print(f"epoch {epoch + 1}/{args.epochs} loss {mean_loss:.4f}{' (re-weighted)' if reweight else ''} "
-              f"{time.time() - t:.1f}s", flush=True)
-        ckpt.epoch_done("lt_dpt", epoch + 1, modules, optimizer, dict(loss=round(mean_loss, 5), reweighted=reweight,
-                                                                       seconds=round(time.time() - t, 2)))
-    if not done:
-        ckpt.finish("lt_dpt", modules)
+        phases.run("lt_dpt", modules, optimizer, args.epochs, epoch_batches, gnm_loss,
+                   lambda step, total: common.lr_at(step, total, 0, base_lr), after_backward=restore if args.gnm else None)
 
     # ---- evaluation ----
     model.eval()
@@ -293,8 +299,10 @@ def main(argv=None):
         logits = common.encode_split({"logits": Classify()}, test, preprocess_val, device, workers=args.workers,
                                      desc="eval", normalize=False, decode=args.decode)["logits"]
     truth = np.array([y for _, y, _ in test])
-    results = common.write_system_results(out, "LT-DPT", {"lt_dpt": logits.argmax(1).numpy()}, truth, counts,
-                                          args.shot_rule, meta, titles={"lt_dpt": "decoupled prompts, GCL + DRW"})
+    training = dict(optimizer_steps=phases.steps["lt_dpt"], lr=base_lr, trainable_params=sum(q.numel() for q in params),
+                    selection=args.select, batch_size=batch)
+    results = frame.write_results(out, "LT-DPT", {"lt_dpt": logits.argmax(1).numpy()}, truth, counts, args.shot_rule,
+                                  meta, titles={"lt_dpt": "decoupled prompts, GCL + DRW"}, training=training)
     r = results["variants"]["lt_dpt"]
     print(f"LT-DPT on {args.dataset} {split}: {r['overall']:.2f} (many {r['many']} / med {r['medium']} / few "
           f"{r['few']}) -> {out}")

@@ -5,14 +5,16 @@ Stage 1, class-wise visual-linguistic pre-training (CVLP): every image of a batc
 of its class; the B x B similarities exp(s) cos(image, sentence) (s learnable) are trained with L_ccl, cross-entropy
 in both directions with the target spread over the same-class items of the batch (label smoothing 0.1), plus L_dis,
 cross-entropy towards frozen CLIP's similarities on the same pairs: L = 0.5 L_ccl + 0.5 L_dis. Images are drawn
-with probability proportional to 1 / sqrt(n_c). Then anchor sentence selection (AnSS) scores each sentence of a class
-by its L_lin against an image set of at most 50 images per class and keeps the 64 best; and the language-guided
-recognition head (LGR) is trained on the frozen stage-1 features: G_c = softmax(Q K_c^T / sqrt(D)) V_c over class
-c's anchors (Q = W_q LN(f), K = W_k LN(anchors), V = anchors, W_q and W_k initialised to identity), and
-P = softmax(MLP(f)) + softmax(cos(f, G) / 0.07), cross-entropy on both branches; inference adds the two.
+with probability proportional to 1 / sqrt(n_c) and augmented as DeiT does. Then anchor sentence selection (AnSS)
+scores each sentence of a class by its L_lin against an image set of at most 50 images per class and keeps the 64
+best; and the language-guided recognition head (LGR) is trained on the frozen stage-1 features, raw (not normalised)
+as the code feeds them: G_c = softmax(Q K_c^T / sqrt(D)) V_c over class c's raw anchor features (Q = W_q LN(f),
+K = W_k LN(anchors), V = anchors, W_q and W_k initialised to identity, one head), image branch MLP(f) and language
+branch exp(s) cos(f, G_c) with stage 1's learned scale, cross-entropy on both. Inference weighs the two softmaxes
+alpha : 1 - alpha (engine.py evaluate_LT: alpha 0.7 on iNaturalist, 0.2 elsewhere; output[0] is the MLP branch).
 
-Reads   the train and evaluation splits, text_features.pt (stage 02: the corpus sentence features and their labels,
-        i.e. the 80 templates and the Wikipedia sentences of stage 01, VL-LTR's text), the CLIP model.
+Reads   the train and evaluation splits, text_features.pt (stage 02: the corpus sentence features, their norms and
+        labels, i.e. the 80 templates and the Wikipedia sentences of stage 01, VL-LTR's text), the CLIP model.
 Writes  $(RUN)/systems/vl_ltr/: results.json (variants vl_ltr_lgr, the full system; vl_ltr_linear, its image branch
         alone; vl_ltr_text, its language branch alone), results.md, predictions.npz, log.jsonl, cvlp.pt and lgr.pt
         (each stage when done, with the anchors), last.pt (the stage in progress; --resume).
@@ -20,20 +22,23 @@ Writes  $(RUN)/systems/vl_ltr/: results.json (variants vl_ltr_lgr, the full syst
     python -m systems.vl_ltr --dataset places_lt --data-root data/places_lt \
         --features runs/places_lt/text_features.pt --out runs/places_lt/systems/vl_ltr
 
-Where the kit departs from the original (ChangyaoTian/VL-LTR, whose defaults the flags follow):
+The recipes follow the original code (ChangyaoTian/VL-LTR: configs/*/pretrain/*_vit16.py for CVLP, configs/*/finetune/
+*_vit16.py for LGR, main.py's DeiT augmentation defaults), which tests the last weights. Where the kit departs:
 - The text tower is frozen (stage 02's cached sentence features), where the original fine-tunes both towers on 8
-  GPUs; the visual side trains VPT-deep prompts (20 x 12, HLC's; lr 5e-4, HLC's) by default, the whole visual tower
-  with --finetune full (lr 3.5e-5, the code's ImageNet-LT value; Places-LT 1e-5, iNaturalist 3.5e-4).
+  GPUs; the visual side trains VPT-deep prompts (20 x 12, HLC's, at HLC's lr 5e-4) by default, the whole visual tower
+  with --finetune full (at the code's CVLP lr: 3.5e-5 ImageNet-LT, 1e-5 Places-LT, 3.5e-4 iNaturalist).
 - One process with --batch-size 128 (the code's per-GPU batch): the original's contrastive batch spans 8 GPUs (1,024).
 - The sentences are the kit's corpus, balanced to --per-class sentences per class by stage 01; AnSS ranks each class's
-  distinct sentences.
+  distinct sentences, on normalised features (cosines, as the paper's L_lin).
+- Augmentation is torchvision's RandAugment (2 ops, magnitude 9) for timm's rand-m9-mstd0.5-inc1 (no magnitude noise),
+  with the code's crop 0.08-1, flips and random erasing 0.25.
 - LGR trains on features of the frozen stage-1 tower encoded once with the evaluation transform (the original runs
   the frozen tower on augmented images). cos(f, G_c) is computed without forming G (B x C x D): f.G_c is the
   attention-weighted sum of f.anchor, and |G_c|^2 uses the anchors' Gram matrix (exact, and small for 8,142 classes).
 - The logit scale s starts at CLIP's own (the code sets log(1/0.07), then loading CLIP's weights replaces it).
 
 Published (ViT-B/16, HLC Tables 1-3): ImageNet-LT 84.5 / 74.6 / 59.3 / 77.2; Places-LT 54.2 / 48.5 / 42.0 / 50.1;
-iNaturalist 2018 81.6 / 78.0 / 74.4 / 76.8 (81.0 overall at 384 px). Toy world, 2-core CPU: README ("Compared systems").
+iNaturalist 2018 81.6 / 78.0 / 74.4 / 76.8 (81.0 overall at 384 px). Toy world: docs/systems.md.
 """
 import argparse
 import copy
@@ -45,6 +50,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from systems import frame
+
+RECIPES = {
+    # code: configs/imagelt/pretrain/pretrain_vit16.py (CVLP) and configs/imagelt/finetune/finetune_vit16.py (LGR);
+    # lr: the prompts' (HLC's 5e-4); lr_full: the code's CVLP lr for --finetune full; alpha: engine.py evaluate_LT
+    "default": dict(epochs_cvlp=50, epochs_lgr=50, lr=5e-4, lr_full=3.5e-5, lr_lgr=1e-3, batch_size=128, alpha=0.2,
+                    prompt_tokens=20, lr_scale=1.0),
+    "places_lt": dict(lr_full=1e-5, lr_lgr=5e-5),  # configs/placeslt/{pretrain,finetune}/places_*_vit16.py
+    "inat2018": dict(epochs_cvlp=100, epochs_lgr=360, lr_full=3.5e-4, lr_lgr=2e-5, alpha=0.7),  # configs/inat/...
+    # the toy world: the shared step budget (docs/systems.md), split evenly between the stages as the code's 50 + 50
+    # epochs; lr_scale picked by make tune-toy
+    "toy": dict(epochs_cvlp=10, epochs_lgr=10, batch_size=32, prompt_tokens=2, lr_scale=1.0),  # HLC's toy prompts
+}
 
 
 # ---- stage 1: the losses ----
@@ -82,24 +100,30 @@ def anss_scores(sentences, sentence_labels, images, image_labels, scale):
     return torch.cat(scores)
 
 
-def select_anchors(corpus, corpus_labels, images, image_labels, scale, num_classes, keep):
-    """(C, keep, d) anchors and their (C, keep) mask: each class's distinct sentences with the lowest L_lin."""
+def select_anchors(corpus, corpus_labels, images, image_labels, scale, num_classes, keep, rank_by=None):
+    """(C, keep, d) anchors and their (C, keep) mask: each class's distinct sentences with the lowest L_lin. The
+    sentences are ranked by their features in `rank_by` (default: `corpus` itself; normalised, as L_lin is a cosine)
+    and returned as they are in `corpus` (the LGR head takes them raw)."""
+    rank_by = corpus if rank_by is None else rank_by
     d = corpus.shape[1]
     anchors, mask = torch.zeros(num_classes, keep, d), torch.zeros(num_classes, keep, dtype=torch.bool)
     for c in range(num_classes):
-        own = torch.unique(corpus[corpus_labels == c], dim=0)  # the balanced corpus repeats sentences
-        if len(own) == 0:
+        rows = torch.nonzero(corpus_labels == c).flatten()
+        _, first = np.unique(rank_by[rows].cpu().numpy(), axis=0, return_index=True)  # the corpus repeats sentences
+        rows = rows[torch.as_tensor(np.sort(first), device=rows.device)]
+        if len(rows) == 0:
             continue
-        score = anss_scores(own, torch.full((len(own),), c), images, image_labels, scale)
-        best = own[score.argsort()[:keep]]
-        anchors[c, :len(best)], mask[c, :len(best)] = best, True
+        score = anss_scores(rank_by[rows], torch.full((len(rows),), c), images, image_labels, scale)
+        best = rows[score.cpu().argsort()[:keep].to(rows.device)]
+        anchors[c, :len(best)], mask[c, :len(best)] = corpus[best].cpu(), True
     return anchors, mask
 
 
 class LGR(nn.Module):
-    """Language-guided recognition: (image-branch logits MLP(f), language-branch logits cos(f, G) / tau)."""
+    """Language-guided recognition: (image-branch logits MLP(f), language-branch logits scale x cos(f, G)) on raw
+    image features f and raw anchor features."""
 
-    def __init__(self, anchors, mask, num_classes, tau=0.07):
+    def __init__(self, anchors, mask, num_classes, scale):
         super().__init__()
         d = anchors.shape[-1]
         self.norm_q, self.norm_k = nn.LayerNorm(d), nn.LayerNorm(d)
@@ -111,7 +135,7 @@ class LGR(nn.Module):
         self.register_buffer("anchors", anchors)  # (C, M, d), V
         self.register_buffer("mask", mask)
         self.register_buffer("gram", anchors @ anchors.transpose(1, 2))  # (C, M, M)
-        self.tau = tau
+        self.scale = scale  # stage 1's learned exp(s), fixed here (the code loads it with requires_grad False)
 
     def forward(self, f):
         q = self.w_q(self.norm_q(f))  # (B, d)
@@ -120,8 +144,13 @@ class LGR(nn.Module):
         att = torch.softmax(att.masked_fill(~self.mask, float("-inf")), dim=-1).nan_to_num(0.0)  # (B, C, M)
         f_dot_g = torch.einsum("bcm,bcm->bc", att, torch.einsum("bd,cmd->bcm", f, self.anchors))
         g_norm = torch.einsum("bcm,cmn,bcn->bc", att, self.gram, att).clamp(min=1e-12).sqrt()  # |G_c|
-        text_logits = f_dot_g / (f.norm(dim=-1, keepdim=True) * g_norm) / self.tau  # cos(f, G_c) / tau
+        text_logits = self.scale * f_dot_g / (f.norm(dim=-1, keepdim=True) * g_norm)  # exp(s) cos(f, G_c)
         return self.mlp(f), text_logits
+
+
+def fuse(image_logits, text_logits, alpha):
+    """The code's inference (engine.py evaluate_LT): alpha softmax(image branch) + (1 - alpha) softmax(language)."""
+    return alpha * F.softmax(image_logits, -1) + (1 - alpha) * F.softmax(text_logits, -1)
 
 
 def main(argv=None):
@@ -135,40 +164,48 @@ def main(argv=None):
     p.add_argument("--finetune", choices=["prompts", "full"], default="prompts",
                    help="stage 1 trains VPT-deep prompts (kit) or the whole visual tower (the original trains both "
                         "towers)")
-    p.add_argument("--prompt-tokens", type=int, default=20, help="VPT tokens per layer (HLC's 20)")
+    p.add_argument("--prompt-tokens", type=int, help=common.recipe_help(RECIPES, "prompt_tokens", "VPT tokens per "
+                                                                         "layer (HLC's)"))
     p.add_argument("--prompt-depth", type=int, default=12, help="layers with prompts (HLC's 12)")
-    p.add_argument("--epochs", type=int, default=0, help="set both stages to this many epochs (0: --epochs-cvlp, -lgr)")
-    p.add_argument("--epochs-cvlp", type=int, default=50, help="stage 1 epochs (code: 50; iNaturalist 100)")
-    p.add_argument("--epochs-lgr", type=int, default=50, help="LGR epochs (code: 50; iNaturalist 360)")
-    p.add_argument("--lr", type=float, default=0, help="stage 1 AdamW lr (0: 5e-4 for prompts, 3.5e-5 for the full "
-                                                       "tower, the code's ImageNet-LT value)")
-    p.add_argument("--lr-lgr", type=float, default=1e-3, help="LGR AdamW lr (code: 1e-3 ImageNet-LT, 5e-5 Places-LT)")
+    p.add_argument("--epochs", type=int, help="set both stages to this many epochs (Make: EPOCHS)")
+    p.add_argument("--epochs-cvlp", type=int, help=common.recipe_help(RECIPES, "epochs_cvlp", "stage 1 epochs"))
+    p.add_argument("--epochs-lgr", type=int, help=common.recipe_help(RECIPES, "epochs_lgr", "LGR epochs"))
+    p.add_argument("--lr", type=float, help=common.recipe_help(RECIPES, "lr", "stage 1 AdamW lr of the prompts"))
+    p.add_argument("--lr-full", type=float, help=common.recipe_help(RECIPES, "lr_full", "stage 1 AdamW lr of the "
+                                                                                         "whole tower"))
+    p.add_argument("--lr-lgr", type=float, help=common.recipe_help(RECIPES, "lr_lgr", "LGR AdamW lr"))
+    p.add_argument("--batch-size", type=int, help=common.recipe_help(RECIPES, "batch_size", "images per step"))
+    p.add_argument("--alpha", type=float, help=common.recipe_help(RECIPES, "alpha", "weight of the image branch's "
+                                                                                     "softmax at inference"))
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (code: 0.05)")
     p.add_argument("--warmup-epochs", type=float, default=5, help="stage 1 linear warm-up epochs, at most a tenth of "
                                                                    "the epochs (code: 5 of 50; LGR: 0)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step (code: 128 per GPU, 8 GPUs)")
     p.add_argument("--distill-weight", type=float, default=0.5, help="L = (1 - w) L_ccl + w L_dis (code: 0.5)")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing of L_ccl (code: 0.1)")
     p.add_argument("--anchors", type=int, default=64, help="anchor sentences kept per class (code: 64)")
     p.add_argument("--anss-images", type=int, default=50, help="images per class in AnSS's image set (paper: 50)")
-    p.add_argument("--tau", type=float, default=0.07, help="temperature of the language branch (code: 0.07)")
-    common.add_system_run_args(p, common.DECODE_MODES)
+    p.add_argument("--randaugment", type=int, default=9, help="RandAugment magnitude in stage 1, 0 = none (code: 9)")
+    p.add_argument("--erasing", type=float, default=0.25, help="random erasing probability in stage 1 (code: 0.25)")
+    frame.add_run_args(p, selection="last")
     args = p.parse_args(argv)
 
     # ---- setup ----
-    device, out = common.system_setup(args, "vl_ltr")
+    device, out = frame.setup(args, "vl_ltr", RECIPES)
     epochs_cvlp, epochs_lgr = (args.epochs, args.epochs) if args.epochs else (args.epochs_cvlp, args.epochs_lgr)
-    lr = args.lr or (5e-4 if args.finetune == "prompts" else 3.5e-5)
+    lr = (args.lr if args.finetune == "prompts" else args.lr_full) * args.lr_scale
+    lr_lgr = args.lr_lgr * args.lr_scale
 
     # ---- data: the images, and the corpus sentences (features from stage 02) ----
-    classnames, text, samples, counts, split, test = common.system_data(args)
+    classnames, text, samples, counts, val, split, test = frame.load_data(args)
     num_classes = len(classnames)
     corpus, corpus_labels = text["corpus"].float().to(device), text["corpus_labels"].to(device)
+    raw_corpus = corpus * text["corpus_norm"].float().to(device)[:, None]  # the text tower's raw output
     labels = torch.tensor([y for _, y, _ in samples])
     sqrt_weights = 1.0 / np.sqrt(np.maximum(counts, 1))  # the code's square-root sampling
+    batch = common.cap_batch(args.batch_size, len(samples))
 
     # ---- model: the visual side (prompts or the whole tower), frozen CLIP as the teacher ----
-    clip, preprocess_train, preprocess_val, model_name = common.load_clip(args.model, args.pretrained, device)
+    clip, _, preprocess_val, model_name = common.load_clip(args.model, args.pretrained, device)
     common.drop_text_tower(clip)
     teacher = clip.visual if args.finetune == "prompts" else copy.deepcopy(clip.visual)  # frozen, no prompts
     student = common.PromptedVisual(clip.visual, args.prompt_tokens if args.finetune == "prompts" else 0,
@@ -177,33 +214,32 @@ def main(argv=None):
         student.visual.requires_grad_(True)
     logit_scale = nn.Parameter(torch.tensor(math.log(text["logit_scale"]), device=device))  # s, learnable
     trained = [q for q in student.parameters() if q.requires_grad] + [logit_scale]
-    meta = common.make_meta("systems.vl_ltr", args, dataset=args.dataset, num_classes=num_classes, model=model_name,
-                            pretrained=args.pretrained, classnames_digest=common.names_digest(classnames),
-                            train_split_digest=common.split_digest(samples, args.data_root),
-                            text_features_digest=text["meta"]["digest"])
-    ckpt = common.PhaseCheckpoints(out, meta, args, args.resume)
+    meta = frame.make_meta("systems.vl_ltr", args, classnames, samples, text, model_name)
+    phases = frame.Phases(out, meta, args, args.resume)
     order = torch.argsort(corpus_labels, stable=True)  # sentences by class, to draw one of an image's class
     per_class = torch.bincount(corpus_labels, minlength=num_classes)
     starts = torch.cumsum(per_class, 0) - per_class
+    steps_per_epoch = len(samples) // batch
     print(f"VL-LTR on {args.dataset}: visual side {args.finetune} ({sum(q.numel() for q in trained) / 1e6:.3f}M "
-          f"trained), text tower frozen ({len(corpus)} cached sentences), teacher: frozen CLIP")
+          f"trained), text tower frozen ({len(corpus)} cached sentences), teacher: frozen CLIP; alpha {args.alpha}")
 
     adamw = lambda params, lr_: torch.optim.AdamW(params, lr=lr_, weight_decay=args.weight_decay)
 
     def sqrt_batches(epoch):
-        return common.weighted_batches(labels, sqrt_weights, args.batch_size, len(samples),
-                                       torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        return frame.weighted_batches(labels, sqrt_weights, batch, len(samples),
+                                      torch.Generator().manual_seed(args.seed * 1000 + epoch))
 
     # ---- stage 1: CVLP, images against sentences of their class, distilled from frozen CLIP ----
     stage1 = {"scale": nn.ParameterList([logit_scale]),  # with prompts, the tower itself need not be saved
               **({"prompts": nn.ParameterList([student.prompts])} if args.finetune == "prompts" else {"tower": student})}
-    done = ckpt.finished("cvlp")
+    done = phases.finished("cvlp", epochs_cvlp)
     if done:
         for name, module in stage1.items():
             module.load_state_dict(done["modules"][name])
     else:
         sampler = common.Batches()
-        loader, to_device = common.image_loader(samples, preprocess_train, args.decode, device, seed=args.seed,
+        transform = frame.train_transform(preprocess_val, randaugment=args.randaugment, erasing=args.erasing)
+        loader, to_device = common.image_loader(samples, transform, args.decode, device, seed=args.seed,
                                                 workers=args.workers, batch_sampler=sampler)
         draw = {}  # the epoch's generator of sentence picks, seeded by the epoch so a resumed run repeats them
 
@@ -212,8 +248,8 @@ def main(argv=None):
             sampler.batches = [[(epoch, j) for j in b.tolist()] for b in sqrt_batches(epoch)]
             return loader
 
-        def cvlp_loss(batch):
-            images, y = to_device(batch)
+        def cvlp_loss(images_labels):
+            images, y = to_device(images_labels)
             pick = (torch.rand(len(y), generator=draw["gen"]).to(device) * per_class[y]).long()
             sentences = corpus[order[starts[y] + pick]]  # one sentence of each image's class, (B, d)
             with common.image_autocast(device):
@@ -226,49 +262,55 @@ def main(argv=None):
             return ((1 - args.distill_weight) * ccl_loss(image, sentences, y, logit_scale.exp(), args.smoothing)
                     + args.distill_weight * distill_loss(logits, teacher_logits))
 
+        warmup = int(min(args.warmup_epochs, epochs_cvlp / 10) * steps_per_epoch)
         student.train()
-        ckpt.run_epochs("cvlp", stage1, adamw(trained, lr), lr, epochs_cvlp, cvlp_batches, cvlp_loss,
-                        warmup_epochs=args.warmup_epochs)
+        phases.run("cvlp", stage1, adamw(trained, lr), epochs_cvlp, cvlp_batches, cvlp_loss,
+                   lambda step, total: common.lr_at(step, total, warmup, lr))
     student.eval().requires_grad_(False)
+    scale = float(logit_scale.exp())
 
-    # ---- anchor sentences (AnSS) and the LGR head, on the frozen stage-1 features (encoded once) ----
+    # ---- anchor sentences (AnSS) and the LGR head, on the frozen stage-1 features (raw; encoded once) ----
     encode = lambda items, what: common.encode_split({"f": student}, items, preprocess_val, device,
-                                                     workers=args.workers, desc=what, decode=args.decode)["f"]
-    done = ckpt.finished("lgr")
+                                                     workers=args.workers, desc=what, normalize=False)["f"]
+    done = phases.finished("lgr", epochs_lgr)
     if done:
         anchors, mask = done["anchors"], done["anchor_mask"]
-        head = LGR(anchors, mask, num_classes, args.tau).to(device)
+        head = LGR(anchors, mask, num_classes, scale).to(device)
         head.load_state_dict(done["modules"]["lgr"])
     else:
-        feats = encode(samples, "encode train").to(device)  # (N, d) normalised
+        feats = encode(samples, "encode train").to(device)  # (N, d), raw
         gen = torch.Generator().manual_seed(args.seed)
         subset = torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int(n), generator=gen)[:args.anss_images]]
                             for c, n in enumerate(counts)])  # at most 50 images per class
-        anchors, mask = select_anchors(corpus, corpus_labels, feats[subset], labels[subset].to(device),
-                                       logit_scale.exp().item(), num_classes, args.anchors)
+        anchors, mask = select_anchors(raw_corpus, corpus_labels, F.normalize(feats[subset], dim=-1),
+                                       labels[subset].to(device), scale, num_classes, args.anchors, rank_by=corpus)
         print(f"AnSS: {int(mask.sum())} anchor sentences, {args.anchors} at most per class, scored on "
               f"{len(subset)} images")
-        head = LGR(anchors, mask, num_classes, args.tau).to(device)
+        head = LGR(anchors, mask, num_classes, scale).to(device)
         labels_device = labels.to(device)
 
         def lgr_loss(idx):
             image_logits, text_logits = head(feats[idx])
             return F.cross_entropy(image_logits, labels_device[idx]) + F.cross_entropy(text_logits, labels_device[idx])
 
-        ckpt.run_epochs("lgr", {"lgr": head}, adamw(head.parameters(), args.lr_lgr), args.lr_lgr, epochs_lgr,
-                        lambda epoch: [b.to(device) for b in sqrt_batches(1000 + epoch)], lgr_loss,
-                        anchors=anchors.cpu(), anchor_mask=mask.cpu())
+        phases.run("lgr", {"lgr": head}, adamw(head.parameters(), lr_lgr), epochs_lgr,
+                   lambda epoch: [b.to(device) for b in sqrt_batches(1000 + epoch)], lgr_loss,
+                   lambda step, total: common.lr_at(step, total, 0, lr_lgr),
+                   keep=dict(anchors=anchors.cpu(), anchor_mask=mask.cpu()))
 
-    # ---- evaluation: the two branches' probabilities added ----
+    # ---- evaluation: the two branches' probabilities, weighed alpha : 1 - alpha ----
     with torch.no_grad():
         f = encode(test, "eval").to(device)
         image_logits, text_logits = head(f)
-        preds = {"vl_ltr_lgr": (F.softmax(image_logits, -1) + F.softmax(text_logits, -1)).argmax(1).cpu().numpy(),
+        preds = {"vl_ltr_lgr": fuse(image_logits, text_logits, args.alpha).argmax(1).cpu().numpy(),
                  "vl_ltr_linear": image_logits.argmax(1).cpu().numpy(), "vl_ltr_text": text_logits.argmax(1).cpu().numpy()}
     truth = np.array([y for _, y, _ in test])
-    results = common.write_system_results(out, "VL-LTR", preds, truth, counts, args.shot_rule, meta, titles={
+    training = dict(optimizer_steps=sum(phases.steps.values()), lr=f"CVLP {lr:g}, LGR {lr_lgr:g}",
+                    trainable_params=f"{sum(q.numel() for q in trained)} + {frame.trainable(head)}",
+                    selection=args.select, batch_size=batch)
+    results = frame.write_results(out, "VL-LTR", preds, truth, counts, args.shot_rule, meta, titles={
         "vl_ltr_lgr": "CVLP + LGR (both branches)", "vl_ltr_linear": "image branch alone",
-        "vl_ltr_text": "language branch alone"})
+        "vl_ltr_text": "language branch alone"}, training=training)
     v = results["variants"]
     print(f"VL-LTR on {args.dataset} {split}: LGR {v['vl_ltr_lgr']['overall']:.2f} (many {v['vl_ltr_lgr']['many']} / "
           f"med {v['vl_ltr_lgr']['medium']} / few {v['vl_ltr_lgr']['few']}), image branch "

@@ -80,8 +80,8 @@ def tiny_world(tmp_path_factory):
 
 def make_args(world, run, epochs=2):
     return ["DATASET=tiny", f"DATA_ROOT={world}", f"RUN={run}", f"MODEL={world}/tiny-clip.json",
-            "PRETRAINED=none", f"EPOCHS={epochs}", f"PY={sys.executable}",
-            "TRAIN_ARGS=--batch-size 8 --workers 0 --log-every 100", "EVAL_ARGS=--workers 0 --explain 6"]
+            "PRETRAINED=none", f"EPOCHS={epochs}", f"PY={sys.executable}", "WORKERS=0",
+            "TRAIN_ARGS=--batch-size 8 --log-every 100", "EVAL_ARGS=--explain 6"]
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,10 @@ FORMATS = (
 class FakeLLM:
     """mode: 'ok', 'fail500' (two 500s per prompt first), '429' (one 429 with Retry-After first), 'hang' (first
     request per prompt sleeps past the client's timeout), 'short' (first answer has 6 items), '401', '404',
-    'broken' (classes named 'odd ...' always get a 500 whose text echoes the Authorization header)."""
+    'broken' (classes named 'odd ...' always get a 500 whose text echoes the Authorization header), and first answers
+    that are broken: 'nullcontent' (content null), 'nullchoices' (choices null), 'dropped' (the connection closes
+    mid-body), 'badutf8' (bytes that are not UTF-8; 'badutf8always': every answer), 'trickle' (the answer comes a
+    byte every 0.05 s)."""
 
     def __init__(self, mode="ok", delay=0.0, hang_seconds=1.5):
         self.mode, self.delay, self.hang_seconds = mode, delay, hang_seconds
@@ -53,10 +56,22 @@ class FakeLLM:
                 if fake.mode == "hang" and n == 1:
                     time.sleep(fake.hang_seconds)
                 time.sleep(fake.delay)
-                self.reply(200, {"choices": [{"message": {"role": "assistant", "content": fake.answer(prompt, n)}}]})
+                answer = {"choices": [{"message": {"role": "assistant", "content": fake.answer(prompt, n)}}]}
+                first = n == 1
+                if fake.mode == "nullcontent" and first:
+                    answer["choices"][0]["message"]["content"] = None
+                if fake.mode == "nullchoices" and first:
+                    answer = {"choices": None}
+                if fake.mode == "dropped" and first:
+                    return self.reply(200, answer, cut=20)
+                if (fake.mode == "badutf8" and first) or fake.mode == "badutf8always":
+                    return self.reply(200, answer, raw=b'{"choices": "\xff\xfe"}')
+                if fake.mode == "trickle" and first:
+                    return self.reply(200, answer, trickle=0.05)
+                self.reply(200, answer)
 
-            def reply(self, code, obj, headers=None):
-                data = json.dumps(obj).encode()
+            def reply(self, code, obj, headers=None, cut=None, raw=None, trickle=None):
+                data = raw if raw is not None else json.dumps(obj).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -64,8 +79,19 @@ class FakeLLM:
                     self.send_header(k, v)
                 self.end_headers()
                 try:
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+                    if cut is not None:  # part of the body, then the connection closes
+                        self.wfile.write(data[:cut])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                    elif trickle is not None:
+                        for i in range(len(data)):
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(trickle)
+                    else:
+                        self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError, OSError):  # the client gave up (timeout tests)
                     pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -29,17 +29,17 @@ def eval_args(world, features, coarse, out):
 
 @pytest.fixture(scope="module")
 def one_and_two(made_run, tiny_world, tmp_path_factory):
+    """The same training and evaluation in this process, and under torchrun with 2 processes (gloo)."""
     tmp = tmp_path_factory.mktemp("ddp")
     features = made_run / "text_features.pt"
-    runs = {}
-    for n in (1, 2):
-        coarse = tmp / f"n{n}" / "coarse.pt"
-        out = torchrun(n, "03_train_coarse.py", train_args(tiny_world, features, coarse, "--epochs", "2"))
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-        out = torchrun(n, "04_eval_hlc.py", eval_args(tiny_world, features, coarse, tmp / f"n{n}" / "results.json"))
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-        runs[n] = tmp / f"n{n}"
-    return runs
+    one, two = tmp / "n1", tmp / "n2"
+    load_stage("03_train_coarse.py").main(train_args(tiny_world, features, one / "coarse.pt", "--epochs", "2"))
+    load_stage("04_eval_hlc.py").main(eval_args(tiny_world, features, one / "coarse.pt", one / "results.json"))
+    out = torchrun(2, "03_train_coarse.py", train_args(tiny_world, features, two / "coarse.pt", "--epochs", "2"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    out = torchrun(2, "04_eval_hlc.py", eval_args(tiny_world, features, two / "coarse.pt", two / "results.json"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return {1: one, 2: two}
 
 
 def test_two_processes_train_like_one(one_and_two):
@@ -53,6 +53,7 @@ def test_two_processes_train_like_one(one_and_two):
     assert ra["variants"] == rb["variants"] and ra["topk_sweep"] == rb["topk_sweep"]
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes(made_run, tiny_world, tmp_path):
     features = made_run / "text_features.pt"
     args = lambda out, *extra: train_args(tiny_world, features, out, "--epochs", "12", *extra)

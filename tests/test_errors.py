@@ -31,7 +31,7 @@ def test_bad_label_names_file_and_line(tiny_world, tmp_path):
     lines = (root / "train.txt").read_text().splitlines()
     lines[6] = lines[6].rsplit(maxsplit=1)[0] + " seven"
     (root / "train.txt").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"train.txt:7: label 'seven' is not an integer"):
+    with pytest.raises(ValueError, match=r"train.txt:7: label 'seven' is not a plain integer"):
         common.read_split(root, "tiny", "train", 5)
     lines[6] = lines[6].rsplit(maxsplit=1)[0] + " 5"
     (root / "train.txt").write_text("\n".join(lines) + "\n")
@@ -47,7 +47,7 @@ def test_missing_and_unreadable_images(tiny_world, tmp_path):
         common.read_split(root, "tiny", "test", 5)
     (root / first).write_bytes(b"this is not a png")
     samples = common.read_split(root, "tiny", "test", 5)
-    with pytest.raises(RuntimeError, match=rf"test.txt:3: cannot read image .*{first}"):
+    with pytest.raises(ValueError, match=rf"test.txt:3: cannot read image .*{first}"):
         common.ImageList(samples, lambda im: im)[2]
 
 

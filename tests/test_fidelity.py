@@ -65,14 +65,13 @@ def test_descriptor_sentence_rule(raw, sentence):
     assert corpus_stage.descriptor_sentence("giraffe", raw) == sentence
 
 
-def test_every_descriptor_names_its_class_and_the_fallback_is_the_class_prompt(made_run):
+def test_every_descriptor_names_its_class_and_the_fallback_is_the_class_prompt(made_run, tmp_path):
     corpus = json.loads((made_run / "corpus.json").read_text())
     for name, descs in zip(corpus["classnames"], corpus["descriptors"]):
         assert descs and all(d.startswith(f"{name}, which ") for d in descs), (name, descs)
     # one class with no descriptor: stage 02 gives it its class-name prompt feature, wrapped once
     corpus["descriptors"][2] = corpus["descriptors_raw"][2] = []
-    path = made_run.parent / "nodesc" / "corpus.json"
-    path.parent.mkdir(exist_ok=True)
+    path = tmp_path / "corpus.json"  # written in the test's own folder
     path.write_text(json.dumps(corpus))
     world = Path(corpus["meta"]["args"]["data_root"])
     load_stage("02_cache_descriptors.py").main(["--corpus", str(path), "--out", str(path.with_name("tf.pt")),
@@ -172,3 +171,14 @@ def test_paper_cells_name_their_source_and_illegible_cells_stay_empty():
     for table in (1, 2, 3, 4, 7):
         for numbers, source, _ in (entry for by_dataset in tables.PAPER[table].values() for entry in by_dataset.values()):
             assert source and len(numbers) == 4, (table, source)
+
+
+def test_a_sentence_of_exactly_75_tokens_is_not_counted_as_truncated():
+    import open_clip
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")  # 77 slots: start, 75 tokens, end
+    texts = [" ".join(["a"] * 75), " ".join(["a"] * 76), "a photo of a dog."]
+    assert [len(tokenizer.encode(t)) for t in texts] == [75, 76, 6]  # "." is a token of its own
+    tokens = tokenizer(texts)
+    assert int((tokens[:, -1] != 0).sum()) == 2  # the last slot is filled for both long ones: not the test
+    stage = load_stage("02_cache_descriptors.py")
+    assert stage.count_truncated(tokenizer, texts, tokens, 77) == 1

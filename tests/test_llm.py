@@ -164,4 +164,30 @@ def test_unknown_model_stops_at_once(world20, tmp_path):
             run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "1")
     msg = str(e.value)
     assert "'fake-gpt' not found" in msg and server.url in msg and "does not exist" in msg
-    assert server.requests <= 2
+    assert server.requests == 1  # no retry, and no other class's request once the first answer said 404
+
+
+@pytest.mark.parametrize("mode", ["nullcontent", "nullchoices", "dropped", "badutf8"])
+def test_broken_answers_are_retried(world20, tmp_path, mode):
+    with FakeLLM(mode) as server:
+        corpus = run_stage(world20, tmp_path / "corpus.json", server.url)
+    assert [len(d) for d in corpus["descriptors"]] == [10] * 20
+    assert server.requests == 40, (mode, server.requests)  # each prompt's first answer was broken, the second not
+
+
+def test_an_answer_that_is_never_utf8_names_the_endpoint(world20, tmp_path):
+    with FakeLLM("badutf8always") as server:
+        with pytest.raises(SystemExit) as e:
+            run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "4", "--llm-backoff", "0.01")
+    assert "20 classes got no usable answer" in str(e.value) and server.url in str(e.value)
+    assert "UnicodeDecodeError" in str(e.value)
+
+
+def test_the_timeout_bounds_the_whole_request(world20, tmp_path):
+    """A server sending its answer a byte every 0.05 s (about 10 s for one answer) is cut off at --llm-timeout 0.5
+    and asked again; before, each byte reset the timeout and every first answer took its full 10 s."""
+    t = time.time()
+    with FakeLLM("trickle") as server:
+        corpus = run_stage(world20, tmp_path / "corpus.json", server.url)
+    assert [len(d) for d in corpus["descriptors"]] == [10] * 20 and server.requests == 40
+    assert time.time() - t < 8, time.time() - t

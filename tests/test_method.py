@@ -79,7 +79,28 @@ def test_accuracy_report_by_hand():
     assert r == {"overall": round(100 * 4 / 7, 2), "many": 75.0, "medium": 50.0, "few": 0.0}
 
 
-@pytest.mark.parametrize("rule", ["lift", "vl-ltr"])
-def test_shot_rules_cover_every_class(rule):
-    groups = common.shot_groups(np.arange(0, 300), rule)
-    assert set(groups.tolist()) == {0, 1, 2}
+def test_ties_in_top_k_go_to_the_lower_class_index():
+    # classes 1, 3 and 4 tie for first place: the candidates run 1, 3, 4 (then 0), as numpy's stable argsort
+    adjusted = torch.tensor([[0.5, 2.0, 0.1, 2.0, 2.0]], dtype=torch.float64)
+    assert common.top_candidates(adjusted, 4).tolist() == [[1, 3, 4, 0]]
+    assert np.argsort(-adjusted.numpy(), axis=1, kind="stable")[:, :4].tolist() == [[1, 3, 4, 0]]
+    scores = torch.tensor([[0.0, 0.7, 0.0, 0.9, 0.9]], dtype=torch.float64)  # 3 and 4 tie again: 3 ranks first
+    assert common.rerank(adjusted, scores, 3).tolist() == [3]
+
+
+def test_a_recipe_fills_what_no_flag_gave():
+    import argparse
+    recipes = {"default": dict(lr=5e-4, epochs=30), "toy": dict(epochs=5)}
+    args = argparse.Namespace(dataset="toy", lr=None, epochs=None)
+    assert common.apply_recipe(args, recipes) == "toy" and (args.lr, args.epochs) == (5e-4, 5)
+    args = argparse.Namespace(dataset="places_lt", lr=1e-3, epochs=None)  # a flag wins; no recipe: the default
+    assert common.apply_recipe(args, recipes) == "default" and (args.lr, args.epochs) == (1e-3, 30)
+    with pytest.raises(ValueError, match="recipe 'toy' sets 'lr', which is no flag of this script"):
+        common.apply_recipe(argparse.Namespace(dataset="toy", epochs=None), recipes)
+
+
+def test_a_batch_larger_than_the_training_set_is_capped(capsys):
+    assert common.cap_batch(256, 255) == 255 and "256 is larger than the training set (255 images)" in \
+        capsys.readouterr().out
+    assert common.cap_batch(128, 255, multiple=4) == 128
+    assert common.cap_batch(256, 255, multiple=4) == 252  # a multiple of processes x micro-batches

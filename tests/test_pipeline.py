@@ -30,7 +30,7 @@ def close(report, expected):
 
 def test_make_all_writes_every_output(made_run):
     for name in ("corpus.json", "text_features.pt", "coarse.pt", "last.pt", "log.jsonl", "results.json",
-                 "results.md", "predictions.npz", "explanations.html"):
+                 "results.md", "predictions.npz", "explanations.html", "report.html"):
         assert (made_run / name).exists(), name
     results = json.loads((made_run / "results.json").read_text())
     assert list(results["variants"]) == ["zero_shot", "descriptors_zero_shot", "coarse", "coarse_la",
@@ -85,7 +85,10 @@ def test_every_number_recomputes_from_predictions(made_run):
     assert z["class_prior"].dtype == np.float64 and int(z["k"]) == results["k"] and float(z["tau"]) == results["tau"]
     assert not any(name.endswith(("_logits", "_scores")) for name in z.files)  # no N x C score arrays
     labels = z["labels"]
-    counts = torch.load(made_run / "coarse.pt", weights_only=True)["class_counts"].numpy()
+    counts = z["class_counts"]  # the file alone recomputes the groups: counts and rule are in it
+    assert counts.dtype == np.int64 and str(z["shot_rule"]) == "lift" and np.array_equal(z["group_counts"], counts)
+    assert np.array_equal(counts, torch.load(made_run / "coarse.pt", weights_only=True)["class_counts"].numpy())
+    assert np.allclose(z["class_prior"], np.maximum(counts, 1) / np.maximum(counts, 1).sum())
     for name, pred in recompute_all(z).items():
         assert np.array_equal(pred, z[f"pred_{name}"]), name
         if name in results["variants"]:
@@ -152,9 +155,9 @@ def test_text_encoder_runs_only_in_stage_02(made_run, tiny_world, tmp_path, monk
     calls = []
     real_autocast = common.image_autocast
 
-    def recording_autocast(device):
+    def recording_autocast(device, precision="auto"):
         calls.append(torch.device(device).type)
-        return real_autocast(device)
+        return real_autocast(device, precision)
 
     def no_text(*a, **k):
         raise AssertionError("the text encoder ran outside stage 02")
@@ -170,14 +173,14 @@ def test_text_encoder_runs_only_in_stage_02(made_run, tiny_world, tmp_path, monk
     assert calls and set(calls) == {"cpu"}  # every image-tower pass went through image_autocast
 
 
-def test_image_autocast_is_bf16_on_cuda_only():
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a CPU-only machine warns that CUDA autocast is unavailable
-        ctx = common.image_autocast("cuda")
-    assert ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
-    assert ctx._enabled == torch.cuda.is_available()
-    assert not common.image_autocast("cpu")._enabled
+def test_precision_switch_decides_the_arithmetic():
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with common.image_autocast("cpu"):  # auto: bf16 is for CUDA only
+        assert (a @ b).dtype == torch.float32
+    with common.image_autocast("cpu", "bf16"):  # asked for: the CPU measurement of what bf16 changes
+        assert (a @ b).dtype == torch.bfloat16
+    with common.image_autocast("cpu", "fp32"):
+        assert (a @ b).dtype == torch.float32
 
 
 # ---- the paper's tables and the explanations page ----
@@ -207,12 +210,12 @@ def test_table4_rows_come_from_separate_trainings(tables_run):
     rows = table_rows(tables_run / "tables" / "table4.md")
     assert len(rows) == 9 and all(r[3] != "-" for r in rows.values())
     switches = {}
-    for name in ("lp", "vpt", "corpus", "sfm", "ce"):
+    for name in ("lp", "vpt", "corpus", "sfm", "desc_ce"):
         ckpt = torch.load(tables_run / "ablation" / name / "coarse.pt", weights_only=True)
         switches[name] = ckpt["meta"]["args"]
         if name == "lp":  # the linear probe trained no prompts
             assert ckpt["prompts"].numel() == 0 and switches[name]["prompt_tokens"] == 0
-        if name == "ce":  # the paper's descriptor loss: plain cross-entropy, the weights learned
+        if name == "desc_ce":  # plain cross-entropy descriptor loss, the weights learned
             assert switches[name]["desc_loss_la"] == 0 and torch.count_nonzero(ckpt["w_llm"]) > 0
         else:  # no descriptor loss: the weights stayed uniform
             assert torch.count_nonzero(ckpt["w_llm"]) == 0 and switches[name]["desc_loss_weight"] == 0
@@ -223,8 +226,8 @@ def test_table4_rows_come_from_separate_trainings(tables_run):
     assert torch.count_nonzero(full["w_llm"]) > 0  # the full model learned its weights
     sfm = json.loads((tables_run / "ablation" / "sfm" / "results.json").read_text())
     assert rows["h) + descriptors, unweighted"][3] == f"{sfm['variants']['hlc_unweighted']['overall']:.2f}"
-    ce = json.loads((tables_run / "ablation" / "ce" / "results.json").read_text())
-    assert rows["i) + reweighted (HLC), paper's descriptor loss"][3] == f"{ce['variants']['hlc']['overall']:.2f}"
+    ce = json.loads((tables_run / "ablation" / "desc_ce" / "results.json").read_text())
+    assert rows["i') the same, plain cross-entropy descriptor loss"][3] == f"{ce['variants']['hlc']['overall']:.2f}"
 
 
 def test_table6_k1_is_coarse_la_and_all_is_reranking_everything(tables_run):

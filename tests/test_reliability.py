@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 
 import common
 from conftest import ROOT, load_stage, make_args, make_tiny_world, train_args
+from systems import ballad, imbalance_vlm as ivlm
 
 corpus_stage = load_stage("01_build_corpus.py")
 
@@ -149,7 +151,7 @@ def test_inputs_made_for_something_else_are_refused(made_run, tiny_world, tmp_pa
     text = torch.load(features, weights_only=True)
     text["descriptors"], text["desc_mask"] = text["descriptors"][:, :3], text["desc_mask"][:, :3]
     text["meta"]["digest"] = common.tensor_digest(text["corpus"], text["corpus_labels"], text["descriptors"],
-                                                  text["desc_mask"], text["classname"])
+                                                  text["desc_mask"], text["classname"], text["corpus_norm"])
     torch.save(text, tmp_path / "m3.pt")
     with pytest.raises(SystemExit, match=r"(?s)coarse.pt was not made from.*text_features_digest differs.*m3.pt"):
         evaluate.main(eval_args(tiny_world, made_run / "coarse.pt", tmp_path / "m3.pt"))
@@ -232,3 +234,186 @@ def test_log_line_comes_after_the_checkpoint(made_run, tiny_world, tmp_path, mon
     stage.main(args + ["--resume"])
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+# ---- issue 21: no stale number without a word, no run lost to a second run, no traceback for a bad file ----
+
+def copy_world(tiny_world, tmp_path, name="w"):
+    world = tmp_path / name
+    shutil.copytree(tiny_world, world)
+    return world
+
+
+def test_an_image_replaced_under_its_name_misses_the_feature_cache(tiny_world, tmp_path):
+    world = copy_world(tiny_world, tmp_path)
+    samples = common.read_split(world, "tiny", "test", 5)
+    key = lambda: common.feature_cache_file(tmp_path / "cache", "test", samples, "m", "none", 0, "transform")
+    before = key()
+    image = Path(samples[0][0])
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(image)  # another picture under the same name
+    os.utime(image, (time.time() + 5, time.time() + 5))
+    assert key() != before
+
+
+def test_a_corrupt_cache_file_is_encoded_again(tmp_path, capsys):
+    path = tmp_path / "test-0123.pt"
+    path.write_bytes(b"PK\x03\x04 torn off")
+    assert common.load_cached_features(path, 20) is None and not path.exists()
+    assert "cannot be read" in capsys.readouterr().err
+    torch.save(torch.zeros(3, 4), path)  # the features of another image list length
+    assert common.load_cached_features(path, 20) is None and not path.exists()
+    torch.save(torch.zeros(20, 4), path)
+    assert common.load_cached_features(path, 20).shape == (20, 4)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_broken_checkpoint_names_its_file_and_what_to_do(made_run, tmp_path, damage):
+    for name, what in (("coarse.pt", "stage 03"), ("text_features.pt", "stage 02"), ("last.pt", "an earlier run")):
+        data = (made_run / name).read_bytes()
+        broken = tmp_path / name
+        broken.write_bytes(b"" if damage == "empty" else data[:len(data) // 2])
+        with pytest.raises(ValueError, match=rf"{broken}: cannot be read .*Delete it and run {what}"):
+            common.load_checkpoint(broken, what)
+
+
+def test_a_relabelled_training_split_is_not_resumed(made_run, tiny_world, tmp_path):
+    world = copy_world(tiny_world, tmp_path)
+    args = ["--dataset", "tiny", "--data-root", str(world), "--features", str(made_run / "text_features.pt"),
+            "--model", f"{tiny_world}/tiny-clip.json", "--pretrained", "none", "--epochs", "1", "--batch-size", "8",
+            "--workers", "0", "--out", str(tmp_path / "ballad")]
+    ballad.main(args)
+    lines = (world / "train.txt").read_text().splitlines()
+    path, label = lines[0].rsplit(maxsplit=1)
+    lines[0] = f"{path} {(int(label) + 1) % 5}"
+    (world / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=r"(?s)phase_a.pt was not made from this run's inputs.*train_split_digest"):
+        ballad.main(args + ["--resume"])
+
+
+def test_resume_refuses_fewer_epochs_than_were_done(made_run, tiny_world, tmp_path):
+    stage = load_stage("03_train_coarse.py")
+    out = tmp_path / "coarse.pt"
+    stage.main(train_args(tiny_world, made_run / "text_features.pt", out, "--epochs", "2"))
+    with pytest.raises(SystemExit, match=r"last.pt holds 2 epochs, more than the 1 asked now"):
+        stage.main(train_args(tiny_world, made_run / "text_features.pt", out, "--epochs", "1", "--resume"))
+    args = ["--dataset", "tiny", "--data-root", str(tiny_world), "--features", str(made_run / "text_features.pt"),
+            "--model", f"{tiny_world}/tiny-clip.json", "--pretrained", "none", "--batch-size", "8", "--workers", "0",
+            "--out", str(tmp_path / "ballad")]
+    ballad.main(args + ["--epochs", "2"])
+    with pytest.raises(SystemExit, match=r"phase_a.pt holds phase_a trained for 2 epochs, 1 are asked now"):
+        ballad.main(args + ["--epochs", "1", "--resume"])
+
+
+@pytest.mark.parametrize("bad, message", [("label", r"test.txt:1: label -1 is outside \[0, 5\)"),
+                                          ("empty image", r"test.txt:1: image .* is an empty \(zero-byte\) file"),
+                                          ("empty split", r"test.txt: no 'relative/path label' line in it"),
+                                          ("underscore", r"test.txt:1: label '1_0' is not a plain integer")])
+def test_a_bad_evaluation_split_stops_training_before_it_starts(made_run, tiny_world, tmp_path, bad, message):
+    world = copy_world(tiny_world, tmp_path)
+    lines = (world / "test.txt").read_text().splitlines()
+    path, _ = lines[0].rsplit(maxsplit=1)
+    if bad == "label":
+        lines[0] = f"{path} -1"
+    elif bad == "underscore":
+        lines[0] = f"{path} 1_0"
+    elif bad == "empty image":
+        (world / path).write_bytes(b"")
+    elif bad == "empty split":
+        lines = []
+    (world / "test.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    out = tmp_path / "run" / "coarse.pt"
+    with pytest.raises(ValueError, match=message):
+        load_stage("03_train_coarse.py").main(train_args(world, made_run / "text_features.pt", out, "--epochs", "1"))
+    assert not (out.parent / "last.pt").exists()  # nothing was trained
+
+
+def test_a_bad_image_ends_in_one_line_naming_its_split_line(made_run, tiny_world, tmp_path):
+    world = copy_world(tiny_world, tmp_path)
+    first = (world / "train.txt").read_text().splitlines()[0].rsplit(maxsplit=1)[0]
+    data = (world / first).read_bytes()
+    (world / first).write_bytes(data[:len(data) // 2])  # a truncated PNG, read in a loader worker
+    out = subprocess.run([sys.executable, "03_train_coarse.py", *train_args(world, made_run / "text_features.pt",
+                                                                            tmp_path / "c.pt", "--epochs", "1"),
+                          "--workers", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("03_train_coarse.py: error: ") and f"train.txt:1: cannot read image" in line, line
+
+
+def test_two_writers_of_one_file_each_write_their_own_temporary(tmp_path):
+    target = tmp_path / "features.pt"
+    with common.atomic_path(target) as a, common.atomic_path(target) as b:
+        assert a != b
+        a.write_text("first")
+        b.write_text("second")
+    assert target.read_text() in ("first", "second") and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_training_set_smaller_than_the_batch_runs_with_a_smaller_batch(made_run, tiny_world, tmp_path, capsys):
+    ivlm.main(["--dataset", "tiny", "--data-root", str(tiny_world), "--features", str(made_run / "text_features.pt"),
+               "--model", f"{tiny_world}/tiny-clip.json", "--pretrained", "none", "--epochs", "1", "--stage2",
+               "--workers", "0", "--out", str(tmp_path / "ivlm")])  # the recipe's batch is 256, the set 47 images
+    assert "--batch-size 256 is larger than the training set (47 images); using 47" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ivlm" / "results.json").read_text())["training"]["batch_size"] == 47
+
+
+def test_doubtful_data_is_said_once(tiny_world, tmp_path, capsys):
+    world = copy_world(tiny_world, tmp_path)
+    train = (world / "train.txt").read_text().splitlines()
+    (world / "train.txt").write_text("\n".join(train + train[:2]) + "\n")  # two lines again
+    (world / "test.txt").write_text((world / "test.txt").read_text() + train[0] + "\n")  # a training image in test
+    (world / "classnames.txt").write_text((world / "classnames.txt").read_text().replace("green square", "red square"))
+    common._WARNED.clear()
+    for _ in range(2):
+        names = common.class_names("tiny", world)
+        samples = common.read_split(world, "tiny", "train", len(names))
+        common.check_eval_split(world, "tiny", "", len(names), samples)
+    err = capsys.readouterr().err
+    for said in ("2 lines repeat an image listed before", "1 images are in both the training split and the 'test'",
+                 "1 class names are shared by several classes: 'red square' (0, 1)"):
+        assert err.count(said) == 1, (said, err)
+
+
+def test_a_run_of_another_dataset_is_refused(made_run, tiny_world, tmp_path):
+    out = make("corpus", "DATASET=other", f"DATA_ROOT={tiny_world}", f"RUN={made_run}",
+               f"PY={sys.executable}", "DESCRIPTORS=", "WIKI=")
+    assert out.returncode != 0 and f"RUN={made_run} holds the outputs of DATASET=tiny" in out.stderr
+    assert "not DATASET=other" in out.stderr
+
+
+def test_paths_with_spaces_are_refused_at_once(tiny_world, tmp_path):
+    spaced = tmp_path / "my data"
+    shutil.copytree(tiny_world, spaced)
+    out = make("-n", "all", *make_args(spaced, tmp_path / "run"))
+    assert out.returncode != 0 and "holds a space, which make cannot keep in a file name" in out.stderr
+    world = copy_world(tiny_world, tmp_path, "w2")
+    (world / "images" / "sub dir").mkdir()
+    first = (world / "train.txt").read_text().splitlines()[0].rsplit(maxsplit=1)[0]
+    shutil.copy(world / first, world / "images" / "sub dir" / "a.png")
+    (world / "train.txt").write_text((world / "train.txt").read_text() + "images/sub dir/a.png 0\n")
+    out = make("-n", "all", *make_args(world, tmp_path / "run2"))
+    assert out.returncode != 0 and "train.txt:48: an image folder whose name holds a space" in out.stderr, out.stderr
+
+
+def test_a_missing_weights_file_is_refused_before_anything_runs(tiny_world, tmp_path):
+    args = [a for a in make_args(tiny_world, tmp_path / "run") if not a.startswith("PRETRAINED=")]
+    out = make("all", *args, f"PRETRAINED={tmp_path}/missing.pt")
+    assert out.returncode != 0 and f"PRETRAINED={tmp_path}/missing.pt: weights file not found" in out.stderr
+    assert not (tmp_path / "run" / "corpus.json").exists()
+    with pytest.raises(FileNotFoundError, match="missing.pt: weights file not found"):
+        common.load_clip(f"{tiny_world}/tiny-clip.json", str(tmp_path / "missing.pt"))
+
+
+def test_a_second_make_on_a_run_in_use_is_refused_and_the_first_finishes(tiny_world, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(["make", "-C", str(ROOT), "features", *make_args(tiny_world, run, epochs=1)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # until the first make is past stage 01, between two stages or in stage 02
+        if (run / "corpus.json").exists() or first.poll() is not None:
+            break
+        time.sleep(0.1)
+    second = make("all", *make_args(tiny_world, run, epochs=1))
+    assert second.returncode != 0 and f"RUN={run} is in use by make pid {first.pid}" in second.stderr, second.stderr
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert make("features", *make_args(tiny_world, run, epochs=1)).returncode == 0  # the lock went with the first

@@ -143,6 +143,7 @@ def test_worker_processes_hand_over_whole_batches(image_files, transforms, decod
     assert all(torch.equal(a, b) for a, b in zip(got[0], got[2]))
 
 
+@pytest.mark.slow
 def test_compiled_tower_trains_like_eager(made_run, tiny_world, tmp_path):
     stage = load_stage("03_train_coarse.py")
     features = made_run / "text_features.pt"

@@ -10,7 +10,7 @@ import torch
 
 import common
 from conftest import ROOT, make_args
-from systems import ballad, imbalance_vlm as ivlm
+from systems import ballad, frame, imbalance_vlm as ivlm, lift
 
 
 # ---- losses and heads, by hand ----
@@ -98,9 +98,9 @@ def test_adapter_residual_mix():
 
 def test_class_aware_sampler_counts():
     labels = torch.tensor([0] * 10 + [1] * 3 + [2])
-    batches = ballad.common.class_aware_batches(labels, 3, 4, 5, torch.Generator().manual_seed(0))
+    batches = frame.class_aware_batches(labels, 3, 4, 5, 6, torch.Generator().manual_seed(0))
     drawn = torch.cat(batches)
-    assert len(drawn) == 30  # max n_c x C
+    assert len(batches) == 6 and len(drawn) == 30  # the asked number of batches (BALLAD: int(N / batch))
     per_class = torch.bincount(labels[drawn], minlength=3).tolist()
     assert all(8 <= n <= 12 for n in per_class), per_class  # every class about equally often (4 per visit)
     visits = labels[drawn].view(-1, 2)  # runs of 4 from one class: any aligned pair comes from one class
@@ -112,7 +112,7 @@ def test_class_aware_sampler_counts():
 
 def test_weighted_sampler_balances_classes():
     labels = torch.tensor([0] * 90 + [1] * 10)
-    drawn = torch.cat(common.weighted_batches(labels, [1 / 90, 1 / 10], 100, 10000, torch.Generator().manual_seed(0)))
+    drawn = torch.cat(frame.weighted_batches(labels, [1 / 90, 1 / 10], 100, 10000, torch.Generator().manual_seed(0)))
     assert len(drawn) == 10000 and 0.46 < labels[drawn].float().mean().item() < 0.54
 
 
@@ -150,7 +150,7 @@ def system_args(world, run):  # EPOCHS on the command line (2 in make_args) sets
 
 @pytest.fixture(scope="module")
 def systems_run(made_run, tiny_world):
-    for name in ("ballad", "imbalance_vlm", "vl_ltr", "lt_dpt"):
+    for name in ("ballad", "imbalance_vlm", "vl_ltr", "lt_dpt", "lift"):
         out = subprocess.run(["make", "-C", str(ROOT), "system", f"NAME={name}"] + system_args(tiny_world, made_run),
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -163,17 +163,20 @@ def systems_run(made_run, tiny_world):
 @pytest.mark.parametrize("name, variants", [("ballad", ["ballad_phase_a", "ballad"]),
                                             ("imbalance_vlm", ["ivlm_ce", "ivlm_ce_disalign", "ivlm_ce_marc"]),
                                             ("vl_ltr", ["vl_ltr_lgr", "vl_ltr_linear", "vl_ltr_text"]),
-                                            ("lt_dpt", ["lt_dpt"])])
+                                            ("lt_dpt", ["lt_dpt"]), ("lift", ["lift", "lift_tte"])])
 def test_system_results_recompute_from_predictions(systems_run, name, variants):
     folder = systems_run / "systems" / name
     results = json.loads((folder / "results.json").read_text())
     assert list(results["variants"]) == variants and results["shot_rule"] == "lift"
     assert results["meta"]["args"]["epochs"] == 2 and results["meta"]["dataset"] == "tiny"
     z = np.load(folder / "predictions.npz")
-    counts = torch.load(systems_run / "coarse.pt", weights_only=True)["class_counts"].numpy()
+    counts = z["class_counts"]
+    assert np.array_equal(counts, torch.load(systems_run / "coarse.pt", weights_only=True)["class_counts"].numpy())
     for variant in variants:
         assert results["variants"][variant] == recompute(z[f"pred_{variant}"], z["labels"], counts), variant
     assert (folder / "log.jsonl").exists() and (folder / "results.md").exists()
+    training = results["training"]  # the budget the comparison shows: steps, lr, parameters, weights tested
+    assert training["optimizer_steps"] and training["trainable_params"] and training["selection"] == "last"
 
 
 def test_system_resume_repeats_the_uninterrupted_run(made_run, tiny_world, tmp_path, monkeypatch):
@@ -181,17 +184,17 @@ def test_system_resume_repeats_the_uninterrupted_run(made_run, tiny_world, tmp_p
             "--model", f"{tiny_world}/tiny-clip.json", "--pretrained", "none", "--epochs", "2", "--batch-size", "8",
             "--workers", "0"]
     ballad.main(args + ["--out", str(tmp_path / "full")])
-    real = common.PhaseCheckpoints.epoch_done
+    real = common.append_line
 
-    def killed_in_phase_b(self, phase, epoch, *a, **k):
-        real(self, phase, epoch, *a, **k)
-        if phase == "phase_b" and epoch == 1:
-            raise KeyboardInterrupt
+    def killed_in_phase_b(path, line):
+        real(path, line)
+        if json.loads(line)["phase"] == "phase_b" and json.loads(line)["epoch"] == 1:
+            raise KeyboardInterrupt  # last.pt and the log hold phase B's first epoch
 
-    monkeypatch.setattr(common.PhaseCheckpoints, "epoch_done", killed_in_phase_b)
+    monkeypatch.setattr(common, "append_line", killed_in_phase_b)
     with pytest.raises(KeyboardInterrupt):
         ballad.main(args + ["--out", str(tmp_path / "killed")])
-    monkeypatch.setattr(common.PhaseCheckpoints, "epoch_done", real)
+    monkeypatch.setattr(common, "append_line", real)
     assert (tmp_path / "killed" / "phase_a.pt").exists() and not (tmp_path / "killed" / "phase_b.pt").exists()
     with pytest.raises(SystemExit, match=r"--lr-b: 0.2 in .*killed/phase_a.pt, 0.1 now"):
         ballad.main(args + ["--out", str(tmp_path / "killed"), "--resume", "--lr-b", "0.1"])
@@ -213,7 +216,8 @@ def test_comparison_table_lists_every_system(systems_run, tiny_world):
     text = (systems_run / "tables" / "table1.md").read_text()
     for row in ("Zero-shot CLIP", "CLIP + linear probe", "VPT (CLIP, cross-entropy)", "BALLAD: phase A + balanced adapter",
                 "Imbalance-VLM: cross-entropy + DisAlign, two stages", "VL-LTR: CVLP + LGR (both branches)",
-                "LT-DPT: decoupled prompts, GCL + DRW", "HLC"):
+                "LT-DPT: decoupled prompts, GCL + DRW",
+                "LIFT: adaptformer + test-time ensembling (not in the HLC paper)", "HLC"):
         assert f"| {row} |" in text, row
     assert "paper Many" not in text  # the tiny world has no published numbers
 
@@ -262,7 +266,7 @@ def test_lgr_language_branch_equals_the_explicit_gather():
     torch.manual_seed(0)
     anchors = F_normalize(torch.randn(3, 4, 8))
     mask = torch.tensor([[True] * 4, [True, True, False, False], [True, False, False, False]])
-    head = vl_ltr.LGR(anchors, mask, 3, tau=0.07)
+    head = vl_ltr.LGR(anchors, mask, 3, scale=100.0)  # the CVLP model's learned exp(s), CLIP's about 100
     with torch.no_grad():
         head.w_q.weight.add_(0.1 * torch.randn(8, 8))
     f = torch.randn(5, 8)
@@ -271,7 +275,7 @@ def test_lgr_language_branch_equals_the_explicit_gather():
     att = torch.einsum("bd,cmd->bcm", q, k) / 8 ** 0.5
     att = torch.softmax(att.masked_fill(~mask, float("-inf")), -1)
     g = torch.einsum("bcm,cmd->bcd", att, anchors)
-    expected = torch.nn.functional.cosine_similarity(f[:, None, :], g, dim=-1) / 0.07
+    expected = 100.0 * torch.nn.functional.cosine_similarity(f[:, None, :], g, dim=-1)  # not 1 / 0.07
     assert torch.allclose(text_logits, expected, atol=1e-5) and image_logits.shape == (5, 3)
     assert torch.equal(head.w_k.weight, torch.eye(8))  # initialised to the identity
     assert isinstance(head.mlp[0], torch.nn.Linear) and head.mlp[0].out_features == 32  # Linear(D, 4D)-ReLU-Linear
@@ -339,3 +343,141 @@ def test_saliency_lands_on_the_one_bright_object():
     row, col = divmod(int(s.argmax()), 4)
     assert row in (2, 3) and col in (0, 1), (row, col)  # one of the four cells the square covers
     assert s.view(4, 4)[0, 3] < 0.2  # the far corner is not salient
+
+
+def test_compare_shows_each_methods_budget(systems_run, tiny_world):
+    out = subprocess.run(["make", "-C", str(ROOT), "compare"] + system_args(tiny_world, systems_run),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = (systems_run / "tables" / "compare.md").read_text()
+    assert "| | optimizer steps | learning rate | trainable parameters | weights tested |" in text
+    for name in ("BALLAD", "Imbalance-VLM", "VL-LTR", "LT-DPT", "LIFT", "HLC", "CLIP + linear probe"):
+        assert any(line.startswith(f"| {name} | ") and line.count("|") == 6 for line in text.splitlines()), name
+
+
+# ---- what the original code does, and the kit now does too ----
+
+def parsed_args(module, monkeypatch, tmp_path, dataset, *extra):
+    """The arguments a system runs with for `dataset` (its recipe, then the flags), stopped before any data is read."""
+    seen = {}
+
+    def stop(args):
+        seen.update(vars(args))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(frame, "load_data", stop)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--dataset", dataset, "--data-root", str(tmp_path), "--features", "x.pt", "--out",
+                     str(tmp_path / "out"), "--device", "cpu", *extra])
+    common.release_run_locks()
+    return seen
+
+
+def test_each_system_runs_its_recipe_for_the_dataset(monkeypatch, tmp_path):
+    from systems import lt_dpt, vl_ltr
+    places = parsed_args(lt_dpt, monkeypatch, tmp_path, "places_lt")
+    assert (places["epochs"], places["drw_epochs"], places["recipe"]) == (100, 40, "places_lt")  # LT-DPT Sec. 4.1
+    assert parsed_args(lt_dpt, monkeypatch, tmp_path, "imagenet_lt")["epochs"] == 70
+    assert parsed_args(lt_dpt, monkeypatch, tmp_path, "places_lt", "--epochs", "3")["epochs"] == 3  # a flag wins
+    v = parsed_args(vl_ltr, monkeypatch, tmp_path, "places_lt")
+    assert (v["lr_lgr"], v["lr_full"], v["alpha"]) == (5e-5, 1e-5, 0.2)  # configs/placeslt
+    v = parsed_args(vl_ltr, monkeypatch, tmp_path, "inat2018")
+    assert (v["epochs_cvlp"], v["epochs_lgr"], v["alpha"], v["lr_lgr"]) == (100, 360, 0.7, 2e-5)  # configs/inat
+    assert parsed_args(vl_ltr, monkeypatch, tmp_path, "imagenet_lt")["lr_lgr"] == 1e-3
+    assert parsed_args(lift, monkeypatch, tmp_path, "inat2018")["epochs"] == 20
+    toy = parsed_args(ballad, monkeypatch, tmp_path, "toy")
+    assert toy["batch_size"] == 32 and toy["recipe"] == "toy" and toy["select"] == "best"
+    assert parsed_args(ivlm, monkeypatch, tmp_path, "places_lt")["select"] == "best"
+    assert parsed_args(vl_ltr, monkeypatch, tmp_path, "places_lt")["select"] == "last"
+
+
+def test_vl_ltr_weighs_the_branches_as_its_code():
+    image, text = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    p_image, p_text = torch.softmax(image, -1), torch.softmax(text, -1)
+    assert torch.allclose(vl_ltr.fuse(image, text, 0.2), 0.2 * p_image + 0.8 * p_text)  # engine.py, not 1 : 1
+    assert vl_ltr.fuse(image, text, 0.2).argmax().item() == 1 and vl_ltr.fuse(image, text, 0.7).argmax().item() == 0
+
+
+def test_ballad_phase_b_epochs_are_the_codes_steps(made_run, tiny_world, tmp_path, capsys):
+    n = len((tiny_world / "train.txt").read_text().splitlines())  # 47 images
+    ballad.main(["--dataset", "tiny", "--data-root", str(tiny_world), "--features", str(made_run / "text_features.pt"),
+                 "--model", f"{tiny_world}/tiny-clip.json", "--pretrained", "none", "--epochs", "2", "--batch-size",
+                 "8", "--workers", "0", "--out", str(tmp_path)])
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    b = [r for r in log if r["phase"] == "phase_b"]
+    assert b[-1]["steps"] == 2 * (n // 8)  # int(N / batch) per epoch (train.py epoch_steps), not max(n_c) x C
+    assert b[-1]["lr"] == 0.0  # the cosine steps at each epoch's start: the last epoch trains at lr 0
+    text = torch.load(made_run / "text_features.pt", weights_only=True)
+    assert f"logit scale {text['logit_scale']:.1f};" in capsys.readouterr().out  # the model's own, not 100
+
+
+def test_imbalance_vlm_optimizer_as_its_code(tiny_world):
+    head = ivlm.SecondStage("disalign", torch.nn.Linear(4, 3))
+    groups = ivlm.param_groups(head, 5e-4)
+    no_decay = {id(q) for q in groups[0]["params"]}
+    named = dict(head.named_parameters())
+    for name in ("scale", "shift", "confidence.bias"):  # 1-D parameters and biases: no weight decay
+        assert id(named[name]) in no_decay, name
+    assert id(named["confidence.weight"]) not in no_decay and groups[1]["weight_decay"] == 5e-4
+    assert groups[0]["weight_decay"] == 0.0
+    assert ivlm.cosine_7_16(0, 100, 10, 0.03) == 0.0 and ivlm.cosine_7_16(10, 100, 10, 0.03) == 0.03
+    last = ivlm.cosine_7_16(99, 100, 10, 0.03)
+    assert abs(last / 0.03 - math.cos(7 * math.pi / 16 * 89 / 90)) < 1e-12 and last > 0.19 * 0.03  # ends near 0.2 lr
+
+
+def test_every_lt_dpt_parameter_gets_a_gradient(tiny_world):
+    from systems import lt_dpt
+    clip, _, _, _ = common.load_clip(f"{tiny_world}/tiny-clip.json", "none")
+    model = lt_dpt.DecoupledPrompts(clip.visual, n_fg=2, n_bg=2, groups=3, top_k=2, bg_layers=2)
+    assert len(model.alpha) == 1 and len(model.beta) == 1  # 2 layers: the bias acts in the first only
+    images = torch.rand(2, 3, 32, 32)
+    model(images, torch.rand(2, 16)).pow(2).sum().backward()
+    for name, q in model.named_parameters():
+        if q.requires_grad:
+            assert q.grad is not None and q.grad.abs().sum() > 0, name  # the old last-layer alpha got none
+
+
+# ---- LIFT ----
+
+def test_adaptformer_and_lora_start_as_the_plain_block(tiny_world):
+    clip, _, _, _ = common.load_clip(f"{tiny_world}/tiny-clip.json", "none")
+    block = clip.visual.transformer.resblocks[0]
+    x = torch.randn(2, 17, 64)
+    plain = block(x)
+    adapter = lift.AdaptFormer(64, 4)  # up-projection zero: nothing added
+    assert torch.allclose(lift.tuned_block(block, x, adapter=adapter), plain, atol=1e-6)
+    lora = torch.nn.ModuleDict({"q": lift.LoRA(64, 4), "v": lift.LoRA(64, 4)})  # B zero: the same attention
+    assert torch.allclose(lift.tuned_block(block, x, lora=lora), plain, atol=1e-5)
+    with torch.no_grad():
+        adapter.up.weight.fill_(0.01)
+    assert not torch.allclose(lift.tuned_block(block, x, adapter=adapter), plain, atol=1e-4)
+    assert lift.adapter_width(1000, 12) == 32 and lift.adapter_width(365, 12) == 8 and lift.adapter_width(100, 12) == 4
+
+
+def test_lift_starts_from_the_class_prompts_and_adjusts_its_loss(tiny_world):
+    clip, _, _, _ = common.load_clip(f"{tiny_world}/tiny-clip.json", "none")
+    prompts = torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)
+    model = lift.Lift(clip.visual, "adaptformer", 4, 10, prompts, 25.0).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():  # zero-initialised adapters and the text head: CLIP's own zero-shot logits, scaled by 25
+        expected = 25 * torch.nn.functional.normalize(clip.visual(images), dim=-1) @ prompts.T
+        assert torch.allclose(model(images), expected, atol=1e-5)
+    trained = {id(q) for q in model.trained()}
+    assert id(model.head) in trained and not any(id(q) in trained for q in clip.visual.parameters())
+    z, log_prior = torch.tensor([[1.0, 2.0]]), torch.log(torch.tensor([0.9, 0.1]))
+    s0, s1 = 1 + math.log(0.9), 2 + math.log(0.1)  # z + log(pi): the head's logit is raised, the tail's lowered
+    expected = -(s0 - math.log(math.exp(s0) + math.exp(s1)))
+    assert abs(lift.logit_adjusted_loss(z, torch.tensor([0]), log_prior).item() - expected) < 1e-6
+
+
+def test_tte_takes_the_five_crops_of_the_enlarged_image():
+    from PIL import Image
+    from torchvision import transforms as T
+    image = Image.fromarray(np.arange(40 * 40 * 3, dtype=np.uint8).reshape(40, 40, 3) % 251)
+    identity = T.Normalize([0, 0, 0], [1, 1, 1])
+    crops = [lift.FiveCropPick(32, 3, k, identity)(image) for k in range(5)]
+    big = np.asarray(image.resize((35, 35), Image.BILINEAR), dtype=np.float32) / 255  # resized to 32 + 3
+    corners = [big[:32, :32], big[:32, 3:], big[3:, :32], big[3:, 3:]]  # torchvision: tl, tr, bl, br, centre
+    for crop, corner in zip(crops, corners):
+        assert crop.shape == (3, 32, 32) and np.abs(crop.permute(1, 2, 0).numpy() - corner).max() < 0.02
+    assert len({c.sum().item() for c in crops}) == 5  # five different crops

@@ -1,0 +1,80 @@
+"""The Makefile as a user meets it: the toy branch end to end on a small toy world, previews that tell the truth,
+recipes that a flag does not wipe out, variables from the environment, and the make version it needs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+SMALL_TOY = ("TOY_ARGS=--clip-steps 20 --clip-batch 64 --max-per-class 20 --imbalance 10 --val-per-class 2 "
+             "--test-per-class 2")
+
+
+def make(*args, env=None):
+    return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def small_toy(tmp_path_factory):
+    """The toy branch of the Makefile (stage 00 included) on a small toy world, one epoch."""
+    tmp = tmp_path_factory.mktemp("smalltoy")
+    args = ["DATASET=toy", f"DATA_ROOT={tmp / 'data'}", f"RUN={tmp / 'run'}", f"PY={sys.executable}", SMALL_TOY,
+            "EPOCHS=1", "TRAIN_ARGS=--log-every 7"]
+    out = make("all", *args)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return tmp, args
+
+
+def test_the_toy_branch_runs_every_stage(small_toy):
+    tmp, _ = small_toy
+    results = json.loads((tmp / "run" / "results.json").read_text())
+    assert results["dataset"] == "toy" and results["num_test"] == 36 * 2 and "descriptor_weights" in results
+    for name in ("report.html", "explanations.html", "predictions.npz", "log.jsonl"):
+        assert (tmp / "run" / name).exists(), name
+
+
+def test_a_preview_after_a_finished_run_has_nothing_to_do(small_toy):
+    tmp, args = small_toy
+    preview = make("-n", "all", *args)
+    assert preview.returncode == 0 and "00_make_toy" not in preview.stdout and ".py" not in preview.stdout, \
+        preview.stdout
+    assert make("-q", str(tmp / "run" / "results.json"), *args).returncode == 0  # -q: up to date
+    assert make("all", *args).stdout.count(".py") == 0  # and a real make agrees
+
+
+def test_an_extra_training_flag_keeps_the_toy_recipe(small_toy):
+    tmp, _ = small_toy
+    meta = torch.load(tmp / "run" / "coarse.pt", weights_only=True)["meta"]["args"]
+    # TRAIN_ARGS added --log-every; the toy's batch, prompts and learning rate still come from its recipe
+    assert meta["log_every"] == 7 and meta["recipe"] == "toy" and meta["batch_size"] == 32
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("stage03", ROOT / "03_train_coarse.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    assert meta["lr_scale"] == stage.RECIPES["toy"]["lr_scale"] and meta["prompt_tokens"] == 2
+
+
+def test_epochs_from_the_environment_reach_every_script(small_toy):
+    tmp, args = small_toy
+    env_args = [a for a in args if not a.startswith("EPOCHS=")]
+    for goal in ("system", "train"):
+        out = make("-n", goal, "NAME=lift", *env_args, env={"EPOCHS": "3"})
+        assert out.returncode == 0 and "--epochs 3" in out.stdout, (goal, out.stdout[-1500:], out.stderr[-500:])
+
+
+def test_an_old_make_is_stopped_with_the_fix():
+    out = make("MAKE_VERSION=3.81", "-n", "help")
+    assert out.returncode != 0 and "needs GNU make 4.2 or newer" in out.stderr and "gmake" in out.stderr
+
+
+def test_progress_in_a_log_is_a_few_lines(capsys):
+    items = list(common.progress(range(200), "encode"))  # stderr is not a terminal under pytest
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert items == list(range(200)) and 1 <= len(lines) <= 10 and "\r" not in "".join(lines)
+    assert all("/s, eta" in line and line.startswith("encode: ") for line in lines)
