@@ -81,3 +81,17 @@ def test_make_all_on_cifar100_lt_previews_the_chain(cifar_root):
     for stage in ("01_build_corpus.py", "02_cache_descriptors.py", "03_train_coarse.py", "04_eval_hlc.py"):
         assert stage in out.stdout, stage
     assert f"--data-root {cifar_root}/ir100" in out.stdout and "--dataset cifar100_lt" in out.stdout
+
+
+@pytest.mark.slow
+def test_make_all_runs_on_cifar100_lt(cifar_root, tiny_world, tmp_path):
+    names = [f"kind {c}" if c else "aquarium fish" for c in range(100)]
+    (tmp_path / "d.json").write_text(json.dumps({n: [f"a {n} in a photo", "something small"] for n in names}))
+    out = subprocess.run(["make", "-C", str(ROOT), "all", "DATASET=cifar100_lt", f"CIFAR_ROOT={cifar_root}", "IR=100",
+                          f"RUN={tmp_path / 'run'}", f"MODEL={tiny_world}/tiny-clip.json", "PRETRAINED=none",
+                          f"DESCRIPTORS={tmp_path / 'd.json'}", "EPOCHS=1", "WORKERS=0", f"PY={sys.executable}",
+                          "TRAIN_ARGS=--batch-size 64"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["dataset"] == "cifar100_lt" and results["num_test"] == 10000
+    assert results["shot_counts"] == common.shot_counts(common.group_counts("cifar100_lt", None))
