@@ -36,7 +36,7 @@ RECIPES = {
     # the toy world: every method gets the same number of optimizer steps (TOY_STEPS in docs/systems.md) at batch 32,
     # and its learning rate x lr_scale, picked on the val split by `make tune-toy` from the grid 1, 3, 10, 30
     # its prompts are a tenth of its 17 tokens, as ViT-B/16's 20 are of 197
-    "toy": dict(epochs=20, batch_size=32, prompt_tokens=2, lr_scale=1.0),
+    "toy": dict(epochs=20, batch_size=32, prompt_tokens=2, lr_scale=30.0),
 }
 
 
@@ -104,7 +104,8 @@ def train_features(tower, samples, transform, device, rank, world, args, model_n
     path = None
     if args.feature_cache:
         path = common.feature_cache_file(args.feature_cache, "train", samples, model_name, args.pretrained,
-                                         args.image_size, transform)
+                                         args.image_size, transform,
+                                         common.effective_precision(device, args.precision))
         cached = common.load_cached_features(path, len(samples))  # its name hashes the model, transform and images
         if cached is not None:
             print(f"frozen tower: training features from {path}") if rank == 0 else None

@@ -241,7 +241,8 @@ def main(argv=None):
     cache = None
     if args.feature_cache:
         cache = common.feature_cache_file(args.feature_cache, split, samples, model_name, args.pretrained,
-                                          coarse.get("image_size"), preprocess_val)
+                                          coarse.get("image_size"), preprocess_val,
+                                          common.effective_precision(device, args.precision))
     plain = common.load_cached_features(cache, len(samples)) if cache else None  # its name hashes the inputs
     towers = {} if plain is not None else {"plain": clip.visual}
     if vpt.num_tokens or coarse.get("visual"):

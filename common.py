@@ -485,10 +485,11 @@ def image_loader(samples, transform, decode, device, seed=None, workers=0, batch
     return loader, to_device
 
 
-def feature_cache_file(cache_dir, split, samples, model, pretrained, image_size, transform):
+def feature_cache_file(cache_dir, split, samples, model, pretrained, image_size, transform, precision="fp32"):
     """Where the frozen tower's features of one split are cached: the name hashes everything they depend on (the
-    model and weights, by name or by file size and time, the image size, the transform, and the images: each one's
-    path, label, size and modification time, so an image replaced under the same name is encoded again)."""
+    model and weights, by name or by file size and time, the image size, the transform, the precision the tower ran
+    in (effective_precision), and the images: each one's path, label, size and modification time, so an image
+    replaced under the same name is encoded again)."""
     import hashlib
     stat = lambda f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] if f and Path(f).is_file() else None
     images = hashlib.sha1()
@@ -497,6 +498,8 @@ def feature_cache_file(cache_dir, split, samples, model, pretrained, image_size,
         images.update(f"{p} {y} {st.st_size} {st.st_mtime_ns}\n".encode())
     key = dict(model=model, model_file=stat(model), pretrained=pretrained, weights_file=stat(pretrained),
                image_size=image_size or None, transform=repr(transform), n=len(samples), images=images.hexdigest())
+    if precision != "fp32":  # fp32 caches keep the names they had before precision was part of the key
+        key["precision"] = precision
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{split}-{digest}.pt"
 
@@ -613,11 +616,16 @@ PRECISIONS = {
 }
 
 
+def effective_precision(device, precision="auto"):
+    """What the image tower computes in: "bf16" on CUDA under auto, or when asked; "fp32" otherwise."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda") else "fp32"
+
+
 def image_autocast(device, precision="auto"):
     """bf16 autocast for the image tower on CUDA (precision auto); fp32 turns it off, bf16 turns it on anywhere."""
     device = torch.device(device)
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=effective_precision(device, precision) == "bf16")
 
 
 def pick_device(name="auto"):

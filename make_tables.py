@@ -153,9 +153,12 @@ def render_compare(title, rows, paper):
 
 
 def table_rows(path):
-    """{row label: [many, medium, few, overall]} from a markdown table this script wrote."""
+    """{row label: [many, medium, few, overall]} from the first markdown table of a file this script wrote (the
+    comparison's budget table, which follows it, is not read)."""
     rows = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if rows and not line.strip():
+            break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 5 and cells[0] and cells[1] not in ("Many", "---"):
             try:
@@ -181,6 +184,11 @@ def seeds_table(runs, out):
                 cells.append(f"{np.mean(values):.2f} ({min(values):.2f} to {max(values):.2f})" if values else "-")
             parts.append(f"| {label} | " + " | ".join(cells) + " |")
         parts.append("")
+        if name == "compare":  # each method's budget: the same recipe in every run, so the first run's
+            text = (Path(runs[0]) / "tables" / "compare.md").read_text(encoding="utf-8")
+            budget = text.split("| optimizer steps |", 1)
+            if len(budget) == 2:
+                parts += [f"Budget (the same in every run; {runs[0]}):", "", "| | optimizer steps |" + budget[1].rstrip(), ""]
     common.atomic_write_text(out, "\n".join(parts) + "\n")
     print("\n".join(parts))
 

@@ -49,7 +49,7 @@ RECIPES = {
     "default": dict(epochs_a=50, epochs_b=10, lr_a=1e-5, lr_b=0.2, batch_size=512, lr_scale=1.0),
     # the toy world: the shared step budget (docs/systems.md), split 5 : 1 between the phases as the code's epochs;
     # lr_scale picked by make tune-toy
-    "toy": dict(epochs_a=17, epochs_b=3, batch_size=32, lr_scale=1.0),
+    "toy": dict(epochs_a=17, epochs_b=3, batch_size=32, lr_scale=3.0),
 }
 
 

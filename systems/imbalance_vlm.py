@@ -55,7 +55,7 @@ RECIPES = {
     "default": dict(iterations=8192, evals=32, lr=0.03, batch_size=256, lr_scale=1.0),
     # the toy world: the shared step budget (docs/systems.md), split evenly between the stages as the code's 8192 + 8192;
     # lr_scale picked by make tune-toy
-    "toy": dict(iterations=500, evals=25, batch_size=32, lr_scale=1.0),  # 25 evaluations of 20 steps
+    "toy": dict(iterations=500, evals=25, batch_size=32, lr_scale=10.0),  # 25 evaluations of 20 steps
 }
 LOSSES = ("ce", "balanced_softmax", "focal", "ldam", "lade", "cbw", "grw")
 STAGE2 = ("crt", "lws", "marc", "disalign")

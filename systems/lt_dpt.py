@@ -56,7 +56,7 @@ RECIPES = {
     "places_lt": dict(epochs=100, drw_epochs=40),  # paper Sec. 4.1: Places-LT 100 epochs, DRW in the last 40
     # the toy world: the shared step budget (docs/systems.md), DRW in the last 1/7 as on ImageNet-LT; lr_scale picked
     # by make tune-toy
-    "toy": dict(epochs=20, drw_epochs=3, batch_size=32, lr_scale=1.0),
+    "toy": dict(epochs=20, drw_epochs=3, batch_size=32, lr_scale=3.0),
 }
 
 

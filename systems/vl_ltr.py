@@ -61,7 +61,7 @@ RECIPES = {
     "inat2018": dict(epochs_cvlp=100, epochs_lgr=360, lr_full=3.5e-4, lr_lgr=2e-5, alpha=0.7),  # configs/inat/...
     # the toy world: the shared step budget (docs/systems.md), split evenly between the stages as the code's 50 + 50
     # epochs; lr_scale picked by make tune-toy
-    "toy": dict(epochs_cvlp=10, epochs_lgr=10, batch_size=32, prompt_tokens=2, lr_scale=1.0),  # HLC's toy prompts
+    "toy": dict(epochs_cvlp=10, epochs_lgr=10, batch_size=32, prompt_tokens=2, lr_scale=30.0),  # HLC's toy prompts
 }
 
 

@@ -307,3 +307,22 @@ def test_explanations_render_in_headless_chromium(made_run, tmp_path):
     from PIL import Image
     pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
     assert pixels.shape[0] > 500 and pixels.std() > 10  # a page with text and images, not a blank one
+
+
+def test_seeds_table_averages_each_row_and_skips_the_budget_table(tmp_path):
+    tables = load_stage("make_tables.py")
+    runs = []
+    for seed, hlc in enumerate([70.0, 80.0, 75.0]):
+        run = tmp_path / f"seed{seed}"
+        (run / "tables").mkdir(parents=True)
+        (run / "tables" / "compare.md").write_text(
+            "# t\n\n| | Many | Med. | Few | Acc. |\n| --- | --- | --- | --- | --- |\n"
+            f"| BALLAD: ballad | 1.00 | 2.00 | 3.00 | {60 + seed:.2f} |\n| HLC | 1.00 | 2.00 | 3.00 | {hlc:.2f} |\n\n"
+            "| | optimizer steps | learning rate | trainable parameters | weights tested |\n| --- | --- | --- | --- | --- |\n"
+            "| HLC | 1000 | 0.015 | 1234 | best on val |\n")
+        runs.append(run)
+    tables.seeds_table([str(r) for r in runs], tmp_path / "seeds.md")
+    text = (tmp_path / "seeds.md").read_text()
+    assert "| HLC | 1.00 (1.00 to 1.00) | 2.00 (2.00 to 2.00) | 3.00 (3.00 to 3.00) | 75.00 (70.00 to 80.00) |" in text
+    assert "| BALLAD: ballad |" in text and "61.00 (60.00 to 62.00)" in text
+    assert "| HLC | 1000 | 0.015 | 1234 | best on val |" in text  # the budget, once, after the averaged rows

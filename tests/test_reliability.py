@@ -337,7 +337,7 @@ def test_a_bad_image_ends_in_one_line_naming_its_split_line(made_run, tiny_world
                           "--workers", "1"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith("03_train_coarse.py: error: ") and f"train.txt:1: cannot read image" in line, line
+    assert line.startswith("03_train_coarse.py: error: ") and "train.txt:1: cannot read image" in line, line
 
 
 def test_two_writers_of_one_file_each_write_their_own_temporary(tmp_path):

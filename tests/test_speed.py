@@ -119,10 +119,11 @@ def test_cache_name_changes_with_what_the_features_depend_on(tiny_world, transfo
     samples = common.read_split(tiny_world, "tiny", "train", 5)
     name = lambda **kw: common.feature_cache_file(tmp_path, "train", kw.get("samples", samples), "tiny-clip",
                                                   kw.get("pretrained", "none"), kw.get("size", 0),
-                                                  transforms[kw.get("t", "val")]).name
+                                                  transforms[kw.get("t", "val")], kw.get("precision", "fp32")).name
     base = name()
     assert base == name() and base.startswith("train-")
-    assert len({base, name(samples=samples[:-1]), name(pretrained="openai"), name(size=336), name(t="train")}) == 5
+    assert len({base, name(samples=samples[:-1]), name(pretrained="openai"), name(size=336), name(t="train"),
+                name(precision="bf16")}) == 6
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"1")
     first = name(pretrained=str(weights))
