@@ -148,9 +148,7 @@ def main(argv=None):
                                                 workers=args.workers, batch_sampler=sampler)
 
         def phase_a_batches(epoch):  # instance-balanced: a fresh permutation each epoch, epoch_steps batches of it
-            perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-            sampler.batches = [[(epoch, j) for j in perm[i * batch:(i + 1) * batch].tolist()]
-                               for i in range(steps_per_epoch)]
+            sampler.batches = frame.shuffled_batches(len(samples), batch, steps_per_epoch, args.seed, epoch)
             return loader
 
         def phase_a_loss(images_labels):

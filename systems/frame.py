@@ -110,6 +110,13 @@ def weighted_batches(labels, class_weights, batch_size, num_samples, generator):
     return [idx[i:i + batch_size] for i in range(0, num_samples - batch_size + 1, batch_size)]
 
 
+def shuffled_batches(n, batch_size, num_batches, seed, epoch):
+    """One epoch of instance-balanced batches: a permutation of the n images seeded by (seed, epoch), cut into
+    num_batches full batches (the rest dropped), as (epoch, index) pairs for the epoch-seeded loader."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return [[(epoch, j) for j in perm[i * batch_size:(i + 1) * batch_size].tolist()] for i in range(num_batches)]
+
+
 def class_aware_batches(labels, num_classes, per_class, batch_size, num_batches, generator):
     """BALLAD's (and OLTR's) class-aware sampling: classes are visited in shuffled rounds, and each visit takes
     per_class images of that class (cycling through a shuffled list of them); num_batches batches of batch_size."""

@@ -219,9 +219,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
     def epoch_batches(epoch):  # shuffled, the last incomplete batch dropped
-        perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        sampler.batches = [[(epoch, j) for j in perm[i * batch:(i + 1) * batch].tolist()]
-                           for i in range(steps_per_epoch)]
+        sampler.batches = frame.shuffled_batches(len(samples), batch, steps_per_epoch, args.seed, epoch)
         return loader
 
     def la_loss(images_labels):
