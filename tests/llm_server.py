@@ -1,5 +1,5 @@
 """A chat-completions server on 127.0.0.1 for the LLM tests: list answers in several formats, and failures on
-demand. `python tests/llm_server.py` serves until Ctrl-C (the 1,000-class measurement in the README uses it)."""
+demand. `python tests/llm_server.py` serves until Ctrl-C (the 1,000-class measurement in docs/text.md uses it)."""
 import json
 import re
 import threading
