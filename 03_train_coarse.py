@@ -13,8 +13,8 @@ Each step (paper section 3.1): B images through VPT-deep CLIP and B_t class-bala
 concatenated, mixed with a shuffled copy (SFM, Eq. 2) and classified by the cosine classifier (Eq. 1); the
 descriptor weights learn from the image features through Algorithm 1's score. --batch-size is the global batch:
 under torchrun each of N processes takes B / N images of every step, and the loss is computed on the gathered
-batch, so N processes follow one process step for step. Typical time: the toy world (30 epochs of 1,609
-images) 115 s on a 2-core CPU, about 440 images/s (86 s on the same kind of machine in an earlier session).
+batch, so N processes follow one process step for step. Typical time: the toy world (20 epochs of 1,609
+images) 94 s of training on a 2-core CPU, about 340 images/s.
 """
 import argparse
 import json

@@ -79,12 +79,7 @@ def epoch_cosine(base_lr, epoch, epochs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="imagenet_lt, places_lt, inat2018, or any name (generic layout)")
-    p.add_argument("--data-root", required=True, help="dataset root")
-    p.add_argument("--features", required=True, help="text_features.pt from stage 02 (class-prompt features)")
-    p.add_argument("--out", required=True, help="folder to write (results.json, predictions.npz, checkpoints)")
-    p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (must match)")
-    p.add_argument("--pretrained", default="openai", help="hub tag, local file, or none (must match)")
+    frame.add_io_args(p, "class-prompt features")
     p.add_argument("--epochs", type=int, help="set both phases to this many epochs (Make: EPOCHS)")
     p.add_argument("--epochs-a", type=int, help=common.recipe_help(RECIPES, "epochs_a", "phase A epochs"))
     p.add_argument("--epochs-b", type=int, help=common.recipe_help(RECIPES, "epochs_b", "phase B epochs"))

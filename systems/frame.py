@@ -19,6 +19,19 @@ PROVENANCE = ("classnames_digest", "train_split_digest", "text_features_digest",
 
 # ---- command line, set-up, data ----
 
+def add_io_args(parser, features, model_note="must match"):
+    """The inputs and output every compared system names first: dataset, its root, stage 02's text features (what the
+    system takes from them: `features`), the folder to write, and the CLIP (`model_note`: what its paper used)."""
+    p = parser
+    p.add_argument("--dataset", required=True, help="imagenet_lt, places_lt, inat2018, cifar100_lt, toy, or any name "
+                                                    "(generic layout)")
+    p.add_argument("--data-root", required=True, help="dataset root")
+    p.add_argument("--features", required=True, help=f"text_features.pt from stage 02 ({features})")
+    p.add_argument("--out", required=True, help="folder to write (results.json, predictions.npz, checkpoints)")
+    p.add_argument("--model", default="ViT-B-16-quickgelu", help=f"open_clip model name or config JSON ({model_note})")
+    p.add_argument("--pretrained", default="openai", help="hub tag, local file, or none (must match)")
+
+
 def add_run_args(parser, decode_modes=None, selection="last"):
     """The flags every compared system takes after its own. decode_modes=None: PIL only (a recipe whose training
     augmentation cannot move to the device). `selection`: the original's rule for the weights it tests."""

@@ -214,13 +214,7 @@ def cosine_7_16(step, total, warmup, base_lr):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="imagenet_lt, places_lt, inat2018, or any name (generic layout)")
-    p.add_argument("--data-root", required=True, help="dataset root")
-    p.add_argument("--features", required=True, help="text_features.pt from stage 02 (checked to fit; not used)")
-    p.add_argument("--out", required=True, help="folder to write (results.json, predictions.npz, checkpoints)")
-    p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (paper: ViT-B/16 "
-                                                                 "and ViT-L/14)")
-    p.add_argument("--pretrained", default="openai", help="hub tag, local file, or none (must match)")
+    frame.add_io_args(p, "checked to fit; not used", "paper: ViT-B/16 and ViT-L/14")
     p.add_argument("--loss", nargs="+", choices=LOSSES, default=["ce"],
                    help="one-stage losses, one model each (paper's headline: ce)")
     p.add_argument("--stage2", nargs="*", choices=STAGE2, default=["disalign", "marc"],

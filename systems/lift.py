@@ -165,12 +165,7 @@ class FiveCropPick:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="imagenet_lt, places_lt, inat2018, cifar100_lt or any name")
-    p.add_argument("--data-root", required=True, help="dataset root")
-    p.add_argument("--features", required=True, help="text_features.pt from stage 02 (class prompts)")
-    p.add_argument("--out", required=True, help="folder to write (results.json, predictions.npz, checkpoints)")
-    p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (must match)")
-    p.add_argument("--pretrained", default="openai", help="hub tag, local file, or none (must match)")
+    frame.add_io_args(p, "class prompts")
     p.add_argument("--tuner", choices=TUNERS, default="adaptformer",
                    help="lightweight module in the frozen tower (code: adaptformer for the main results)")
     p.add_argument("--adapter-dim", type=int, default=0, help="AdaptFormer / LoRA bottleneck; 0: LIFT's rule")

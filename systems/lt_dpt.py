@@ -188,13 +188,7 @@ def effective_number_weights(counts, beta=0.9998):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="imagenet_lt, places_lt, inat2018, or any name (generic layout)")
-    p.add_argument("--data-root", required=True, help="dataset root")
-    p.add_argument("--features", required=True, help="text_features.pt from stage 02 (class prompts)")
-    p.add_argument("--out", required=True, help="folder to write (results.json, predictions.npz, checkpoints)")
-    p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (paper: "
-                                                                 "ImageNet-21k ViT-B/16)")
-    p.add_argument("--pretrained", default="openai", help="hub tag, local file, or none (must match)")
+    frame.add_io_args(p, "class prompts", "paper: ImageNet-21k ViT-B/16")
     p.add_argument("--epochs", type=int, help=common.recipe_help(RECIPES, "epochs", "epochs"))
     p.add_argument("--drw-epochs", type=int, help=common.recipe_help(RECIPES, "drw_epochs", "re-weighted final epochs"))
     p.add_argument("--lr", type=float, help=common.recipe_help(RECIPES, "lr", "SGD learning rate, cosine to 0"))

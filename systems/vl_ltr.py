@@ -155,12 +155,7 @@ def fuse(image_logits, text_logits, alpha):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="imagenet_lt, places_lt, inat2018, or any name (generic layout)")
-    p.add_argument("--data-root", required=True, help="dataset root")
-    p.add_argument("--features", required=True, help="text_features.pt from stage 02 (corpus sentence features)")
-    p.add_argument("--out", required=True, help="folder to write (results.json, predictions.npz, checkpoints)")
-    p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (must match)")
-    p.add_argument("--pretrained", default="openai", help="hub tag, local file, or none (must match)")
+    frame.add_io_args(p, "corpus sentence features")
     p.add_argument("--finetune", choices=["prompts", "full"], default="prompts",
                    help="stage 1 trains VPT-deep prompts (kit) or the whole visual tower (the original trains both "
                         "towers)")
