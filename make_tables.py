@@ -169,19 +169,22 @@ def table_rows(path):
 
 
 def seeds_table(runs, out):
-    """Tables 4, 6, 7 and the comparison of several runs (seeds) as mean and range (min-max) per cell."""
+    """Tables 4, 6, 7 and the comparison of several runs (seeds) as mean and range (min-max) per cell, and each run's
+    overall accuracy in the order given."""
     parts = [f"# The toy world over {len(runs)} seeds: mean (min to max) of {', '.join(str(r) for r in runs)}", ""]
     for name in ("table4", "table6", "table7", "compare"):
         tables = [table_rows(Path(r) / "tables" / f"{name}.md") for r in runs if (Path(r) / "tables" / f"{name}.md").exists()]
         if len(tables) < len(runs):
             parts += [f"({name}: missing in some runs; `make toy-seeds` makes them)", ""]
             continue
-        parts += [f"## {name}", "", "| | Many | Med. | Few | Acc. |", "| --- | --- | --- | --- | --- |"]
+        parts += [f"## {name}", "", "| | Many | Med. | Few | Acc. | Acc. per seed |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for label in tables[0]:
             cells = []
             for i in range(4):
                 values = [t[label][i] for t in tables if label in t and t[label][i] is not None]
                 cells.append(f"{np.mean(values):.2f} ({min(values):.2f} to {max(values):.2f})" if values else "-")
+            cells.append(", ".join("-" if label not in t or t[label][3] is None else f"{t[label][3]:.2f}" for t in tables))
             parts.append(f"| {label} | " + " | ".join(cells) + " |")
         parts.append("")
         if name == "compare":  # each method's budget: the same recipe in every run, so the first run's

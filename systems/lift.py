@@ -175,6 +175,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help=common.recipe_help(RECIPES, "batch_size", "images per step"))
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (code: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (code: 5e-4)")
+    p.add_argument("--crop-min", type=float, default=0.08,
+                   help="smallest area fraction of the training crop, RandomResizedCrop's scale (code: 0.08)")
     p.add_argument("--scale", type=float, default=25.0, help="cosine classifier scale (code: 25)")
     p.add_argument("--tau", type=float, default=1.0, help="logit adjustment of the loss (code: LA, tau 1)")
     p.add_argument("--tte-expand", type=int, default=24, help="TTE: enlarge by this many px at 224, scaled with the "
@@ -208,7 +210,7 @@ def main(argv=None):
 
     # ---- loop: the logit-adjusted loss, SGD, cosine per epoch ----
     sampler = common.Batches()
-    transform = frame.train_transform(preprocess_val, interpolation="bilinear")
+    transform = frame.train_transform(preprocess_val, scale=(args.crop_min, 1.0), interpolation="bilinear")
     loader, to_device = common.image_loader(samples, transform, args.decode, device, seed=args.seed,
                                             workers=args.workers, batch_sampler=sampler)
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)

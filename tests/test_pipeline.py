@@ -186,7 +186,7 @@ def test_precision_switch_decides_the_arithmetic():
 # ---- the paper's tables and the explanations page ----
 
 @pytest.fixture(scope="module")
-def tables_run(made_run, tiny_world):
+def tables_run(made_run, tiny_world):  # five more trainings through make, 2 min on 2 cores: its tests are slow
     out = subprocess.run(["make", "-C", str(ROOT), "tables"] + make_args(tiny_world, made_run),
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -206,6 +206,7 @@ def table_rows(path):
     return rows
 
 
+@pytest.mark.slow
 def test_table4_rows_come_from_separate_trainings(tables_run):
     rows = table_rows(tables_run / "tables" / "table4.md")
     assert len(rows) == 9 and all(r[3] != "-" for r in rows.values())
@@ -230,6 +231,7 @@ def test_table4_rows_come_from_separate_trainings(tables_run):
     assert rows["i') the same, plain cross-entropy descriptor loss"][3] == f"{ce['variants']['hlc']['overall']:.2f}"
 
 
+@pytest.mark.slow
 def test_table6_k1_is_coarse_la_and_all_is_reranking_everything(tables_run):
     rows = table_rows(tables_run / "tables" / "table6.md")
     results = json.loads((tables_run / "results.json").read_text())
@@ -244,6 +246,7 @@ def test_table6_k1_is_coarse_la_and_all_is_reranking_everything(tables_run):
     assert abs(float(rows["all (no classifier)"][3]) - 100 * np.mean(everything == z["labels"])) < 0.006
 
 
+@pytest.mark.slow
 def test_table7_rows(tables_run):
     rows = table_rows(tables_run / "tables" / "table7.md")
     results = json.loads((tables_run / "results.json").read_text())
@@ -323,6 +326,6 @@ def test_seeds_table_averages_each_row_and_skips_the_budget_table(tmp_path):
         runs.append(run)
     tables.seeds_table([str(r) for r in runs], tmp_path / "seeds.md")
     text = (tmp_path / "seeds.md").read_text()
-    assert "| HLC | 1.00 (1.00 to 1.00) | 2.00 (2.00 to 2.00) | 3.00 (3.00 to 3.00) | 75.00 (70.00 to 80.00) |" in text
+    assert "| HLC | 1.00 (1.00 to 1.00) | 2.00 (2.00 to 2.00) | 3.00 (3.00 to 3.00) | 75.00 (70.00 to 80.00) | 70.00, 80.00, 75.00 |" in text
     assert "| BALLAD: ballad |" in text and "61.00 (60.00 to 62.00)" in text
     assert "| HLC | 1000 | 0.015 | 1234 | best on val |" in text  # the budget, once, after the averaged rows
