@@ -12,7 +12,7 @@ and its original learning rate(s) times each factor of the grid (--lr-scale: 1, 
 scored on the val split (10 images per class), and the factor with the best val accuracy is the method's pick (a tie
 goes to the smaller factor). The picks are written into each script's toy recipe by hand, where the README's numbers
 come from; this target reproduces them. A cell whose results exist for the same arguments is not trained again, so
-an interrupted tuning continues. About 40 min on a 2-core CPU for the six methods and four factors.
+an interrupted tuning continues. 30 to 32 min on a 2-core CPU for the six methods and four factors.
 """
 import argparse
 import json
