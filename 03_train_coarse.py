@@ -14,7 +14,8 @@ concatenated, mixed with a shuffled copy (SFM, Eq. 2) and classified by the cosi
 descriptor weights learn from the image features through Algorithm 1's score. --batch-size is the global batch:
 under torchrun each of N processes takes B / N images of every step, and the loss is computed on the gathered
 batch, so N processes follow one process step for step. Typical time: the toy world (20 epochs of 1,609
-images) 54 to 74 s of training on a 2-core CPU (about 600 to 440 images/s; the same work, the VM's speed varied).
+images) 44 s for the whole stage on a 2-core CPU training at about 900 images/s; the same VM ran it up to twice as fast
+at other times (1,760 images/s).
 """
 import argparse
 import json

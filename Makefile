@@ -25,7 +25,8 @@ PRETRAINED  ?= $(DATA_ROOT)/clip/toy-clip.pt
 DESCRIPTORS ?= $(DATA_ROOT)/descriptors.json
 WIKI        ?= $(DATA_ROOT)/wiki
 PREPARED    := $(DATA_ROOT)/.complete
-WORKERS     ?= 2
+# on 2 cores: one loader worker, and the model keeps the other core (common.share_cores)
+WORKERS     ?= $(if $(filter 1 2,$(shell getconf _NPROCESSORS_ONLN 2>/dev/null)),1,2)
 else ifeq ($(DATASET),cifar100_lt)
 IR          ?= 100
 CIFAR_ROOT  ?= data/cifar100_lt

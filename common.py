@@ -450,11 +450,21 @@ class Batches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def share_cores(workers):
+    """On a CPU device the model's threads and the loader's workers share the cores: the model keeps the cores the
+    workers leave (at least one), never more than it had. On 2 cores, one worker and one model thread trained the
+    toy at 890 images/s, where two model threads next to a worker ran at 530 and two threads with no worker at 665."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - workers)))
+
+
 def image_loader(samples, transform, decode, device, seed=None, workers=0, batch_size=None, batch_sampler=None):
     """(DataLoader, to_device): to_device(batch) -> (normalised images, labels) on `device`. `decode` is one of
     DECODE_MODES; 'pil' is the plain path, the others move the crop and resize (and for 'device' the JPEG
     decoding) to the device."""
     cuda = torch.device(device).type == "cuda"
+    if torch.device(device).type == "cpu" and workers:
+        share_cores(workers)
     options = dict(num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0 and batch_sampler is not None,
                    prefetch_factor=4 if workers else None)
     if batch_sampler is not None:

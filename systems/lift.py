@@ -49,7 +49,7 @@ RECIPES = {
     "default": dict(epochs=10, lr=0.01, batch_size=128, lr_scale=1.0),
     "inat2018": dict(epochs=20),  # scripts/run_tab1to4_main_results.sh: num_epochs 20
     # the toy world: the shared step budget (docs/systems.md); lr_scale picked by make tune-toy
-    "toy": dict(epochs=20, batch_size=32, lr_scale=1.0),
+    "toy": dict(epochs=20, batch_size=32, lr_scale=3.0),
 }
 TUNERS = ("adaptformer", "vpt", "lora", "none")
 

@@ -65,10 +65,14 @@ def make_tiny_world(root):
 
 @pytest.fixture(autouse=True)
 def release_locks():
-    """A stage's main() keeps its run directory locked for the life of the process, which here is pytest's."""
+    """A stage's main() keeps its run directory locked for the life of the process, which here is pytest's; a CPU
+    loader with workers lowers the process's torch threads (common.share_cores), which the next test gets back."""
+    import torch
+    threads = torch.get_num_threads()
     yield
     import common
     common.release_run_locks()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

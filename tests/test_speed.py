@@ -79,6 +79,7 @@ def test_epoch_draws_are_the_one_by_one_draws():
 def test_persistent_workers_train_like_no_workers(made_run, tiny_world, tmp_path):
     stage = load_stage("03_train_coarse.py")
     features = made_run / "text_features.pt"
+    torch.set_num_threads(1)  # workers take cores from the model (common.share_cores): the same thread count in both
     for workers in ("0", "2"):
         args = train_args(tiny_world, features, tmp_path / workers / "coarse.pt", "--epochs", "2")
         args[args.index("--workers") + 1] = workers
@@ -171,3 +172,20 @@ def test_sample_seed_sets_the_cpu_generator_alone(monkeypatch):
     assert torch.equal(torch.get_rng_state(), want)
     common.seed_sample(None, 0, 1)  # no seed: the generator is left alone
     assert torch.equal(torch.get_rng_state(), want)
+
+
+def test_cpu_loader_workers_leave_the_model_the_other_cores(image_files, monkeypatch):
+    """On a CPU device, a loader with N workers leaves the model the cores they do not take (at least one, never more
+    than it had): on 2 cores a worker and two model threads trained the toy slower than a worker and one thread."""
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 4)
+    torch.set_num_threads(4)  # conftest gives the next test its threads back
+    common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=1, batch_size=2)
+    assert torch.get_num_threads() == 3
+    common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=8, batch_size=2)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=0, batch_size=2)
+    assert torch.get_num_threads() == 2  # no workers: the model keeps its threads
+    common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=1, batch_size=2)
+    assert torch.get_num_threads() == 2  # three cores free, but never more threads than it had
