@@ -175,17 +175,18 @@ def test_sample_seed_sets_the_cpu_generator_alone(monkeypatch):
 
 
 def test_cpu_loader_workers_leave_the_model_the_other_cores(image_files, monkeypatch):
-    """On a CPU device, a loader with N workers leaves the model the cores they do not take (at least one, never more
-    than it had): on 2 cores a worker and two model threads trained the toy slower than a worker and one thread."""
+    """On a CPU device, a loader with fewer workers than cores leaves the model the cores they do not take (never more
+    threads than it had); with as many workers as cores or more, the model keeps its threads."""
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     monkeypatch.setattr(common.os, "cpu_count", lambda: 4)
     torch.set_num_threads(4)  # conftest gives the next test its threads back
     common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=1, batch_size=2)
     assert torch.get_num_threads() == 3
-    common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=8, batch_size=2)
+    common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=3, batch_size=2)
     assert torch.get_num_threads() == 1
     torch.set_num_threads(2)
-    common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=0, batch_size=2)
-    assert torch.get_num_threads() == 2  # no workers: the model keeps its threads
+    for workers in (0, 4, 8):  # no workers, or the cores all taken by them: the model keeps its threads
+        common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=workers, batch_size=2)
+        assert torch.get_num_threads() == 2
     common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=1, batch_size=2)
     assert torch.get_num_threads() == 2  # three cores free, but never more threads than it had
