@@ -464,9 +464,10 @@ def share_cores(workers):
 def image_loader(samples, transform, decode, device, seed=None, workers=0, batch_size=None, batch_sampler=None):
     """(DataLoader, to_device): to_device(batch) -> (normalised images, labels) on `device`. `decode` is one of
     DECODE_MODES; 'pil' is the plain path, the others move the crop and resize (and for 'device' the JPEG
-    decoding) to the device."""
-    cuda = torch.device(device).type == "cuda"
-    if torch.device(device).type == "cpu" and workers:
+    decoding) to the device. On a CPU device, workers may lower the process's torch threads (share_cores)."""
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
+    if kind == "cpu" and workers:
         share_cores(workers)
     options = dict(num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0 and batch_sampler is not None,
                    prefetch_factor=4 if workers else None)
