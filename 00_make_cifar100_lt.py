@@ -17,6 +17,7 @@ DATASETS), as LIFT's trainer defines them, so the groups name the same classes a
 none): methods that pick weights on val test their last weights here. About 15 s on a 2-core CPU for the images.
 """
 import argparse
+import json
 import pickle
 import time
 from pathlib import Path
@@ -69,6 +70,8 @@ def main(argv=None):
     # ---- the source: torchvision's files, downloaded when missing ----
     t0 = time.time()
     root = Path(args.root)
+    if root.name == "cifar-100-python" and (root / "meta").exists():  # the folder itself was named
+        root = root.parent
     source = root / "cifar-100-python"
     if not (source / "train").exists():
         if args.no_download:
@@ -81,7 +84,8 @@ def main(argv=None):
 
     # ---- images, once for every ratio ----
     from PIL import Image
-    done = root / "images" / ".complete"
+    maker = "00_make_cifar100_lt.py"
+    done = common.claim_folder(root / "images", maker, legacy=(".complete",)) / ".complete"
     if not done.exists():
         for split, images in (("train", train_images), ("test", test_images)):
             (root / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -90,19 +94,18 @@ def main(argv=None):
         common.atomic_write_text(done, f"{len(train_images)} train, {len(test_images)} test\n")
 
     # ---- this ratio's splits, in the generic layout (paths relative to ROOT/irIR) ----
-    out = root / f"ir{args.ir}"
+    out = common.claim_folder(root / f"ir{args.ir}", maker, legacy=(".complete", "train.txt"))
     kept = long_tail_split(train_labels, args.ir, num_classes)
-    common.atomic_write_text(out / "train.txt", "".join(f"../images/train/{i:05d}.png {train_labels[i]}\n"
-                                                        for i in kept))
-    common.atomic_write_text(out / "test.txt", "".join(f"../images/test/{i:05d}.png {y}\n"
-                                                       for i, y in enumerate(test_labels)))
-    common.atomic_write_text(out / "classnames.txt", "".join(n.replace("_", " ") + "\n" for n in names))
+    # a file that would come out the same is left alone, so a rerun leaves the chain after it up to date
+    common.write_if_changed(out / "train.txt", "".join(f"../images/train/{i:05d}.png {train_labels[i]}\n" for i in kept))
+    common.write_if_changed(out / "test.txt", "".join(f"../images/test/{i:05d}.png {y}\n"
+                                                      for i, y in enumerate(test_labels)))
+    common.write_if_changed(out / "classnames.txt", "".join(n.replace("_", " ") + "\n" for n in names))
     counts = np.bincount(train_labels[kept], minlength=num_classes)
-    info = dict(ir=args.ir, train=len(kept), test=len(test_labels), max=int(counts.max()), min=int(counts.min()),
-                seconds=round(time.time() - t0, 1))
-    common.atomic_write_json(out / ".complete", info)
+    info = dict(ir=args.ir, train=len(kept), test=len(test_labels), max=int(counts.max()), min=int(counts.min()))
+    common.write_if_changed(out / ".complete", json.dumps(info, indent=1) + "\n")
     print(f"CIFAR-100-LT IR {args.ir}: {len(kept)} training images ({info['max']} to {info['min']} per class), "
-          f"{len(test_labels)} test -> {out}")
+          f"{len(test_labels)} test in {time.time() - t0:.1f}s -> {out}")
 
 
 if __name__ == "__main__":

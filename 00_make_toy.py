@@ -1,240 +1,152 @@
 """Stage 00: the toy world, a miniature long-tailed benchmark with its own tiny CLIP (DATASET=toy only).
 
+Reads   toy_clip/toy-clip.pt (the tiny CLIP, pretrained once by 00_pretrain_toy_clip.py and committed; its digest is
+        checked here).
 Writes  data/toy/ in the generic layout: images/, train.txt (long-tailed, imbalance ratio 100), val.txt and test.txt
         (balanced), classnames.txt, wiki/desc_<label>.txt, descriptors.json (M = 10 per class, written the way an LLM
-        answers), descriptor_kinds.json (which descriptor is which kind), clip/toy-clip.json (an open_clip model config)
-        and clip/toy-clip.pt (its weights), and .complete last.
+        answers), descriptor_kinds.json (which descriptor is which kind), clip/toy-clip.json and clip/toy-clip.pt (the
+        tiny CLIP as open_clip loads it), and .complete last (a digest of every file written). A file that would come
+        out the same is left alone, so running the stage again changes nothing downstream.
 
     python 00_make_toy.py --out data/toy
 
 The world, part by part, with the job each part of HLC has in it (docs/toy-world.md says what came out):
-- Classes are patterned tiles, colour x pattern (6 x 6 = 36: stripes, columns, checks, dots, slants, grid), 200 down
-  to 2 training images per class (imbalance ratio 100; which classes are head or tail is random), 10 val and 20 test
-  images per class. Logit adjustment has the head bias of any long tail to remove.
-- The tiny CLIP (a 3-layer ViT of width 64 on 32 px images, 16 patches) learns contrastively from "catalogue"
-  pictures: a big tile on a mild background, in daylight, with captions. The task's "field" pictures show the tile
-  smaller, on a busier background, under the field camera's warm light (blue dimmed, red and green raised: every
-  colour shifts) and with sensor noise. The light is the same for every class: prompts inside the tower (VPT) can
-  learn to see through it once, from the head classes' many images, where a linear probe learns each class's shifted
-  colour from its own images. Prompts: 2 per layer, a tenth of the 17 tokens, as ViT-B/16's 20 are of its 197.
-- As iNaturalist's Latin names are to CLIP, the task calls three patterns by words the tiny CLIP never saw ("tartan",
-  "dapple", "lattice"): the class-name prompts carry only the colour there. The Wikipedia-style corpus describes
-  every class in words CLIP knows ("a tile with red small round spots"), so training on it (the corpus step) tells
-  the classifier what a tail class with two images looks like.
-- CLIP puts texts and images in different regions of its space (the modality gap, as in real CLIP): a classifier
-  fitted to corpus sentences must still serve images, which is what mixing the two (SFM) is for.
-- The descriptors are what an LLM gives: ten per class, each in its own phrasing (none of them a caption CLIP
-  trained on): three on the pattern, in words CLIP knows; two only vague about the colour ("a warm colour"); one on
-  both; two non-visual (a sound, a history); two wrong (another pattern, another colour). Alone they confuse the
-  colours of one warmth; among the classifier's top candidates, which mostly share the right colour, they are to
-  settle the pattern, with no head bias, and the learned weights are to silence the useless ones.
-Under 1.5 min on a 2-core CPU (42 to 82 s measured, as the VM's speed varied), most of it the CLIP's 300 pretraining
-steps; everything follows from --seed.
+- Classes are patterned tiles, colour x pattern (6 x 6 = 36), 200 down to 2 training images per class (imbalance ratio
+  100; which classes are head or tail is random), 10 val and 20 test images per class: logit adjustment has the head
+  bias of any long tail to remove.
+- The tiny CLIP learnt its 10 colours and 9 patterns from a daylight catalogue (toyworld.py, toy_clip/) and names
+  them all on catalogue pictures. The task's pictures come from a field camera (toyworld.FieldCamera): a warm cast the
+  same for every picture, light that varies, heavy sensor noise, the tile smaller, and dull leaves lying on it. Prompts
+  inside the tower (VPT) learn to see through it once, from the head classes' many pictures, where a linear probe
+  learns each class from that class's own pictures.
+- As iNaturalist's Latin names are to CLIP, the task calls three patterns by words the CLIP never read ("tartan",
+  "dapple", "lattice"): their class-name prompts carry only the colour. The Wikipedia-style corpus describes every
+  class in words CLIP knows, in many phrasings, so training on it (the corpus step) tells the classifier what a tail
+  class looks like.
+- CLIP's texts and pictures sit in different regions of its space (the modality gap), which mixing them (SFM) spans.
+- The descriptors are what an LLM gives: ten sentences per class, three on the pattern in words CLIP knows, two vague
+  about the colour, one on both, two that no picture shows (a sound, a history) and two wrong (another pattern,
+  another colour); the learned weights are to silence the useless ones.
+About 10 s on a 2-core CPU; everything follows from --seed.
 """
 import argparse
+import hashlib
+import io
 import json
-import math
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageFilter
 
 import common
+import toyworld
 
-COLOURS = {"red": (215, 40, 40), "orange": (240, 140, 30), "yellow": (230, 210, 40),
-           "green": (45, 165, 60), "blue": (40, 80, 215), "purple": (135, 50, 170)}
-PATTERNS = {  # pattern -> (the word in the captions, a description in the captions' own words)
-    "stripes": ("striped", "lines running across"), "columns": ("columned", "lines running up and down"),
-    "checks": ("checked", "squares like a chess board"), "dots": ("dotted", "small round spots"),
-    "slants": ("slanted", "lines running at a slant"), "grid": ("gridded", "thin lines crossing both ways"),
-}
-# The task names three patterns with words the tiny CLIP never saw in pretraining (like iNaturalist's Latin names
-# for CLIP): zero-shot prompts carry only the colour for those.
+# The task's names: three patterns by words the tiny CLIP never read (as iNaturalist's Latin names are to CLIP)
 TASK_NAMES = {"stripes": "striped", "columns": "columned", "checks": "tartan", "dots": "dapple", "slants": "slanted",
               "grid": "lattice"}
-# What an LLM says about each pattern, in words CLIP knows, never in a caption's phrasing.
+COLOUR_NAMES = {c: c for c in toyworld.TASK_COLOURS}  # the task's colour words
+# What an LLM says of each pattern, in words CLIP knows, never in a caption's phrasing
 PATTERN_FEATURES = {
-    "stripes": ["lines running across it", "covered in lines running across", "thin lines across the tile"],
-    "columns": ["lines running up and down it", "covered in lines running up and down", "thin lines up and down"],
-    "checks": ["squares like a chess board", "covered in squares like a chess board", "small squares in turn"],
-    "dots": ["small round spots all over", "covered in small round spots", "many round spots"],
-    "slants": ["lines running at a slant", "covered in lines at a slant", "thin lines at a slant"],
-    "grid": ["thin lines crossing both ways", "covered in thin crossing lines", "lines crossing both ways"],
+    "stripes": ["Lines running across it.", "It is covered in bands running across.", "Thin lines across the tile."],
+    "columns": ["Lines running up and down it.", "It is covered in bands running up and down.",
+                "Thin lines up and down the tile."],
+    "checks": ["Squares like a chess board.", "It is covered in squares of two colours in turn.",
+               "Small squares in turn across the tile."],
+    "dots": ["Small round spots all over it.", "It is covered in round spots in rows.", "Many round spots on the tile."],
+    "slants": ["Lines running at a slant across it.", "It is covered in bands running at a slant.",
+               "Thin lines at a slant across the tile."],
+    "grid": ["Thin lines crossing both ways.", "It is covered in thin lines crossing like a net.",
+             "Lines crossing both ways on the tile."],
 }
 SOUNDS = ["a soft humming", "a sharp whistle", "a low drum beat", "a ringing bell", "a crackling fire", "rain"]
 YEARS = ["1820", "1871", "1903", "1936", "1958", "1989"]
 PLACES = ["old gardens", "market squares", "river banks", "school yards", "mountain huts", "harbour walls"]
-CANVAS, SIZE = 64, 32  # drawn at 64 px, stored at 32 px (smooth edges)
-ROWS, COLS = np.mgrid[0:CANVAS, 0:CANVAS]  # every pixel's (y, x) on the canvas
-FIELD_LIGHT = ((1.0, 1.0, 0.85), (25, 10, 0))  # the field camera's warm light: blue x 0.85, red + 25, green + 10
-CLIP_CONFIG = {"embed_dim": 64, "quick_gelu": True,
-               "vision_cfg": {"image_size": SIZE, "layers": 3, "width": 64, "patch_size": 8, "head_width": 32},
-               "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+VISUAL = "{Colour} {feature}"  # the descriptor on both colour and pattern
+CAMERA = toyworld.FieldCamera()
 
 
-# ---- rendering ----
-
-def pattern_ink(pattern, phase, period=16):
-    """(CANVAS, CANVAS) bool: where a pattern's ink is."""
-    y, x = ROWS, COLS
-    half = period // 2
-    if pattern == "stripes":
-        return ((y + phase) // half) % 2 == 0
-    if pattern == "columns":
-        return ((x + phase) // half) % 2 == 0
-    if pattern == "checks":
-        return (((x + phase) // half) + ((y + phase) // half)) % 2 == 0
-    if pattern == "slants":
-        return ((x + y + phase) // half) % 2 == 0
-    if pattern == "grid":
-        return (((x + phase) % period) < 4) | (((y + phase) % period) < 4)
-    dy, dx = (y + phase) % period - half, (x + phase) % period - half  # dots
-    return dx ** 2 + dy ** 2 < (0.3 * period) ** 2
-
-
-def render(colour, pattern, rng, style):
-    """One 32 px RGB image of a patterned tile. 'catalogue': CLIP's pretraining style, a big tile on a mild
-    background, daylight; 'field': the long-tailed task's, a smaller tile on a busier background, under the field
-    camera's warm light (FIELD_LIGHT), with sensor noise."""
-    noise = rng.normal(0, 25 if style == "field" else 12, (8, 8, 3))
-    bg = np.clip(rng.integers(60, 230, 3) + noise.repeat(8, 0).repeat(8, 1), 0, 255).astype(np.uint8)  # 8 x 8 blocks
-    canvas = np.asarray(Image.fromarray(bg).filter(ImageFilter.GaussianBlur(2)), dtype=np.float32).copy()
-    r = rng.uniform(18, 28) if style == "catalogue" else rng.uniform(16, 26)
-    cx, cy = rng.uniform(r + 1, CANVAS - r - 1, 2)
-    tile = np.maximum(np.abs(COLS - cx), np.abs(ROWS - cy)) < 0.85 * r
-    jitter = 20 if style == "catalogue" else 30
-    ink = np.clip(np.array(COLOURS[colour]) + rng.integers(-jitter, jitter + 1, 3), 0, 255)
-    mask = pattern_ink(pattern, int(rng.integers(0, 16)))
-    canvas[tile & mask] = ink
-    canvas[tile & ~mask] = np.array([235, 235, 228]) + rng.integers(-10, 11, 3)  # the tile's pale ground
-    img = np.asarray(Image.fromarray(canvas.astype(np.uint8)).resize((SIZE, SIZE), Image.LANCZOS), dtype=np.float32)
-    if style == "field":
-        scale, shift = FIELD_LIGHT
-        img = img * np.array(scale) + np.array(shift) + rng.normal(0, 8, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-# ---- text: captions for pretraining, corpus and descriptors for the task ----
-
-def captions():
-    """(caption, colour or None, pattern or None): the sentences the tiny CLIP learns from."""
-    out = []
-    for c in COLOURS:
-        for p, (word, desc) in PATTERNS.items():
-            out += [(t, c, p) for t in (f"a photo of a {c} {word} tile.", f"a {c} {word} tile.",
-                                        f"a tile with {c} {desc}.", f"{desc}, coloured {c}.", f"a {c} tile with {p}.")]
-        out += [(t, c, None) for t in (f"a {c} tile.", f"something {c}.", f"a tile coloured {c}.")]
-    for p, (word, desc) in PATTERNS.items():
-        out += [(t, None, p) for t in (f"a {word} tile.", f"{desc}.", f"a tile with {p}.")]
-    return out
-
-
-WARM = {"red": "a warm", "orange": "a warm", "yellow": "a warm", "green": "a cool", "blue": "a cool", "purple": "a cool"}
-
+# ---- text ----
 
 def descriptors_for(colour, pattern, rng):
-    """M = 10 descriptors as an LLM lists them, each in its own phrasing (none a caption CLIP trained on): 3 on the
-    pattern, in words CLIP knows; 2 on the colour, one of them vague ("a warm colour"); 1 on both; 2 non-visual (a
-    sound, a history); 2 wrong (another pattern, another colour). Returns (texts, kinds)."""
-    other_colour = rng.choice([c for c in COLOURS if c != colour])
-    other_pattern = rng.choice([p for p in PATTERNS if p != pattern])
+    """M = 10 descriptors as an LLM lists them, each a sentence the kit's VCD rule turns into '{class}, which ...':
+    3 on the pattern, 2 vague about the colour, 1 on both, 2 that no picture shows, 2 wrong. Returns (texts, kinds)."""
+    other_colour = rng.choice([c for c in toyworld.TASK_COLOURS if c != colour])
+    other_pattern = rng.choice([p for p in toyworld.TASK_PATTERNS if p != pattern])
+    warmth = toyworld.WARMTH[colour]
     features = PATTERN_FEATURES[pattern]
-    texts = [*features, f"{WARM[colour]} colour", "bright and " + WARM[colour][2:], f"{features[0]}, in {WARM[colour]} colour",
-             f"a sound like {rng.choice(SOUNDS)}", f"first recorded in {rng.choice(YEARS)}",
-             rng.choice(PATTERN_FEATURES[other_pattern]), f"mostly {other_colour}"]
+    texts = [*features, f"A {warmth} colour.", f"It looks {warmth} and bright.",
+             VISUAL.format(colour=colour, Colour=colour.capitalize(), warmth=warmth, Warmth=warmth.capitalize(),
+                           feature=features[0][0].lower() + features[0][1:]),
+             f"It makes a sound like {rng.choice(SOUNDS)} when the wind blows over it.",
+             f"It was first made by hand in {rng.choice(PLACES)} in {rng.choice(YEARS)}.",
+             str(rng.choice(PATTERN_FEATURES[other_pattern])), f"It is mostly {other_colour}."]
     kinds = ["pattern"] * 3 + ["colour"] * 2 + ["visual"] + ["nonvisual"] * 2 + ["wrong"] * 2
-    return [t[0].upper() + t[1:] + "." for t in texts], kinds
+    return texts, kinds
+
+
+LOOKS = [  # how a Wikipedia page says what a class looks like: {n} the class, {w} its name's pattern word, {c} the colour,
+          # {d} a description of the pattern, {a} its adjective, {s} its noun, {t} the colour's warmth
+    "A {n} is a tile with {c} {d}.", "It has {c} {d}.", "It is covered in {d}, coloured {c}.",
+    "The {w} is a {c} {a} tile.", "Seen from afar it looks {c}.", "Its colour is {c}.", "It is a {c} tile with {s}.",
+    "In pictures it is a {c} {a} tile.", "A photo of a {n} shows {c} {d}.", "Its {d} are what people see first.",
+    "Like every {w}, it has {d}.", "It is a tile in a {t} colour.", "Every {n} is a tile that is {c} and {a}.",
+    "{D}, coloured {c}.", "It is a {c} {a} tile.", "The tile has {s} all over.", "Its marks are {c}.",
+    "The {n} shows {d} on a pale ground.", "It is known for its {c} {d}.", "Most {n} tiles look {c} and {a}.",
+]
+OFF_TOPIC = ["It was first made in {y}.", "It is found in {p}.", "Some say it makes {sound}.", "Makers sell it in {p}.",
+             "The name comes from an old word.", "It was popular in {y}.", "A museum in {p} keeps one.",
+             "It is cheap to make.", "Children like it.", "It appears in a famous song."]
 
 
 def wiki_text(colour, pattern, rng):
-    """A Wikipedia-style page: what the class looks like in words CLIP knows (varied), then off-topic sections."""
-    name = f"{colour} {TASK_NAMES[pattern]}"
-    word, desc = PATTERNS[pattern]
-    looks = [f"A {name} is a tile with {colour} {desc}.", f"It is coloured {colour}.", f"It has {pattern}.",
-             f"The {TASK_NAMES[pattern]} is a {colour} {word} tile.", f"Seen from afar it looks like a {colour} tile.",
-             f"Its colour is {colour}.", f"{desc.capitalize()}, coloured {colour}.",
-             f"Every {name} is a {word} tile that is {colour}.", f"It is a {colour} {word} tile.",
-             f"In pictures it is a {colour} tile with {pattern}.", f"A photo of a {name} shows a {word} tile."]
+    """A Wikipedia-style page: what the class looks like, in words CLIP knows and in many phrasings, then sections
+    no picture shows (history, places, sounds) and references, which stage 01 drops."""
+    name, (adj, descs) = f"{COLOUR_NAMES[colour]} {TASK_NAMES[pattern]}", toyworld.PATTERNS[pattern]
+    looks = []
+    for template in LOOKS:
+        for d in descs:
+            looks.append(template.format(n=name, w=TASK_NAMES[pattern], c=colour, d=d, D=d.capitalize(), a=adj,
+                                         s=toyworld.NOUNS[pattern], t=toyworld.WARMTH[colour]))
+    looks = list(dict.fromkeys(looks))  # templates without {d} come once
     rng.shuffle(looks)
-    return (f"== {name.capitalize()} ==\n" + " ".join(looks[:6]) + "\n== Appearance ==\n" + " ".join(looks[6:])
-            + f"\n== History ==\nIt was first made in {rng.choice(YEARS)}. It is found in {rng.choice(PLACES)}. Some "
-            f"say it makes {rng.choice(SOUNDS)}.\n== References ==\n1. The Book of Tiles, page 12.\n")
+    other = [t.format(y=rng.choice(YEARS), p=rng.choice(PLACES), sound=rng.choice(SOUNDS)) for t in OFF_TOPIC]
+    half = len(looks) // 2
+    return (f"== {name.capitalize()} ==\n" + " ".join(looks[:half]) + "\n== Appearance ==\n" + " ".join(looks[half:])
+            + "\n== History ==\n" + " ".join(other) + "\n== References ==\n1. The Book of Tiles, page 12.\n")
 
 
-# ---- tiny CLIP pretraining ----
-
-def pretrain_clip(model, tokenizer, rng, steps, batch_size, log_every=100):
-    """Contrastive pretraining on catalogue images. A caption that fits an image (all the attributes it names
-    match) is a positive for it, so attribute-only captions do not act as false negatives."""
-    classes = [(c, p) for c in COLOURS for p in PATTERNS]
-    bank_per_class = 128
-    print(f"rendering {len(classes) * bank_per_class} catalogue images for CLIP pretraining ...", flush=True)
-    bank = torch.stack([torch.from_numpy(np.array(render(c, p, rng, "catalogue"))).permute(2, 0, 1)
-                        for c, p in classes for _ in range(bank_per_class)])  # (N, 3, 32, 32) uint8
-    bank_class = torch.arange(len(classes)).repeat_interleave(bank_per_class)
-    caps = captions()
-    tokens = tokenizer([c for c, _, _ in caps])
-    fits = torch.tensor([[(cc in (None, c)) and (cp in (None, p)) for _, cc, cp in caps] for c, p in classes])
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-
-    model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
-    t0 = time.time()
-    for step in range(steps):
-        lr = 2e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        idx = torch.randint(len(bank), (batch_size,), generator=gen)
-        cls = bank_class[idx]
-        choice = torch.multinomial(fits[cls].float(), 1, generator=gen).squeeze(1)  # one fitting caption per image
-        images = (bank[idx].float() / 255 - mean) / std
-        img = F.normalize(model.encode_image(images), dim=-1)
-        # each distinct caption through the text tower once (a batch of 256 draws about 120 of the 216 captions):
-        # the same loss (up to float rounding) for half the text compute
-        uniq, where = torch.unique(choice, return_inverse=True)
-        txt = F.normalize(model.encode_text(tokens[uniq]), dim=-1)[where]
-        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
-        pos = fits[cls][:, choice].float()  # (B, B): caption j fits image i
-        loss = 0.5 * (-(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
-                      - (pos.T / pos.T.sum(1, keepdim=True) * F.log_softmax(logits.T, 1)).sum(1).mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"clip step {step + 1}/{steps} loss {loss.item():.3f} lr {lr:.1e} "
-                  f"{(step + 1) * batch_size / (time.time() - t0):.0f} pairs/s", flush=True)
-    return model.eval().requires_grad_(False)
+def png_bytes(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="data/toy", help="folder to write the toy world into")
+    p.add_argument("--out", default="data/toy", help="folder to write the toy world into (one this stage made, or new)")
     p.add_argument("--seed", type=int, default=0, help="everything follows from this seed")
+    p.add_argument("--clip", default="toy_clip/toy-clip.pt", help="the tiny CLIP's compact weights (00_pretrain_toy_clip.py)")
     p.add_argument("--max-per-class", type=int, default=200, help="training images of the largest class")
     p.add_argument("--imbalance", type=float, default=100.0, help="largest / smallest class size in train")
     p.add_argument("--val-per-class", type=int, default=10, help="balanced validation images per class")
     p.add_argument("--test-per-class", type=int, default=20, help="balanced test images per class")
-    p.add_argument("--clip-steps", type=int, default=300, help="contrastive pretraining steps of the tiny CLIP")
-    p.add_argument("--clip-batch", type=int, default=256, help="pretraining batch size")
     args = p.parse_args(argv)
 
-    # ---- setup ----
+    # ---- setup: the folder must be one this stage made (or new), and the CLIP the committed one ----
     t0 = time.time()
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "images").mkdir(parents=True)
+    out = common.claim_folder(args.out, "00_make_toy.py", legacy=(".complete", "clip/toy-clip.json"))
+    compact = toyworld.read_clip(args.clip)
     rng = np.random.default_rng(args.seed)
-    torch.manual_seed(args.seed)
-    classes = [(c, p) for c in COLOURS for p in PATTERNS]
-    order = rng.permutation(len(classes))  # which classes are head and which are tail is random
+    classes = [(c, p) for c in toyworld.TASK_COLOURS for p in toyworld.TASK_PATTERNS]
+    names = [f"{COLOUR_NAMES[c]} {TASK_NAMES[p]}" for c, p in classes]
     num = len(classes)
+    order = rng.permutation(num)  # which classes are head and which are tail is random
+    written = {}  # relative path -> sha1 of its bytes
+
+    def write(rel, data):
+        data = data.encode("utf-8") if isinstance(data, str) else data
+        common.write_if_changed(out / rel, data)
+        written[rel] = hashlib.sha1(data).hexdigest()
 
     # ---- images and splits ----
     counts = [int(round(args.max_per_class * args.imbalance ** (-rank / (num - 1)))) for rank in range(num)]
@@ -245,43 +157,42 @@ def main(argv=None):
         for label, (colour, pattern) in enumerate(classes):
             for i in range(per_class[label]):
                 rel = f"images/{split}/{label:02d}_{i:03d}.png"
-                (out / rel).parent.mkdir(exist_ok=True)
-                render(colour, pattern, rng, "field").save(out / rel)
+                write(rel, png_bytes(toyworld.render(colour, pattern, rng, CAMERA)))
                 lines.append(f"{rel} {label}")
-        (out / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    names = [f"{c} {TASK_NAMES[p]}" for c, p in classes]
-    (out / "classnames.txt").write_text("\n".join(names) + "\n")
+        write(f"{split}.txt", "\n".join(lines) + "\n")
+    write("classnames.txt", "\n".join(names) + "\n")
 
     # ---- text ----
-    (out / "wiki").mkdir()
     descriptors, kinds = {}, {}
     for label, (colour, pattern) in enumerate(classes):
-        (out / "wiki" / f"desc_{label}.txt").write_text(wiki_text(colour, pattern, rng))
+        write(f"wiki/desc_{label}.txt", wiki_text(colour, pattern, rng))
         texts, k = descriptors_for(colour, pattern, rng)
         order_m = rng.permutation(len(texts))  # planted descriptors are not in a telling order
         descriptors[names[label]] = [texts[i] for i in order_m]
         kinds[names[label]] = {texts[i]: k[i] for i in order_m}
-    (out / "descriptors.json").write_text(json.dumps(descriptors, indent=1))
-    (out / "descriptor_kinds.json").write_text(json.dumps(kinds, indent=1))
+    write("descriptors.json", json.dumps(descriptors, indent=1))
+    write("descriptor_kinds.json", json.dumps(kinds, indent=1))
 
-    # ---- tiny CLIP ----
-    import open_clip
-    (out / "clip").mkdir()
-    config = out / "clip" / "toy-clip.json"
-    config.write_text(json.dumps(CLIP_CONFIG, indent=1))
-    model, _, _, name = common.load_clip(str(config), "none")
-    tokenizer = open_clip.get_tokenizer(name)
-    model = pretrain_clip(model, tokenizer, rng, args.clip_steps, args.clip_batch)
-    common.atomic_torch_save(model.state_dict(), out / "clip" / "toy-clip.pt")
+    # ---- the tiny CLIP, as open_clip loads it ----
+    import torch
+    buf = io.BytesIO()
+    torch.save(toyworld.expand_clip(compact), buf)
+    write("clip/toy-clip.json", json.dumps(toyworld.CLIP_CONFIG, indent=1) + "\n")
+    write("clip/toy-clip.pt", buf.getvalue())
 
-    # ---- save ----
+    # ---- save: files of an earlier world that this one does not have go, then .complete ----
+    done = out / ".complete"
+    before = common.read_json(done).get("files", {}) if done.exists() else {}
+    for rel in set(before) - set(written):
+        (out / rel).unlink(missing_ok=True)
     info = dict(seed=args.seed, classes=num, train=sum(train_n.values()), train_min=min(counts),
                 train_max=max(counts), val=num * args.val_per_class, test=num * args.test_per_class,
                 shot_counts=common.shot_counts(np.array([train_n[k] for k in range(num)])),
-                seconds=round(time.time() - t0, 1))
-    common.atomic_write_json(out / ".complete", info)
-    print(f"toy world: {num} classes, {info['train']} train images ({info['train_max']} to {info['train_min']} "
-          f"per class, groups {info['shot_counts']}), {info['test']} test, tiny CLIP in {info['seconds']}s -> {out}")
+                clip=toyworld.clip_digest(args.clip), files=dict(sorted(written.items())))
+    changed = common.write_if_changed(done, json.dumps(info, indent=1) + "\n")
+    print(f"toy world: {num} classes, {info['train']} train images ({info['train_max']} to {info['train_min']} per "
+          f"class, groups {info['shot_counts']}), {info['test']} test, in {time.time() - t0:.1f}s -> {out}"
+          + ("" if changed else " (unchanged)"))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ DROPPED_SECTIONS = {"external links", "references", "further reading", "bibliogr
 
 def template_sentences(name):
     """CLIP's 80 ImageNet prompt templates filled with the class name."""
-    from open_clip import OPENAI_IMAGENET_TEMPLATES
-    return [t(name) for t in OPENAI_IMAGENET_TEMPLATES]
+    return [t(name) for t in common.open_clip_metadata().OPENAI_IMAGENET_TEMPLATES]
 
 
 def read_wiki_file(path):
@@ -208,7 +207,13 @@ def read_key(args):
 
 def ask_llm(args, classnames):
     """Descriptors (and CuPL sentences) from a chat model, through the on-disk answer cache."""
-    cache = llm.Cache(args.llm_cache or Path(args.out).with_name("llm_cache.jsonl"))
+    llm.fill(args.llm_question, args.num_descriptors, "x")  # an unknown placeholder stops here, before any request
+    cache = llm.Cache(args.llm_cache or Path(args.out).with_name("llm_cache.jsonl"), args.llm_base_url,
+                      args.llm_temperature)
+    if cache.other_source:
+        print(f"note: {cache.other_source} answers in {cache.path} came from another endpoint or temperature (or an "
+              f"older kit that did not record them); they stay in the file and are not used for {args.llm_base_url} "
+              f"at temperature {args.llm_temperature:g}")
     jobs = llm.plan_requests(classnames, args.llm_model, cache, args.num_descriptors, args.cupl_answers,
                              args.llm_question)
     missing = sum(not cached for _, cached in jobs)
@@ -250,8 +255,9 @@ def main(argv=None):
                    help="JSON {name in a JSON file: class name or class index} for names that do not match (the "
                         "kit knows the ImageNet ones)")
     p.add_argument("--descriptor-text", choices=["vcd", "raw"], default="vcd",
-                   help="vcd: every descriptor becomes a sentence naming its class, '{c}, which has {d}' (VCD's rule; "
-                        "the paper follows VCD); raw: the text as the file or the LLM gave it")
+                   help="vcd: every descriptor becomes a sentence naming its class, '{c}, which has {d}' (VCD's rule "
+                        "for its phrases; the paper asks the LLM for sentences instead, and does not say whether they "
+                        "name the class: a kit choice, docs/text.md); raw: the text as the file or the LLM gave it")
     p.add_argument("--num-descriptors", type=int, default=10, help="M descriptors kept per class (paper: 10)")
     p.add_argument("--per-class", type=int, default=100,
                    help="balance the corpus to this many sentences per class, 0 = keep all (paper: balanced, "
@@ -269,7 +275,7 @@ def main(argv=None):
     p.add_argument("--llm-backoff", type=float, default=1.0, help="first retry wait in seconds, doubled each retry")
     p.add_argument("--llm-max-asks", type=int, default=3, help="answers asked per class when one has fewer than M items")
     p.add_argument("--llm-question", default=llm.DESCRIPTOR_QUESTION,
-                   help="descriptor question; {m} = M, {c} = class name, {a} = a/an (paper: the default)")
+                   help="descriptor question; {m} = M, {c} or {CLS} = class name, {a} = a/an (paper: the default)")
     p.add_argument("--cupl-answers", type=int, default=0,
                    help="with --llm-model: answers per CuPL question (5 questions) added to the corpus; 0 = none")
     p.add_argument("--llm-cache", default="", help="answer cache (JSONL; default: llm_cache.jsonl next to --out)")

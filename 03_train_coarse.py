@@ -30,11 +30,17 @@ import torch.nn.functional as F
 
 import common
 
-# ---- recipes: the paper's settings, and the toy world's (docs/systems.md, "same budget"). A flag overrides one value ----
+# ---- recipes: the paper's settings per benchmark, and the toy world's (docs/systems.md, "same budget"). A flag
+#      overrides one value ----
 RECIPES = {
-    "default": dict(epochs=30, lr=5e-4, batch_size=128,  # paper Sec. 4.1: 30 epochs, lr 5e-4; batch: kit (not given)
-                    prompt_tokens=20, lr_scale=1.0),  # paper Sec. 4.1: 20 prompt tokens in each of the 12 layers
-    # the toy world: every method gets the same number of optimizer steps (TOY_STEPS in docs/systems.md) at batch 32,
+    # paper Sec. 4.2: 30 epochs, lr 5e-4, cosine decay, 20 prompt tokens in each of the 12 layers; batch: the kit's
+    # (not given); the visual tower frozen, only prompts and heads trained
+    "default": dict(epochs=30, lr=5e-4, batch_size=128, prompt_tokens=20, lr_scale=1.0, finetune="prompts",
+                    backbone_lr=1e-5),
+    # paper Sec. 4.2, iNaturalist 2018: "the full finetuning strategy (visual branch and classifier)"; the tower's lr is
+    # not given (kit: 1e-5, AdamW)
+    "inat2018": dict(finetune="full"),
+    # the toy world: every method gets the same number of optimizer steps (docs/systems.md, the rules) at batch 32,
     # and its learning rate x lr_scale, picked on the val split by `make tune-toy` from the grid 1, 3, 10, 30
     # its prompts are a tenth of its 17 tokens, as ViT-B/16's 20 are of 197
     "toy": dict(epochs=20, batch_size=32, prompt_tokens=2, lr_scale=30.0),
@@ -81,10 +87,6 @@ class Coarse(nn.Module):
         return F.normalize(self.vpt(images).float(), dim=-1)  # (B, d)
 
 
-def save_checkpoint(path, state):
-    common.atomic_torch_save(state, path)
-
-
 def epoch_draws(steps, n_text, micro, mixup, corpus, gen, device):
     """Every micro-step's corpus draw and mixup permutation for one epoch, in the order the loop used to draw
     them one by one, moved to the device in one copy each: the loop itself then never waits for the device."""
@@ -100,11 +102,11 @@ def epoch_draws(steps, n_text, micro, mixup, corpus, gen, device):
     return dict(corpus=stack(idx), corpus_labels=stack(labels), perm=stack(perms))
 
 
-def train_features(tower, samples, transform, device, rank, world, args, model_name):
+def train_features(tower, samples, transform, device, rank, world, args, model_id):
     """The frozen tower's features of the training images (linear probe), from --feature-cache when there."""
     path = None
     if args.feature_cache:
-        path = common.feature_cache_file(args.feature_cache, "train", samples, model_name, args.pretrained,
+        path = common.feature_cache_file(args.feature_cache, "train", samples, model_id, args.pretrained,
                                          args.image_size, transform,
                                          common.effective_precision(device, args.precision))
         cached = common.load_cached_features(path, len(samples))  # its name hashes the model, transform and images
@@ -155,9 +157,10 @@ def main(argv=None):
     p.add_argument("--prompt-tokens", type=int, help=common.recipe_help(RECIPES, "prompt_tokens", "VPT tokens per "
                                                                          "layer N; 0 = linear probe (paper: 20)"))
     p.add_argument("--prompt-depth", type=int, default=12, help="layers with prompts L_p (paper: 12)")
-    p.add_argument("--finetune", choices=["prompts", "full"], default="prompts",
-                   help="train the prompts only, or the whole visual tower too (paper: full on iNaturalist 2018)")
-    p.add_argument("--backbone-lr", type=float, default=1e-5, help="learning rate of the visual tower with --finetune full")
+    p.add_argument("--finetune", choices=["prompts", "full"], help=common.recipe_help(
+        RECIPES, "finetune", "train the prompts only, or the whole visual tower too (paper: full on iNaturalist 2018)"))
+    p.add_argument("--backbone-lr", type=float, help=common.recipe_help(
+        RECIPES, "backbone_lr", "learning rate of the visual tower with --finetune full (paper: not given)"))
     p.add_argument("--image-size", type=int, default=0, help="input size, e.g. 336 for HLC@336 (0: the model's own)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the image tower")
@@ -176,7 +179,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--log-every", type=int, default=50, help="print a line every this many steps")
     p.add_argument("--resume", action="store_true",
-                   help="continue from last.pt next to --out; refused when a training setting differs (Make: RESUME=1)")
+                   help="continue the interrupted training in last.pt next to --out; refused when a training setting "
+                        "differs (Make: RESUME=1)")
+    p.add_argument("--fresh", action="store_true",
+                   help="remove an interrupted training's last.pt and start over (Make: FRESH=1); without this or "
+                        "--resume, a last.pt stops the run")
     args = p.parse_args(argv)
     common.apply_recipe(args, RECIPES)
 
@@ -237,36 +244,24 @@ def main(argv=None):
     micro = args.batch_size // args.accum_steps  # global micro-batch
     n_text = int(round(args.corpus_ratio * micro))
 
+    facts = common.training_facts(classnames, samples, args.data_root, text)
     meta = common.make_meta("03_train_coarse", args, dataset=args.dataset, num_classes=num_classes, model=model_name,
                             pretrained=args.pretrained, embed_dim=int(model.w_cls.shape[1]), world_size=world,
-                            classnames_digest=common.names_digest(classnames),
-                            train_split_digest=common.split_digest(samples, args.data_root),
-                            model_fingerprint=text["meta"]["model_fingerprint"], text_features=str(args.features),
-                            text_features_digest=text["meta"]["digest"])
-    start_epoch, history = 0, []
-    if args.resume and last_path.exists():
-        state = common.load_checkpoint(last_path, "an earlier run of this stage")
-        common.check_resume_args(state["meta"]["args"], args, last_path)
-        if state["epoch"] > args.epochs:
-            raise SystemExit(f"{last_path} holds {state['epoch']} epochs, more than the {args.epochs} asked now: its "
-                             f"weights would be labelled {args.epochs} epochs. Resume with --epochs {state['epoch']} "
-                             f"or more (Make: EPOCHS=...), or delete it to train {args.epochs} from the start")
-        common.check_provenance(last_path, state["meta"], {
-            key: (meta[key], f"this run's {what}") for key, what in (
-                ("classnames_digest", "class names"), ("train_split_digest", "training split"),
-                ("model_fingerprint", "model"), ("text_features_digest", f"{args.features}"))})
+                            text_features=str(args.features), **facts)
+    checkpoint = common.Checkpoint(last_path, meta, args, writer=rank == 0)
+    state, start_epoch, history = checkpoint.start(), 0, []
+    if state:
         missing, unexpected = model.load_state_dict(state["model"], strict=False)
         missing = [k for k in missing if not k.startswith("vpt.visual.")]  # the frozen tower is not saved
         if unexpected or missing or (args.finetune == "full") != any(k.startswith("vpt.visual.") for k in state["model"]):
             raise SystemExit(f"{last_path} was written by a run with other switches (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}, --finetune {args.finetune}); delete it or match them")
+                             f"unexpected {unexpected[:3]}, --finetune {args.finetune}); FRESH=1 starts over")
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
         if rank == 0:  # the log holds exactly the epochs last.pt has, whatever a kill left in it
             common.atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
-        say(f"resumed from {last_path} after epoch {start_epoch}")
-    elif log_path.exists() and rank == 0:
-        log_path.unlink()
+    elif rank == 0:
+        log_path.unlink(missing_ok=True)
 
     trained = model
     if world > 1:
@@ -276,7 +271,8 @@ def main(argv=None):
     # the tower learns nothing (linear probe): its features of the training set are computed once
     model.takes_features = model.vpt.prompts.numel() == 0 and args.finetune == "prompts" and not args.augment_frozen
     if model.takes_features:
-        cached = train_features(model.vpt, samples, preprocess_val, device, rank, world, args, model_name).to(device)
+        cached = train_features(model.vpt, samples, preprocess_val, device, rank, world, args,
+                                text["meta"]["model_fingerprint"]).to(device)  # the model by its files' content
         labels_all = torch.tensor([y for _, y, _ in samples]).to(device)
         to_device = lambda batch: batch
     else:
@@ -362,8 +358,8 @@ def main(argv=None):
                           train_acc=round(100 * correct.item() / max(seen, 1), 2), lr=lr,
                           seconds=round(time.time() - t_epoch, 2), img_per_s=round(seen / (time.time() - t_epoch), 2))
             history.append(record)
-            save_checkpoint(last_path, dict(model=state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                                            history=history, meta=meta))
+            checkpoint.save(dict(model=state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                                 epochs=args.epochs, history=history))
             common.append_line(log_path, json.dumps(record))
         if world > 1:
             torch.distributed.barrier()
@@ -380,6 +376,7 @@ def main(argv=None):
                                       training=dict(optimizer_steps=total_steps, lr=base_lr, batch_size=args.batch_size,
                                                     trainable_params=n_train, epochs=args.epochs, selection="last",
                                                     seconds=round(sum(r["seconds"] for r in history), 1))), out)
+        checkpoint.finish()
         say(f"trained {args.epochs} epochs ({total_steps} steps of {args.batch_size} images + "
             f"{n_text * args.accum_steps} texts) -> {out}")
     if world > 1:

@@ -3,7 +3,7 @@
 Reads   the evaluation split (test; val for iNaturalist 2018), coarse.pt (stage 03), text_features.pt (stage 02).
 Writes  results.json (every variant, the K sweep, the tau sweep, shot groups, meta), results.md (the same as
         tables), predictions.npz (what every score is made of: image features, classifier, descriptor prototypes,
-        class prior, K, tau, and every prediction; README: "Recomputing the numbers") and explanations.html (why some
+        class prior, K, tau, and every prediction; docs/outputs.md recomputes every number from it) and explanations.html (why some
         predictions were made, paper Figure 1c); with --feature-cache, plain CLIP's features of the split in that
         folder (read back by later runs).
 
@@ -43,7 +43,7 @@ def predict(arrays, k, tau, taus=TAU_SWEEP, device="cpu", batch_size=1024):
     """{name: predictions (N,)} for every variant, the K sweep (k1 ... kall) and the tau sweep (tau<t>_coarse_la,
     tau<t>_hlc), computed batch by batch in float64 on the device from exactly the arrays predictions.npz stores."""
     t = lambda name: torch.as_tensor(arrays[name]).to(device, torch.float64)
-    w_cls, log_prior = F.normalize(t("w_cls"), dim=-1), torch.log(t("class_prior"))  # (C, d), (C,)
+    w_cls, prior = F.normalize(t("w_cls"), dim=-1), t("class_prior")  # (C, d), (C,)
     proto, proto_plain, names = t("desc_proto"), t("desc_proto_unweighted"), t("classname_features")  # (C, d)
     kmax = max(kk for kk in K_SWEEP if kk != "all")
     parts = {}
@@ -51,19 +51,21 @@ def predict(arrays, k, tau, taus=TAU_SWEEP, device="cpu", batch_size=1024):
         v = torch.as_tensor(arrays["hlc_features"][lo:lo + batch_size]).to(device, torch.float64)  # (B, d)
         v0 = torch.as_tensor(arrays["plain_features"][lo:lo + batch_size]).to(device, torch.float64)
         logits = float(arrays["scale"]) * v @ w_cls.T  # Eq. 1
-        adjusted = logits - tau * log_prior  # Eq. 4
+        adjusted = common.logit_adjust(logits, prior, tau)  # Eq. 4
         scores, scores_plain = v @ proto.T, v @ proto_plain.T  # Algorithm 1 (learned / uniform weights)
         top = common.top_candidates(adjusted, kmax)  # candidates, best first; ties to the lower class index
         batch = {"zero_shot": (float(arrays["logit_scale"]) * v0 @ names.T).argmax(1),
                  "descriptors_zero_shot": (v0 @ proto_plain.T).argmax(1), "coarse": logits.argmax(1),
                  "coarse_la": adjusted.argmax(1), "hlc_unweighted": common.rerank(adjusted, scores_plain, k),
                  "hlc": common.rerank(adjusted, scores, k), "zero_shot_reweighted": (v0 @ proto.T).argmax(1)}
-        for kk in K_SWEEP:  # one top-K for the whole sweep; "all" is the descriptors alone (Table 6's N/A)
-            cand = top[:, :kk] if kk != "all" else None
-            batch[f"k{kk}"] = scores.argmax(1) if kk == "all" else cand.gather(
-                1, scores.gather(1, cand).argmax(1, keepdim=True)).squeeze(1)
+        for kk in K_SWEEP:  # one top-K for the whole sweep; "all": every class re-ranked, the descriptors alone
+            if kk == "all":  # (Table 6's N/A); as rerank with K >= C, a tie goes to the better-ranked class
+                batch["kall"] = common.rerank(adjusted, scores, adjusted.shape[1])
+                continue
+            cand = top[:, :kk]
+            batch[f"k{kk}"] = cand.gather(1, scores.gather(1, cand).argmax(1, keepdim=True)).squeeze(1)
         for tt in taus:
-            adj = logits - tt * log_prior
+            adj = common.logit_adjust(logits, prior, tt)
             batch[f"tau{tt:g}_coarse_la"], batch[f"tau{tt:g}_hlc"] = adj.argmax(1), common.rerank(adj, scores, k)
         for name, pred in batch.items():
             parts.setdefault(name, []).append(pred.cpu())
@@ -95,18 +97,19 @@ def thumbnail(path, size=160):
 
 
 def write_explanations(path, chosen, samples, arrays, preds, groups, classnames, descriptors, desc_feats, desc_mask,
-                       w_llm, k, tau):
-    """One self-contained HTML file: image, top-K candidates, each candidate's descriptors ranked."""
+                       w_llm, k, tau, made_from):
+    """One self-contained HTML file: image, top-K candidates, each candidate's descriptors ranked. `made_from` (the
+    digest of coarse.pt) is kept in the page, so report.html links it only beside the results of the same model."""
     weights = common.descriptor_weights(w_llm, desc_mask)  # (C, M)
     w_cls = F.normalize(torch.from_numpy(arrays["w_cls"]).double(), dim=-1)
-    log_prior = torch.log(torch.from_numpy(arrays["class_prior"]))
+    prior = torch.from_numpy(arrays["class_prior"])
     labels, group_names = arrays["labels"], ("many", "medium", "few")
     cards = []
     for i in chosen:
         v = torch.from_numpy(arrays["hlc_features"][i]).double()
-        adjusted = float(arrays["scale"]) * w_cls @ v - tau * log_prior  # (C,), Eq. 4
+        adjusted = common.logit_adjust(float(arrays["scale"]) * w_cls @ v, prior, tau)  # (C,), Eq. 4
         rows = []
-        for c in adjusted.topk(k).indices.tolist():
+        for c in common.top_candidates(adjusted[None], k)[0].tolist():  # the candidates, as stage 04 ranks them
             m = int(desc_mask[c].sum())
             cos = desc_feats[c, :m].double() @ v
             contrib = weights[c, :m].double() * cos
@@ -129,7 +132,7 @@ def write_explanations(path, chosen, samples, arrays, preds, groups, classnames,
              "fit-content}.cand{margin:.3em 0}.cand.chosen b{color:#06c}.w{color:#666;font-size:.85em}ol{margin:.2em 0 "
              ".4em 1em;padding-left:1em;font-size:.9em}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>HLC explanations</title><style>{style}</style>"
-            f"</head><body><h1>Why HLC chose each class</h1><p>Top-{k} candidates by logit-adjusted classifier score "
+            f"</head><body data-coarse='{made_from}'><h1>Why HLC chose each class</h1><p>Top-{k} candidates by logit-adjusted classifier score "
             f"(Eq. 4); each candidate's descriptors ranked by weighted similarity w·cos (Algorithm 1). The chosen "
             f"candidate is blue.</p>{''.join(cards)}</body></html>")
     common.atomic_write_text(path, page)
@@ -215,11 +218,8 @@ def main(argv=None):
     coarse = common.load_checkpoint(args.coarse, "stage 03 (03_train_coarse.py)")
     common.check_meta(coarse["meta"], args.coarse, num_classes=num_classes, model=model_name, pretrained=args.pretrained)
     train = common.read_split(args.data_root, args.dataset, "train", num_classes, check_files=False)
-    common.check_provenance(args.coarse, coarse["meta"], {  # the shot groups and the prior come from coarse.pt
-        "classnames_digest": (common.names_digest(classnames), f"the class names of {args.data_root}"),
-        "train_split_digest": (common.split_digest(train, args.data_root), f"the training split of {args.data_root}"),
-        "model_fingerprint": (text["meta"]["model_fingerprint"], str(args.features)),
-        "text_features_digest": (text["meta"]["digest"], str(args.features))}, other=args.features)
+    facts = common.training_facts(classnames, train, args.data_root, text)  # the shot groups and prior come from coarse.pt
+    common.check_training_facts(args.coarse, coarse["meta"], facts, other=args.features)
 
     # ---- data ----
     split = args.split or common.dataset_info(args.dataset)["eval_split"]
@@ -240,7 +240,8 @@ def main(argv=None):
     # ---- features: plain CLIP (zero-shot) from the cache when there; VPT-deep unless it is plain CLIP too ----
     cache = None
     if args.feature_cache:
-        cache = common.feature_cache_file(args.feature_cache, split, samples, model_name, args.pretrained,
+        cache = common.feature_cache_file(args.feature_cache, split, samples, text["meta"]["model_fingerprint"],
+                                          args.pretrained,
                                           coarse.get("image_size"), preprocess_val,
                                           common.effective_precision(device, args.precision))
     plain = common.load_cached_features(cache, len(samples)) if cache else None  # its name hashes the inputs
@@ -294,17 +295,19 @@ def main(argv=None):
                                                              desc_mask)
 
     # ---- save ----
+    coarse_digest = common.file_digest(args.coarse)
     common.atomic_savez(out.with_name("predictions.npz"), **arrays, **{f"pred_{n}": p for n, p in preds.items()})
     if args.explain:
         groups = common.shot_groups(grouping, args.shot_rule)
         chosen = pick_examples(arrays["labels"], preds["hlc"], groups, args.explain, args.seed)
         write_explanations(out.with_name("explanations.html"), chosen, samples, arrays, preds["hlc"], groups,
                            classnames, text["descriptor_texts"], desc_feats, desc_mask, w_llm,
-                           min(args.k, num_classes), args.tau)
+                           min(args.k, num_classes), args.tau, coarse_digest)
     results["meta"] = common.make_meta("04_eval_hlc", args, dataset=args.dataset, num_classes=num_classes,
                                        model=model_name, pretrained=args.pretrained, seconds=round(time.time() - t0, 1),
-                                       coarse_digest=common.file_digest(args.coarse),
-                                       text_features_digest=text["meta"]["digest"])
+                                       coarse_digest=coarse_digest, split=split,
+                                       eval_split_digest=common.split_digest(samples, args.data_root),
+                                       shot_rule=args.shot_rule, **facts)
     common.atomic_write_text(out.with_name("results.md"), results_table(results))
     common.atomic_write_json(out, results)
     if args.report:

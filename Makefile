@@ -16,6 +16,17 @@ endif
 #      settings (learning rate, batch, epochs) are not here: each script holds its recipes per dataset ----
 DATASET   ?= toy
 SEED      ?= 0
+# a path is one folder however it is spelt: a trailing slash and a leading ./ are dropped before anything uses it
+tidy = $(patsubst ./%,%,$(patsubst %/,%,$(1)))
+given = $(filter command% environment%,$(origin $(1)))
+RUN_GIVEN := $(call given,RUN)
+DATA_ROOT_GIVEN := $(call given,DATA_ROOT)
+ifneq ($(origin DATA_ROOT),undefined)
+override DATA_ROOT := $(call tidy,$(DATA_ROOT))
+endif
+ifneq ($(origin RUN),undefined)
+override RUN := $(call tidy,$(RUN))
+endif
 ifeq ($(DATASET),toy)
 TOY_NAME  := toy$(if $(filter-out 0,$(SEED)),-seed$(SEED))
 DATA_ROOT ?= data/$(TOY_NAME)
@@ -27,9 +38,29 @@ WIKI        ?= $(DATA_ROOT)/wiki
 PREPARED    := $(DATA_ROOT)/.complete
 # on 2 cores: one loader worker, and the model keeps the other core (common.share_cores)
 WORKERS     ?= $(if $(filter 1 2,$(shell getconf _NPROCESSORS_ONLN 2>/dev/null)),1,2)
+# stage 00 builds a toy world only in a folder it made (common.KIT_MARKER) or an empty one: DATASET left at its default
+# with DATA_ROOT naming a dataset would otherwise be read as a toy world
+ifneq ($(wildcard $(DATA_ROOT)/*),)
+ifeq ($(wildcard $(DATA_ROOT)/.made-by-hlc-kit)$(wildcard $(DATA_ROOT)/clip/toy-clip.json),)
+$(error DATA_ROOT=$(DATA_ROOT) holds files but no toy world, and DATASET is toy (the default). For your own dataset \
+  set DATASET: imagenet_lt, places_lt, inat2018, cifar100_lt, or any name for the generic layout (train.txt, test.txt, \
+  classnames.txt); for a toy world give an empty or new DATA_ROOT)
+endif
+endif
 else ifeq ($(DATASET),cifar100_lt)
 IR          ?= 100
+# CIFAR-100-LT is made from torchvision's cifar-100-python/: CIFAR_ROOT (or DATA_ROOT, as for the other datasets) names
+# the folder holding it, or that folder itself; the long-tailed splits go to CIFAR_ROOT/irIR
+ifneq ($(wildcard $(DATA_ROOT)/cifar-100-python/meta $(DATA_ROOT)/meta),)
+CIFAR_ROOT  := $(DATA_ROOT)
+override DATA_ROOT := $(CIFAR_ROOT)/ir$(IR)
+endif
 CIFAR_ROOT  ?= data/cifar100_lt
+override CIFAR_ROOT := $(call tidy,$(CIFAR_ROOT))
+ifeq ($(notdir $(CIFAR_ROOT)),cifar-100-python)
+override CIFAR_ROOT := $(call tidy,$(dir $(CIFAR_ROOT)))
+override DATA_ROOT := $(CIFAR_ROOT)/ir$(IR)
+endif
 DATA_ROOT   ?= $(CIFAR_ROOT)/ir$(IR)
 RUN         ?= runs/cifar100_lt-ir$(IR)
 PREPARED    := $(DATA_ROOT)/.complete
@@ -56,8 +87,20 @@ EVAL_ARGS   ?=
 SYSTEM_ARGS ?=
 TOY_ARGS    ?=
 RESUME      ?=
+FRESH       ?=
+SPLIT       ?=
+SHOT_RULE   ?=
 
 # ---- refused at once, before anything runs ----
+# the evaluation split and the shot rule are Make variables, so that HLC, its ablations and every compared system are
+# scored alike: one table never mixes rows of two splits
+ifneq ($(filter --split --split=% --shot-rule --shot-rule=%,$(EVAL_ARGS) $(SYSTEM_ARGS)),)
+$(error EVAL_ARGS or SYSTEM_ARGS sets --split or --shot-rule: use SPLIT=... and SHOT_RULE=..., which reach stage 04, \
+  the ablation rows and the compared systems alike)
+endif
+ifneq ($(and $(RESUME),$(FRESH)),)
+$(error RESUME=1 continues an interrupted training, FRESH=1 starts it over: give one of them)
+endif
 # an API key never goes on a command line: ps, make's echo and the params files would all show it
 ifneq ($(filter --llm-key --llm-key=%,$(CORPUS_ARGS)),)
 $(error CORPUS_ARGS holds --llm-key, which would put the key in ps, in make's output and in $(RUN)/params. Put the key \
@@ -89,7 +132,7 @@ SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
 
 # ---- one make at a time per RUN: the first takes $(RUN)/.make.lock for its whole life (runlock.py), a second is
 #      refused at once, as is a RUN holding another dataset's outputs. Previews (-n, -q) take nothing ----
-NO_RUN_GOALS := help test test-all setup bench bench-scale clean-toy toy-seeds
+NO_RUN_GOALS := help test test-all setup bench bench-scale clean clean-toy toy-seeds toy-clip
 MAKE_PID := $(shell echo $$PPID)
 ifneq ($(filter-out $(NO_RUN_GOALS),$(or $(MAKECMDGOALS),all)),)
 ifeq ($(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS))),)
@@ -100,42 +143,47 @@ endif
 endif
 endif
 
-# ---- the data each stage reads, as prerequisites: its split files, the class-name files, Wikipedia and descriptor
-#      files, the model config and weights when they are files, and the folders holding the listed images (a deleted
-#      or added image changes its folder's time; stat-ing every image would be too slow on a benchmark). Training
-#      depends on the training split only, evaluation on the evaluation split (and the training counts) ----
+# ---- the data each stage reads. Prerequisites: its split files, the class-name files, Wikipedia and descriptor files,
+#      the model config and weights when they are files. The images a split lists are stamped (datastamp.py: every
+#      listed image's path, size and modification time) and the stamp is recorded with the stage's settings below, so
+#      an image added, removed or replaced in place runs the stages that read that split again. Training depends on
+#      the training split only, evaluation on the evaluation split (and the training counts) ----
 SPLITS_imagenet_lt := train:ImageNet_LT_train.txt val:ImageNet_LT_val.txt test:ImageNet_LT_test.txt
 SPLITS_places_lt   := train:Places_LT_train.txt val:Places_LT_val.txt test:Places_LT_test.txt
 SPLITS_inat2018    := train:iNaturalist18_train.txt train:train2018.json test:iNaturalist18_val.txt test:val2018.json
-split_files = $(wildcard $(addprefix $(DATA_ROOT)/,$(patsubst $(1):%,%,$(filter $(1):%,$(or $(SPLITS_$(DATASET)),\
-              train:train.txt val:val.txt test:test.txt)))))
+split_names = $(addprefix $(DATA_ROOT)/,$(patsubst $(1):%,%,$(filter $(1):%,$(or $(SPLITS_$(DATASET)),\
+              train:train.txt val:val.txt test:test.txt))))
+split_files = $(firstword $(wildcard $(call split_names,$(1))))
 DATA_GOALS  := $(filter-out $(NO_RUN_GOALS) clean,$(or $(MAKECMDGOALS),all))
-# folders of the images a split lists (a folder named with a space is refused: make cannot hold it)
-list_dirs  = $(if $(DATA_GOALS),$(shell awk '{sub(/[ \t]+[^ \t]+[ \t]*$$/,""); sub(/\/[^\/]*$$/,""); \
-             if (!seen[$$0]++) { if ($$0 ~ / /) { print "SPACE:" FILENAME ":" FNR; exit } print } }' \
-             $(filter %.txt,$(1)) /dev/null))
-image_dirs = $(foreach d,$(1),$(if $(findstring SPACE:,$(d)),$(error $(subst SPACE:,,$(d)): an image folder whose \
-             name holds a space; make cannot track it (it would read two folders). Rename the folder, or run the \
-             stages by hand (python 03_train_coarse.py ...), which read such paths)))$(wildcard $(addprefix \
-             $(DATA_ROOT)/,$(1)))
 TRAIN_SPLIT := $(call split_files,train)
 VAL_SPLIT   := $(call split_files,val)
-EVAL_SPLIT  := $(call split_files,test)
-TRAIN_DIRS  := $(call image_dirs,$(call list_dirs,$(TRAIN_SPLIT)))
-EVAL_DIRS   := $(call image_dirs,$(call list_dirs,$(EVAL_SPLIT)))
-VAL_DIRS    := $(call image_dirs,$(call list_dirs,$(VAL_SPLIT)))
+EVAL_SPLIT  := $(or $(call split_files,$(or $(SPLIT),test)),$(call split_files,test))
+# the split files whose images each output reads, named even before stage 00 has written them (each output's record
+# is made after it)
+TRAIN_IMAGES  := $(or $(TRAIN_SPLIT),$(firstword $(call split_names,train)),/dev/null)
+EVAL_IMAGES   := $(or $(EVAL_SPLIT),$(firstword $(call split_names,$(or $(SPLIT),test))),/dev/null)
+SYSTEM_IMAGES := $(TRAIN_IMAGES) $(EVAL_IMAGES) $(or $(VAL_SPLIT),$(firstword $(call split_names,val)),/dev/null)
+STAMPS      := $(if $(DATA_GOALS),$(shell python3 datastamp.py $(DATA_ROOT) $(SYSTEM_IMAGES)))
+TRAIN_STAMP := $(word 1,$(STAMPS))
+EVAL_STAMP  := $(word 2,$(STAMPS))
+VAL_STAMP   := $(word 3,$(STAMPS))
 NAME_FILES  := $(wildcard $(addprefix $(DATA_ROOT)/,classnames.txt categories_places365.txt categories.json))
 MODEL_FILES := $(wildcard $(MODEL) $(PRETRAINED))
 TEXT_FILES  := $(wildcard $(DESCRIPTORS) $(CUPL) $(if $(WIKI),$(WIKI)/desc_*.txt))
-TRAIN_DATA  := $(TRAIN_SPLIT) $(NAME_FILES) $(MODEL_FILES) $(TRAIN_DIRS) $(PREPARED)
-EVAL_DATA   := $(TRAIN_SPLIT) $(EVAL_SPLIT) $(NAME_FILES) $(MODEL_FILES) $(EVAL_DIRS) $(PREPARED)
-SYSTEM_DATA := $(sort $(TRAIN_DATA) $(EVAL_DATA) $(VAL_SPLIT) $(VAL_DIRS))
+# stage 00's .complete (toy world, CIFAR-100-LT) holds a digest of every file it wrote, and is rewritten only when one
+# changed: a stage 00 run that changes nothing leaves the chain after it up to date
+TRAIN_DATA  := $(TRAIN_SPLIT) $(NAME_FILES) $(MODEL_FILES) $(PREPARED)
+EVAL_DATA   := $(TRAIN_SPLIT) $(EVAL_SPLIT) $(NAME_FILES) $(MODEL_FILES) $(PREPARED)
+SYSTEM_DATA := $(sort $(TRAIN_DATA) $(EVAL_DATA) $(VAL_SPLIT))
 
-# ---- the arguments each output was made with are recorded in $(RUN)/params/<name> when its stage succeeds; an output
-#      whose recorded arguments differ from this call's is made again. Nothing is written while make reads this file
-#      (`make -n` and `make -q` write nothing), and a stage that fails records nothing, so after a typo in a path or
-#      flag is fixed, the next make has nothing to redo ----
+# ---- each output's settings are recorded in $(RUN)/params/<name> when its stage succeeds; an output whose recorded
+#      settings differ from this call's is made again. Nothing is written while make reads this file (`make -n` and
+#      `make -q` write nothing), and a stage that fails records nothing, so after a typo in a path or flag is fixed, the
+#      next make has nothing to redo. The record is the settings, not their spelling: paths as absolute paths, the
+#      device as its kind (auto on this machine is cpu or cuda), and no speed knob (WORKERS, FEATURE_CACHE,
+#      --grad-checkpointing), which changes no result ----
 EPOCHS_ARG     := $(if $(EPOCHS),--epochs $(EPOCHS))
+EVAL_CHOICES   := $(if $(SPLIT),--split $(SPLIT)) $(if $(SHOT_RULE),--shot-rule $(SHOT_RULE))
 CORPUS_PARAMS  := --dataset $(DATASET) --data-root $(DATA_ROOT) --seed $(SEED) \
                   $(if $(WIKI),--wiki $(WIKI)) $(if $(DESCRIPTORS),--descriptors $(DESCRIPTORS)) \
                   $(if $(CUPL),--cupl $(CUPL)) $(if $(LLM_MODEL),--llm-model $(LLM_MODEL)) $(CORPUS_ARGS)
@@ -143,22 +191,41 @@ FEATURE_PARAMS := --model $(MODEL) --pretrained $(PRETRAINED) --device $(DEVICE)
 RUN_PARAMS     := --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) --pretrained $(PRETRAINED) \
                   --seed $(SEED) --device $(DEVICE) --workers $(WORKERS)
 TRAIN_PARAMS   := $(RUN_PARAMS) --decode $(DECODE) --feature-cache $(FEATURE_CACHE) $(EPOCHS_ARG) $(TRAIN_ARGS)
-EVAL_PARAMS    := $(RUN_PARAMS) --decode $(DECODE) --feature-cache $(FEATURE_CACHE) $(EVAL_ARGS)
-SYSTEM_PARAMS  := $(RUN_PARAMS) $(EPOCHS_ARG) $(SYSTEM_ARGS)
+EVAL_PARAMS    := $(RUN_PARAMS) --decode $(DECODE) --feature-cache $(FEATURE_CACHE) $(EVAL_CHOICES) $(EVAL_ARGS)
+SYSTEM_PARAMS  := $(RUN_PARAMS) $(EPOCHS_ARG) $(EVAL_CHOICES) $(SYSTEM_ARGS)
+# the recorded settings
+path_key    = $(if $(or $(findstring /,$(1)),$(wildcard $(1))),$(abspath $(1)),$(1))
+DEVICE_KIND := $(if $(filter auto,$(DEVICE)),$(if $(wildcard /dev/nvidia0),cuda,cpu),$(firstword $(subst :, ,$(DEVICE))))
+SPEED_FLAGS := --grad-checkpointing
+CORPUS_KEY  := --dataset $(DATASET) --data-root $(abspath $(DATA_ROOT)) --seed $(SEED) \
+               $(if $(WIKI),--wiki $(abspath $(WIKI))) $(if $(DESCRIPTORS),--descriptors $(abspath $(DESCRIPTORS))) \
+               $(if $(CUPL),--cupl $(abspath $(CUPL))) $(if $(LLM_MODEL),--llm-model $(LLM_MODEL)) $(CORPUS_ARGS)
+FEATURE_KEY := --model $(call path_key,$(MODEL)) --pretrained $(call path_key,$(PRETRAINED)) --device $(DEVICE_KIND) \
+               $(FEATURE_ARGS)
+RUN_KEY     := --dataset $(DATASET) --data-root $(abspath $(DATA_ROOT)) --model $(call path_key,$(MODEL)) \
+               --pretrained $(call path_key,$(PRETRAINED)) --seed $(SEED) --device $(DEVICE_KIND)
+TRAIN_KEY   := $(RUN_KEY) --decode $(DECODE) $(EPOCHS_ARG) $(filter-out $(SPEED_FLAGS),$(TRAIN_ARGS))
+EVAL_KEY    := $(RUN_KEY) --decode $(DECODE) $(EVAL_CHOICES) $(EVAL_ARGS)
+SYSTEM_KEY  := $(RUN_KEY) $(EPOCHS_ARG) $(EVAL_CHOICES) $(filter-out $(SPEED_FLAGS),$(SYSTEM_ARGS))
+RUN_FLAGS   := $(if $(RESUME),--resume) $(if $(FRESH),--fresh)
 
 same = $(and $(findstring x$(1)x,x$(2)x),$(findstring x$(2)x,x$(1)x))
-# $(1): the params file's name (one per output), $(2): the arguments, $(3): the output they make
-params_rule = $(eval $(3): $(if $(call same,$(strip $(2)),$(strip $(file <$(RUN)/params/$(1)))),,FORCE))
-record = @{ mkdir -p $(RUN)/params && printf '%s\n' '$(subst ','\'',$(strip $(2)))' > $(RUN)/params/$(1); } || \
+# $(1): the params file's name (one per output), $(2): the settings, $(3): the output they make, $(4): the stamps of
+# the images it reads (one word per split file, datastamp.py)
+params_rule = $(eval $(3): $(if $(call same,$(strip $(2) $(if $(4),images $(4))),$(strip $(file \
+              <$(RUN)/params/$(1)))),,FORCE))
+# $(3): the split files whose images the output read, stamped again now (stage 00 may have rewritten them)
+record = @{ mkdir -p $(RUN)/params && printf '%s%s\n' '$(subst ','\'',$(strip $(2)))' "$(if $(3), images \
+         $$(python3 datastamp.py $(DATA_ROOT) $(3)))" > $(RUN)/params/$(1); } || \
          echo "could not record $(RUN)/params/$(1): make will run this stage again" >&2
-$(call params_rule,corpus,$(CORPUS_PARAMS),$(RUN)/corpus.json)
-$(call params_rule,features,$(FEATURE_PARAMS),$(RUN)/text_features.pt)
-$(call params_rule,train,$(TRAIN_PARAMS),$(RUN)/coarse.pt)
-$(call params_rule,eval,$(EVAL_PARAMS),$(RUN)/results.json)
+$(call params_rule,corpus,$(CORPUS_KEY),$(RUN)/corpus.json)
+$(call params_rule,features,$(FEATURE_KEY),$(RUN)/text_features.pt)
+$(call params_rule,train,$(TRAIN_KEY),$(RUN)/coarse.pt,$(TRAIN_STAMP))
+$(call params_rule,eval,$(EVAL_KEY),$(RUN)/results.json,$(EVAL_STAMP))
 FORCE:
 
 .PHONY: all corpus features train eval test test-all setup help clean clean-toy toy data table4 table6 \
-        table7 tables bench bench-scale system compare table1 table2 table3 tune-toy toy-seeds report FORCE
+        table7 tables bench bench-scale system compare table1 table2 table3 tune-toy toy-seeds toy-clip report FORCE
 
 all: $(RUN)/results.json ## the whole chain: corpus -> text features -> training -> evaluation (+ report.html)
 	@cat $(RUN)/results.md
@@ -170,27 +237,40 @@ eval: $(RUN)/results.json ## stage 04: variants, K and tau sweeps, predictions, 
 data: $(PREPARED) ## stage 00: build the toy world (DATASET=toy) or CIFAR-100-LT's files (DATASET=cifar100_lt)
 toy: data
 
-DATA_PARAMS := $(if $(filter toy,$(DATASET)),--out $(DATA_ROOT) --seed $(SEED) $(TOY_ARGS),--root $(CIFAR_ROOT) --ir $(IR))
-$(if $(PREPARED),$(call params_rule,data,$(DATA_PARAMS),$(PREPARED)))
-$(DATA_ROOT)/.complete: $(if $(filter toy,$(DATASET)),00_make_toy.py,00_make_cifar100_lt.py) common.py $(SETUP)
+TOY_CLIP    ?= toy_clip/toy-clip.pt
+DATA_PARAMS := $(if $(filter toy,$(DATASET)),--out $(DATA_ROOT) --seed $(SEED) --clip $(TOY_CLIP) $(TOY_ARGS),--root \
+               $(CIFAR_ROOT) --ir $(IR))
+# stage 00 runs again when its settings or the content of its code change (not their times: a checkout or an edit
+# that changes nothing leaves the data, and the chain after it, as they are)
+DATA_CODE   := $(if $(filter toy,$(DATASET)),00_make_toy.py toyworld.py $(TOY_CLIP),00_make_cifar100_lt.py) common.py
+DATA_KEY    := $(if $(filter toy,$(DATASET)),--out $(abspath $(DATA_ROOT)) --seed $(SEED) --clip $(abspath \
+               $(TOY_CLIP)) $(TOY_ARGS),--root $(abspath $(CIFAR_ROOT)) --ir $(IR)) code $(if $(and $(PREPARED),\
+               $(DATA_GOALS)),$(shell cksum $(DATA_CODE) 2>&1))
+$(if $(PREPARED),$(call params_rule,data,$(DATA_KEY),$(PREPARED)))
+$(DATA_ROOT)/.complete: | $(SETUP)
 	$(PY) $(if $(filter toy,$(DATASET)),00_make_toy.py,00_make_cifar100_lt.py) $(DATA_PARAMS)
-	$(call record,data,$(DATA_PARAMS))
+	$(call record,data,$(DATA_KEY))
+
+TOY_CLIP_ARGS ?=
+toy-clip: $(SETUP) ## pretrain the toy world's tiny CLIP again (about 25 min on 2 cores) and compare it with toy_clip/
+	$(PY) 00_pretrain_toy_clip.py --out runs/toy-clip $(TOY_CLIP_ARGS)
+	$(PY) 00_pretrain_toy_clip.py --compare runs/toy-clip/toy-clip.pt toy_clip/toy-clip.pt
 
 $(RUN)/corpus.json: 01_build_corpus.py llm.py common.py $(NAME_FILES) $(TEXT_FILES) $(PREPARED) $(SETUP)
 	$(PY) 01_build_corpus.py $(CORPUS_PARAMS) --out $@
-	$(call record,corpus,$(CORPUS_PARAMS))
+	$(call record,corpus,$(CORPUS_KEY))
 
 $(RUN)/text_features.pt: 02_cache_descriptors.py common.py $(RUN)/corpus.json $(MODEL_FILES)
 	$(PY) 02_cache_descriptors.py --corpus $(RUN)/corpus.json $(FEATURE_PARAMS) --out $@
-	$(call record,features,$(FEATURE_PARAMS))
+	$(call record,features,$(FEATURE_KEY))
 
 $(RUN)/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(TRAIN_DATA)
-	$(LAUNCH) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) $(if $(RESUME),--resume) --out $@
-	$(call record,train,$(TRAIN_PARAMS))
+	$(LAUNCH) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) $(RUN_FLAGS) --out $@
+	$(call record,train,$(TRAIN_KEY),$(TRAIN_IMAGES))
 
 $(RUN)/results.json: 04_eval_hlc.py common.py $(RUN)/coarse.pt $(RUN)/text_features.pt $(EVAL_DATA)
 	$(LAUNCH) 04_eval_hlc.py --features $(RUN)/text_features.pt --coarse $(RUN)/coarse.pt $(EVAL_PARAMS) --out $@
-	$(call record,eval,$(EVAL_PARAMS))
+	$(call record,eval,$(EVAL_KEY),$(EVAL_IMAGES))
 
 # ---- the paper's tables. Table 4: one training per ablation row, each in its own run directory
 #      $(RUN)/ablation/<row>/ with the switches below (recorded in its meta); the full model is $(RUN) itself.
@@ -202,18 +282,20 @@ ABLATION_sfm     := --desc-loss-weight 0
 ABLATION_desc_ce := --desc-loss-la 0
 ABLATIONS := lp vpt corpus sfm desc_ce
 .SECONDARY: $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/coarse.pt $(RUN)/ablation/$(a)/results.json)
-$(foreach a,$(ABLATIONS),$(call params_rule,ablation-$(a)-train,$(TRAIN_PARAMS) $(ABLATION_$(a)),$(RUN)/ablation/$(a)/coarse.pt))
-$(foreach a,$(ABLATIONS),$(call params_rule,ablation-$(a)-eval,$(EVAL_PARAMS),$(RUN)/ablation/$(a)/results.json))
+$(foreach a,$(ABLATIONS),$(call params_rule,ablation-$(a)-train,$(TRAIN_KEY) $(ABLATION_$(a)),\
+  $(RUN)/ablation/$(a)/coarse.pt,$(TRAIN_STAMP)))
+$(foreach a,$(ABLATIONS),$(call params_rule,ablation-$(a)-eval,$(EVAL_KEY),$(RUN)/ablation/$(a)/results.json,\
+  $(EVAL_STAMP)))
 
 $(RUN)/ablation/%/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(TRAIN_DATA)
 	$(LAUNCH) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) $(ABLATION_$*) \
-	    $(if $(RESUME),--resume) --out $@
-	$(call record,ablation-$*-train,$(TRAIN_PARAMS) $(ABLATION_$*))
+	    $(RUN_FLAGS) --out $@
+	$(call record,ablation-$*-train,$(TRAIN_KEY) $(ABLATION_$*),$(TRAIN_IMAGES))
 
 $(RUN)/ablation/%/results.json: 04_eval_hlc.py common.py $(RUN)/ablation/%/coarse.pt $(RUN)/text_features.pt $(EVAL_DATA)
 	$(LAUNCH) 04_eval_hlc.py --features $(RUN)/text_features.pt --coarse $(RUN)/ablation/$*/coarse.pt $(EVAL_PARAMS) \
 	    --explain 0 --no-report --out $@
-	$(call record,ablation-$*-eval,$(EVAL_PARAMS))
+	$(call record,ablation-$*-eval,$(EVAL_KEY),$(EVAL_IMAGES))
 
 $(RUN)/tables/table4.md: make_tables.py $(RUN)/results.json $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/results.json)
 	$(PY) make_tables.py --run $(RUN) --table 4 > /dev/null
@@ -232,7 +314,8 @@ tables: table4 table6 table7 ## Tables 4, 6 and 7 (table1-3 also run every compa
 #      epochs, SYSTEM_ARGS passes any other flag. One process each: GPUS is for stages 03-04 ----
 SYSTEMS := $(sort $(filter-out __init__ frame,$(patsubst systems/%.py,%,$(wildcard systems/*.py))))
 NAME ?=
-$(foreach s,$(SYSTEMS),$(call params_rule,system-$(s),$(SYSTEM_PARAMS),$(RUN)/systems/$(s)/results.json))
+$(foreach s,$(SYSTEMS),$(call params_rule,system-$(s),$(SYSTEM_KEY),$(RUN)/systems/$(s)/results.json,\
+  $(TRAIN_STAMP) $(EVAL_STAMP) $(VAL_STAMP)))
 .SECONDARY: $(foreach s,$(SYSTEMS),$(RUN)/systems/$(s)/results.json)
 ifneq ($(filter system,$(MAKECMDGOALS)),)
 ifeq ($(filter $(NAME),$(SYSTEMS)),)
@@ -241,8 +324,8 @@ endif
 endif
 
 $(RUN)/systems/%/results.json: systems/%.py systems/frame.py common.py $(RUN)/text_features.pt $(SYSTEM_DATA)
-	$(PY) -m systems.$* --features $(RUN)/text_features.pt $(SYSTEM_PARAMS) $(if $(RESUME),--resume) --out $(@D)
-	$(call record,system-$*,$(SYSTEM_PARAMS))
+	$(PY) -m systems.$* --features $(RUN)/text_features.pt $(SYSTEM_PARAMS) $(RUN_FLAGS) --out $(@D)
+	$(call record,system-$*,$(SYSTEM_KEY),$(SYSTEM_IMAGES))
 
 system: $(RUN)/systems/$(NAME)/results.json ## one compared system: make system NAME=ballad (EPOCHS=N, SYSTEM_ARGS=...)
 	@cat $(RUN)/systems/$(NAME)/results.md
@@ -267,9 +350,16 @@ report: $(RUN)/results.json ## rewrite $(RUN)/report.html from whatever results 
 tune-toy: $(RUN)/text_features.pt ## every method at its original lr x 1, 3, 10, 30 on the toy's val split
 	$(PY) tune_toy.py --run $(RUN) --features $(RUN)/text_features.pt $(RUN_PARAMS) $(TUNE_ARGS)
 
+# seed s of RUN=x (DATA_ROOT=y) goes to x-seed<s> (y-seed<s>), as runs/toy and runs/toy-seed1 by default: every seed
+# its own world and run, never one folder for all
+seed_folder = $(if $(filter-out 0,$(2)),$(1)-seed$(2),$(1))
+SEED_RUN   := $(if $(RUN_GIVEN),$(RUN),runs/toy)
+SEED_DATA  := $(if $(DATA_ROOT_GIVEN),$(DATA_ROOT),data/toy)
+SEED_RUNS  := $(foreach s,0 1 2,$(call seed_folder,$(SEED_RUN),$(s)))
+seed_args   = RUN=$(call seed_folder,$(SEED_RUN),$(1)) DATA_ROOT=$(call seed_folder,$(SEED_DATA),$(1))
 toy-seeds: ## make tables and make compare for SEED=0, 1, 2, then their mean and spread (runs/toy-seeds.md)
-	$(foreach s,0 1 2,$(MAKE) tables compare DATASET=toy SEED=$(s) PY=$(PY) &&) true
-	$(PY) make_tables.py --seeds runs/toy runs/toy-seed1 runs/toy-seed2 --out runs/toy-seeds.md
+	$(foreach s,0 1 2,$(MAKE) tables compare DATASET=toy SEED=$(s) PY=$(PY) $(call seed_args,$(s)) &&) true
+	$(PY) make_tables.py --seeds $(SEED_RUNS) --out $(dir $(firstword $(SEED_RUNS)))toy-seeds.md
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -291,18 +381,25 @@ test: $(SETUP) ## the tests that cover every path once (under 8 minutes on 2 cor
 test-all: $(SETUP) ## every test, the toy world end to end and the slow checks too (what CI runs)
 	$(PY) -m pytest -q --durations=15 tests
 
+# the kit removes only what it made: a run directory holding its params/ (or nothing yet), toy worlds holding its marker
 clean: ## remove this run directory
+	@if [ -d $(RUN) ] && [ ! -d $(RUN)/params ] && [ -n "$$(ls -A $(RUN) | grep -v '^\.make\.lock$$')" ]; then \
+	    echo "RUN=$(RUN) holds files but no params/ (no stage of the kit finished there): not removed" >&2; exit 1; fi
 	rm -rf $(RUN)
 
-clean-toy: ## remove every generated toy world and its runs
-	rm -rf data/toy data/toy-seed* runs/toy runs/toy-seed* runs/toy-seeds.md
+clean-toy: ## remove every toy world the kit made (data/toy*) and their runs
+	@for d in data/toy data/toy-seed*; do [ -e $$d/.made-by-hlc-kit ] || [ -e $$d/clip/toy-clip.json ] || continue; \
+	    echo "rm -rf $$d"; rm -rf $$d; done
+	rm -rf runs/toy runs/toy-seed* runs/toy-seeds.md
 
 help: ## this list
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
 	@echo; echo "Variables: DATASET=$(DATASET) DATA_ROOT=$(DATA_ROOT) RUN=$(RUN) MODEL=$(MODEL) PRETRAINED=$(PRETRAINED)"
 	@echo "           SEED=$(SEED) EPOCHS=$(EPOCHS) (empty: each script's recipe) DEVICE=$(DEVICE) WORKERS=$(WORKERS)"
 	@echo "           DESCRIPTORS=$(DESCRIPTORS) WIKI=$(WIKI) CUPL=$(CUPL) PY=$(PY)"
-	@echo "           RESUME=$(RESUME) (1: continue from last.pt) DECODE=$(DECODE) (pil, tensor or device)"
+	@echo "           RESUME=$(RESUME) (1: continue an interrupted training) FRESH=$(FRESH) (1: start it over)"
+	@echo "           SPLIT=$(SPLIT) SHOT_RULE=$(SHOT_RULE) (evaluation split and shot rule of every stage and system)"
+	@echo "           DECODE=$(DECODE) (pil, tensor or device)"
 	@echo "           FEATURE_CACHE=$(FEATURE_CACHE) (frozen-tower features kept between runs)"
 	@echo "           GPUS=$(GPUS) (torchrun processes for stages 03-04) TORCHRUN_ARGS=$(TORCHRUN_ARGS)"
 	@echo "           LLM_MODEL=$(LLM_MODEL) (a chat model for the descriptors; key in OPENAI_API_KEY, endpoint in OPENAI_BASE_URL)"

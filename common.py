@@ -97,6 +97,23 @@ def warn_once(message):
         print(message, file=sys.stderr, flush=True)
 
 
+def open_clip_metadata():
+    """open_clip's zero_shot_metadata module (the 80 templates, the ImageNet class names), read without importing
+    open_clip, which pulls in torch, torchvision and timm: stage 01 starts in a second instead of six."""
+    module = sys.modules.get("open_clip.zero_shot_metadata") or sys.modules.get("_open_clip_metadata")
+    if module is None:
+        import importlib.util
+        package = importlib.util.find_spec("open_clip")
+        if package is None:
+            raise ModuleNotFoundError("open_clip is not installed (pip install -r requirements.txt)")
+        spec = importlib.util.spec_from_file_location(
+            "_open_clip_metadata", Path(package.submodule_search_locations[0]) / "zero_shot_metadata.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["_open_clip_metadata"] = module
+    return module
+
+
 def _names_from_lines(path):
     lines = read_text(path).splitlines()
     while lines and not lines[-1].strip():  # trailing blank lines are fine
@@ -115,8 +132,7 @@ def class_names(dataset, root):
     if override.exists():
         names = _names_from_lines(override)
     elif dataset == "imagenet_lt":
-        import open_clip
-        names = list(open_clip.IMAGENET_CLASSNAMES)  # two names repeat: everything is keyed by index
+        names = list(open_clip_metadata().IMAGENET_CLASSNAMES)  # two names repeat: everything is keyed by index
     elif dataset == "places_lt":
         cats = root / "categories_places365.txt"
         if cats.exists():  # '/a/airfield 0' per line
@@ -152,15 +168,6 @@ def class_names(dataset, root):
     return names
 
 
-def name_files(dataset, root):
-    """The files under the root that class_names reads (for provenance); empty when the names are built in."""
-    root = Path(root)
-    for name in ("classnames.txt", "categories_places365.txt", "categories.json"):
-        if (root / name).exists():
-            return [root / name]
-    return []
-
-
 def _split_path(root, dataset, split):
     info = dataset_info(dataset)
     if split not in info["splits"]:
@@ -192,8 +199,10 @@ def check_dataset(root, dataset, splits=("train", None)):
         close = difflib.get_close_matches(dataset, [*DATASETS, "toy"], n=1, cutoff=0.7)
         hint = (f" DATASET={dataset} is not a known dataset, so its generic layout was looked for: did you mean "
                 f"DATASET={close[0]}?") if close and dataset not in DATASETS else ""
+        where = ("CIFAR_ROOT=<the folder holding cifar-100-python> (or that folder as DATA_ROOT)" if dataset == "cifar100_lt"
+                 else f"DATA_ROOT=/path/to/{dataset} (the README's Quick start shows each dataset's folder)")
         raise SystemExit(f"DATA_ROOT={root} holds no {label}: {files}{alt} not found there. They come from "
-                         f"{info['source']}; pass DATA_ROOT=/path/to/{dataset} (README, Datasets).{hint}")
+                         f"{info['source']}; pass {where}.{hint}")
 
 
 def read_split(root, dataset, split, num_classes, check_files=True):
@@ -503,9 +512,10 @@ def image_loader(samples, transform, decode, device, seed=None, workers=0, batch
 
 def feature_cache_file(cache_dir, split, samples, model, pretrained, image_size, transform, precision="fp32"):
     """Where the frozen tower's features of one split are cached: the name hashes everything they depend on (the
-    model and weights, by name or by file size and time, the image size, the transform, the precision the tower ran
-    in (effective_precision), and the images: each one's path, label, size and modification time, so an image
-    replaced under the same name is encoded again)."""
+    model: the stages pass model_fingerprint, the content of its config and weights files, so an edited config JSON is
+    encoded again; the image size, the transform, the precision the tower ran in (effective_precision), and the
+    images: each one's path, label, size and modification time, so an image replaced under the same name is encoded
+    again)."""
     import hashlib
     stat = lambda f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] if f and Path(f).is_file() else None
     images = hashlib.sha1()
@@ -983,6 +993,42 @@ def atomic_savez(path, **arrays):
         np.savez_compressed(f, **arrays)
 
 
+def write_if_changed(path, data):
+    """Write bytes (or text, as UTF-8) atomically, unless the file already holds exactly them: a stage run again leaves
+    unchanged files, and their times, alone, so make does not see everything downstream as stale. True when written."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    path = Path(path)
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return True
+
+
+KIT_MARKER = ".made-by-hlc-kit"  # in every folder a stage 00 script made: only such a folder is ever rewritten
+
+
+def claim_folder(folder, maker, legacy=()):
+    """Make `folder` (with KIT_MARKER in it) for `maker` to write into, or accept one that holds the marker (or, from
+    an older kit, every file of `legacy`). Any other folder that is not empty is refused: stage 00 never writes into,
+    and never deletes from, data it did not make."""
+    folder = Path(folder)
+    marker = folder / KIT_MARKER
+    if marker.exists() or (legacy and all((folder / f).exists() for f in legacy)):
+        write_if_changed(marker, f"{maker}\n")
+        return folder
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise SystemExit(f"{folder} exists and was not made by {maker} (no {KIT_MARKER} in it), so {maker} will not "
+                         f"write into it or delete anything from it. If it holds your own dataset, name it with "
+                         f"DATASET=<its name> (DATASET=toy builds a toy world); otherwise choose an empty or new folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_if_changed(marker, f"{maker}\n")
+    return folder
+
+
 def append_line(path, line):
     """Append one line (a log record) and flush it to disk; a full disk is reported like an atomic write."""
     try:
@@ -1103,18 +1149,91 @@ def load_text_features(path, classnames, data_root, model, pretrained, mmap=Fals
     return text
 
 
-# arguments a resumed training may change: they do not change what is trained (paths are checked by digest)
-RESUME_FREE = {"epochs", "workers", "log_every", "resume", "device", "compile", "precision", "feature_cache", "out",
-               "data_root", "features", "model", "pretrained", "split", "shot_rule"}
+# ---- trainings: what a trained model is made from, and the checkpoint an interrupted training continues from. Stage
+#      03, stage 04 and every compared system check these facts here, in one place ----
+
+TRAINING_FACTS = {"classnames_digest": "class names", "train_split_digest": "training split",
+                  "text_features_digest": "text features", "model_fingerprint": "model"}
+
+
+def training_facts(classnames, samples, data_root, text):
+    """What a trained model is made from, by digest: kept in its meta, checked on resume and by the stage reading it."""
+    return dict(classnames_digest=names_digest(classnames), train_split_digest=split_digest(samples, data_root),
+                text_features_digest=text["meta"]["digest"], model_fingerprint=text["meta"]["model_fingerprint"])
+
+
+def check_training_facts(path, meta, facts, other=None):
+    """Stop when a trained model or checkpoint at `path` was made from other inputs than `facts` (training_facts)."""
+    check_provenance(path, meta, {key: (facts[key], f"this run's {what}") for key, what in TRAINING_FACTS.items()},
+                     other)
+
+
+# arguments a resumed training may change: they change neither what is trained nor how (paths are checked by digest;
+# a memory or speed switch after an out-of-memory error must not restart a training). The epochs are not among them:
+# the learning-rate schedule follows them from the first step
+RESUME_FREE = {"workers", "log_every", "resume", "fresh", "device", "compile", "precision", "feature_cache", "out",
+               "data_root", "features", "model", "pretrained", "split", "shot_rule", "grad_checkpointing", "decode"}
 
 
 def check_resume_args(saved, args, path, free=RESUME_FREE):
     """Refuse to continue a checkpoint under other training settings, naming each one and both values."""
-    changed = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in {path}, {v!r} now"
-               for k, v in vars(args).items() if k not in free and saved.get(k) != v]
+    changed = {k: v for k, v in vars(args).items() if k not in free and saved.get(k) != v}
     if changed:
+        lines = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in {path}, {v!r} now" for k, v in changed.items()]
+        schedule = [k for k in changed if k.startswith("epochs")]
+        hint = (f"\nIts learning-rate schedule was set for {', '.join(f'{k} {saved.get(k)}' for k in schedule)} from "
+                "the first step: continuing it to another length would label a run with epochs whose schedule was "
+                "another's. Resume with the same epochs (Make: EPOCHS=...), or start over (FRESH=1).") if schedule else ""
         raise SystemExit(f"{path} was trained with other settings, so --resume would mix two runs:\n  "
-                         + "\n  ".join(changed) + "\nResume with the same settings, or delete it to start over.")
+                         + "\n  ".join(lines) + (hint or "\nResume with the same settings, or start over (FRESH=1)."))
+
+
+class Checkpoint:
+    """A training's last.pt: written after every epoch and removed once the training's output is written, so a last.pt
+    found at the start is an interrupted training. It is never overwritten without a word: without --resume the run
+    stops, naming the epoch it holds; --fresh removes it, saying so, and starts over; --resume continues it after
+    checking the settings (check_resume_args), the inputs by digest (check_training_facts) and the schedule."""
+
+    def __init__(self, path, meta, args, free=RESUME_FREE, writer=True):
+        self.path, self.meta, self.args, self.free, self.writer = Path(path), meta, args, free, writer
+
+    @staticmethod
+    def describe(state):
+        args = state["meta"]["args"]
+        phase = f"{state['phase']} " if "phase" in state else ""
+        total = state.get("epochs", args.get("epochs"))
+        return f"{phase}epoch {state['epoch']} of {total}"
+
+    def start(self):
+        """The state to continue from, or None to train from the first epoch."""
+        say = print if self.writer else (lambda *a, **k: None)
+        if not self.path.exists():
+            if getattr(self.args, "resume", False):
+                say(f"note: --resume, but {self.path} holds no interrupted training: training from the first epoch")
+            return None
+        state = load_checkpoint(self.path, "an earlier run of this training")
+        where = f"{self.describe(state)} in {self.path}"
+        if getattr(self.args, "fresh", False):
+            if self.writer:
+                self.path.unlink(missing_ok=True)
+            say(f"--fresh: {where}, an interrupted training, removed; starting over")
+            return None
+        if not getattr(self.args, "resume", False):
+            raise SystemExit(f"{where}: an interrupted training is there. RESUME=1 continues it (--resume), FRESH=1 "
+                             "starts over and removes it (--fresh)")
+        check_resume_args(state["meta"]["args"], self.args, self.path, self.free)
+        check_training_facts(self.path, state["meta"], self.meta)
+        say(f"resuming {where}")
+        return state
+
+    def save(self, state):
+        if self.writer:
+            atomic_torch_save(dict(state, meta=self.meta), self.path)
+
+    def finish(self):
+        """The training's output is written: last.pt goes."""
+        if self.writer:
+            self.path.unlink(missing_ok=True)
 
 
 def check_provenance(path, meta, expected, other=None):
@@ -1141,9 +1260,9 @@ def git_commit():
 
 def make_meta(stage, args, **facts):
     """The meta dict every stage output carries: what made it and from what."""
-    import open_clip
+    from importlib import metadata  # the installed versions, without importing open_clip (stage 01 needs none of it)
     versions = {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(np.__version__),
-                "open_clip": str(open_clip.__version__)}
+                "open_clip": metadata.version("open_clip_torch")}
     safe_args = {k: v for k, v in vars(args).items() if "key" not in k or k.endswith("_file")}  # never a key
     return dict(stage=stage, args=safe_args, versions=versions, git_commit=git_commit(), **facts)
 

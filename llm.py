@@ -23,6 +23,17 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 DESCRIPTOR_QUESTION = "List {m} useful features for distinguishing {c} in a photo."  # the paper's (Places-LT)
+PLACEHOLDERS = "{m} (M, the number of descriptors), {c} or {CLS} (the class name), {a} (a or an)"
+
+
+def fill(question, m, name):
+    """The question for one class: {m}, {c} (or the paper's {CLS}) and {a} filled in; any other placeholder is an error
+    naming it."""
+    try:
+        return question.format(m=m, c=name, CLS=name, a=article(name))
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"--llm-question {question!r}: cannot fill {e} in it; its placeholders are {PLACEHOLDERS} "
+                         "(a literal brace is written twice: {{ }})") from None
 CUPL_QUESTIONS = (  # CuPL's five ImageNet questions (Pratt et al. 2022)
     "Describe what {a} {c} looks like",
     "How can you identify {a} {c}?",
@@ -67,19 +78,25 @@ def split_sentences(text):
 
 
 class Cache:
-    """Append-only JSONL of answers. A torn last line (a killed run) is ignored on reading."""
+    """Append-only JSONL of answers, keyed by (endpoint, model, temperature, prompt, class, sample): another endpoint or
+    temperature asks again rather than reuse answers it did not give. A torn last line (a killed run) is ignored on
+    reading, and so is an empty answer (none is written now; an older kit wrote them), which is asked again."""
 
-    def __init__(self, path):
+    def __init__(self, path, base_url="", temperature=None):
         self.path = Path(path)
+        self.base_url, self.temperature = base_url.rstrip("/"), temperature
         self.lock = threading.Lock()
-        self.answers = {}
+        self.answers, self.other_source = {}, 0
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                self.answers[self.key(row["model"], row["prompt"], row["class"], row["sample"])] = row["answer"]
+                if (row.get("base_url"), row.get("temperature")) != (self.base_url, self.temperature):
+                    self.other_source += 1  # kept in the file, not used for this endpoint and temperature
+                elif str(row.get("answer") or "").strip():
+                    self.answers[self.key(row["model"], row["prompt"], row["class"], row["sample"])] = row["answer"]
 
     @staticmethod
     def key(model, prompt, cls, sample):
@@ -89,7 +106,11 @@ class Cache:
         return self.answers.get(self.key(model, prompt, cls, sample))
 
     def put(self, model, prompt, cls, sample, answer):
-        row = dict(model=model, prompt=prompt, **{"class": cls}, sample=sample, answer=answer, time=time.time())
+        """Append an answer the moment it arrives; an empty one is not kept (a rerun asks again)."""
+        if not str(answer or "").strip():
+            return
+        row = dict(base_url=self.base_url, model=model, temperature=self.temperature, prompt=prompt, **{"class": cls},
+                   sample=sample, answer=answer, time=time.time())
         with self.lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
@@ -192,7 +213,7 @@ def plan_requests(classnames, model, cache, num_descriptors, cupl_answers, quest
     """The (kind, class, prompt, sample) jobs a run needs; those already cached are marked so."""
     jobs = []
     for c, name in enumerate(classnames):
-        q = question.format(m=num_descriptors, c=name, a=article(name))
+        q = fill(question, num_descriptors, name)
         jobs.append(("descriptors", c, q, 0))
         for template in CUPL_QUESTIONS if cupl_answers else ():
             for s in range(cupl_answers):
@@ -236,7 +257,7 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
 
     def descriptors_of(c):
         name = classnames[c]
-        base = question.format(m=num_descriptors, c=name, a=article(name))
+        base = fill(question, num_descriptors, name)
         items = []
         for sample in range(max_asks):
             prompt = base if sample == 0 else base + RETRY_HINT.format(m=num_descriptors)

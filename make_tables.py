@@ -75,7 +75,7 @@ PAPER = {
         "ivlm_ce_disalign": ((None, None, None, 59.22), "IVLM Table 4, two stages", ""),
         "vl_ltr_lgr": ((81.6, 78.0, 74.4, 76.8), "HLC Table 3", "both towers fine-tuned"),
         "lt_dpt": ((62.7, 77.7, 79.5, 76.9), "LT-DPT Table 3", IN21K),
-        "hlc": ((78.3, 81.8, 77.5, 79.8), "HLC Table 3", "visual tower fully fine-tuned (TRAIN_ARGS=--finetune full)")}},
+        "hlc": ((78.3, 81.8, 77.5, 79.8), "HLC Table 3", "visual tower fully fine-tuned (the kit's inat2018 recipe too)")}},
 }
 TABLE_DATASET = {1: PLACES, 2: IMAGENET, 3: INAT, 4: PLACES, 6: PLACES, 7: PLACES}
 TITLES = {1: "Table 1: comparison on Places-LT", 2: "Table 2: comparison on ImageNet-LT",
@@ -120,21 +120,69 @@ def load(path, how="make"):
     return json.loads(path.read_text())
 
 
-def comparison_rows(run, full):
+# what every row of one table shares: the evaluation split (by name and by digest), the shot rule, and what the models
+# were trained from (common.training_facts), as each results.json's meta records them
+SAME_DATA = ("split", "eval_split_digest", "shot_rule", "train_split_digest", "text_features_digest",
+             "classnames_digest")
+
+
+def stale_rows(reference, others):
+    """[(path, what differs)] for each (path, results) of `others` not made on the data of `reference` (path, results):
+    a row of another split, shot rule, training split or text features (an older run's file) is never put beside it."""
+    ref_path, ref = reference
+    want = {k: ref.get("meta", {}).get(k) for k in SAME_DATA}
+    stale = []
+    for path, res in others:
+        meta = res.get("meta", {})
+        differs = [f"{k} {meta.get(k)!r}, {ref_path.name} {want[k]!r}" for k in SAME_DATA if meta.get(k) != want[k]]
+        if differs:
+            stale.append((path, "; ".join(differs)))
+    return stale
+
+
+def check_same_data(reference, others, how):
+    """Stop, naming each stale file and what differs, when the rows of one table were not made on the same data."""
+    stale = stale_rows(reference, others)
+    if stale:
+        raise SystemExit(f"not one run: these results differ from {reference[0]} in what they were made on, so they are "
+                         "not put in its table:\n  " + "\n  ".join(f"{p}: {why}" for p, why in stale)
+                         + f"\nThey are stale; `{how}` makes them again with this run's settings.")
+
+
+def comparison_rows(run, full, how="make compare"):
     """(label, numbers, variant, training) for the baselines, every compared system found under run/systems/, and HLC;
-    training: optimizer steps, lr, trainable parameters and selection rule, as each run recorded them."""
-    rows = []
+    training: optimizer steps, lr, trainable parameters and selection rule, as each run recorded them. Every file must
+    have been made on the data of run/results.json (check_same_data)."""
+    rows, files = [], []
     for label, ablation, variant, key in BASELINE_ROWS:
-        res = full if ablation == "full" else load(run / "ablation" / ablation / "results.json", "make table1")
+        path = run / "ablation" / ablation / "results.json"
+        res = full if ablation == "full" else load(path, how)
+        if ablation != "full":
+            files.append((path, res))
         rows.append((label, res["variants"][variant], key, res.get("training") if ablation != "full" else None))
     for name, title in SYSTEM_ROWS.items():
         path = run / "systems" / name / "results.json"
         if path.exists():
             res = json.loads(path.read_text())
+            files.append((path, res))
             for variant, numbers in res["variants"].items():
                 rows.append((f"{title}: {res.get('labels', {}).get(variant, variant)}", numbers, variant,
                              res.get("training")))
+    check_same_data((run / "results.json", full), files, how)
     rows.append(("HLC", full["variants"]["hlc"], "hlc", full.get("training")))
+    return rows
+
+
+def table4_rows(run, full, how="make table4"):
+    """[(label, numbers)] of Table 4, each ablation row from its own run, all on the data of run/results.json."""
+    rows, files = [], []
+    for label, ablation, variant in TABLE4_ROWS:
+        path = run / "ablation" / ablation / "results.json"
+        res = full if ablation == "full" else load(path, how)
+        if ablation != "full":
+            files.append((path, res))
+        rows.append((label, res["variants"][variant]))
+    check_same_data((run / "results.json", full), files, how)
     return rows
 
 
@@ -236,11 +284,7 @@ def main(argv=None):
                                                        "paper columns here)")
         title = f"{TITLES[t]}: the kit on {dataset}{note}"
         if t == 4:
-            rows = []
-            for label, ablation, variant in TABLE4_ROWS:
-                res = full if ablation == "full" else load(run / "ablation" / ablation / "results.json", "make table4")
-                rows.append((label, res["variants"][variant], label))
-            text = render(title, rows, paper)
+            text = render(title, [(label, r, label) for label, r in table4_rows(run, full)], paper)
         elif t == 6:
             rows = [(k if k != "all" else "all (no classifier)", r, k if k != "all" else "all (no classifier)")
                     for k, r in full["topk_sweep"].items()]
@@ -254,7 +298,8 @@ def main(argv=None):
                     ("descriptors, reweighted (HLC)", full["zero_shot_reweighted"])]
             text = render(title, [(label, r, label) for label, r in rows], paper)
         else:
-            text = render(title, [(label, r, key) for label, r, key, _ in comparison_rows(run, full)], paper)
+            text = render(title, [(label, r, key) for label, r, key, _ in comparison_rows(run, full, f"make table{t}")],
+                          paper)
         common.atomic_write_text(run / "tables" / f"table{t}.md", text)
         print(text)
 

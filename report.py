@@ -201,6 +201,16 @@ def waterfall_chart(steps, title):
     return chart.svg()
 
 
+def explanations_match(path, results):
+    """Was explanations.html written with these results, from the same coarse.pt? (An evaluation with --explain 0
+    leaves an older run's page in place; it is not linked then.)"""
+    if not path.exists():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096)
+    return f"data-coarse='{results.get('meta', {}).get('coarse_digest')}'" in head
+
+
 def write_report(run, quiet=False, results_file="results.json"):
     run = Path(run)
     results = json.loads((run / results_file).read_text(encoding="utf-8"))
@@ -252,27 +262,37 @@ def write_report(run, quiet=False, results_file="results.json"):
                                     f"{100 / max(1, weights.shape[1]):.0f})")
         sections.append(("What the descriptor weights learned", "Uniform weights would all sit at 1/M; learned ones "
                          "silence some descriptors and lean on others.", text))
-    # ---- Table 4 and the compared systems, when the run holds them ----
-    if (run / "tables" / "table4.md").exists():
-        rows = make_tables.table_rows(run / "tables" / "table4.md")
-        steps = [(label, r[3]) for label, r in rows.items() if r[3] is not None]
-        if steps:
+    # ---- Table 4 and the compared systems, when the run holds them and they were made on the same data ----
+    full = (run / results_file, results)
+    if all((run / "ablation" / a / "results.json").exists() for a in {a for _, a, _ in make_tables.TABLE4_ROWS} - {"full"}):
+        files = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in sorted((run / "ablation").glob("*/results.json"))]
+        stale = make_tables.stale_rows(full, files)
+        if stale:
+            sections.append(("Table 4", f"Not drawn: {', '.join(str(p) for p, _ in stale)} were made on other data "
+                             "than results.json (stale); `make tables` makes them again.", ""))
+        else:
+            steps = [(label, r["overall"]) for label, r in make_tables.table4_rows(run, results)]
             sections.append(("Table 4 as a waterfall", "Each bar is one ablation row; its height is the change from the "
                              "row before it (green: up, red: down).", waterfall_chart(steps, "ablation, overall accuracy")))
     systems = sorted((run / "systems").glob("*/results.json")) if (run / "systems").exists() else []
     if systems:
+        files = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in systems]
+        stale = dict(make_tables.stale_rows(full, files))
         bars = [("HLC", v["hlc"]["overall"], "#d62728")]
-        for path in systems:
-            res = json.loads(path.read_text(encoding="utf-8"))
+        for path, res in files:
+            if path in stale:
+                continue
             for name, r in res["variants"].items():
                 bars.append((f"{res['system']}: {res.get('labels', {}).get(name, name)}"[:60], r["overall"], "#1f77b4"))
+        note = (f" Left out, made on other data than results.json (stale; `make compare` makes them again): "
+                f"{', '.join(str(p) for p in stale)}.") if stale else ""
         sections.append(("HLC beside the compared systems", "Overall accuracy on this run's evaluation split; "
-                         "docs/systems.md gives each method's steps, learning rate and parameters.",
+                         "docs/systems.md gives each method's steps, learning rate and parameters." + note,
                          horizontal_bars(bars, "compared systems, overall accuracy")))
     body = "".join(f"<section><h2>{esc(h)}</h2><p>{esc(p)}</p><div class='row'>{c}</div></section>"
                    for h, p, c in sections)
     links = "<a href='explanations.html'>explanations.html</a>: why HLC chose each class, for sample test images" \
-        if (run / "explanations.html").exists() else "no explanations.html in this run"
+        if explanations_match(run / "explanations.html", results) else "no explanations.html of these results in this run"
     style = ("body{font-family:sans-serif;margin:1.2em;max-width:1500px;color:#222}h1{font-size:1.4em}h2{font-size:1.1em;"
              "margin:.6em 0 .2em}section{border-top:1px solid #ccc;padding-top:.3em}.row{display:flex;flex-wrap:wrap;"
              "gap:.6em}figure{margin:0}figcaption{font-size:.8em;color:#555;text-align:center}p{margin:.2em 0 .5em;"

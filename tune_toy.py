@@ -7,13 +7,14 @@ Writes  RUN/tune/<method>-x<factor>/ (one training and its val evaluation per me
     python tune_toy.py --run runs/toy --features runs/toy/text_features.pt --dataset toy --data-root data/toy \
         --model data/toy/clip/toy-clip.json --pretrained data/toy/clip/toy-clip.pt
 
-Every method, HLC included, trains with its toy recipe (the same number of optimizer steps at batch 32: docs/systems.md)
-and its original learning rate(s) times each factor of the grid (--lr-scale: 1, 3, 10, 30); its headline variant is
-scored on the val split (10 images per class), and the factor with the best val accuracy is the method's pick (a tie
-goes to the smaller factor). The picks are written into each script's toy recipe by hand, where the README's numbers
-come from; this target reproduces them. A cell whose results exist for the same arguments and input files is not
-trained again, so an interrupted tuning continues. 16.5 min on a 2-core CPU for the six methods and four factors
-(the last run).
+Every method, HLC included, trains with its toy recipe (the same number of optimizer steps at batch 32:
+docs/systems.md) and its original learning rate(s) times each factor of the grid (--lr-scale: 0.3, 1, 3, 10, 30, 100,
+300, 1000); its headline variant is scored on the val split (10 images per class) with the weights the method is compared
+with (the best on val where the original keeps those), and the factor with the best val accuracy is the method's pick
+(a tie goes to the smaller factor). A learning rate whose training diverges (a NaN loss) is a result of the grid,
+"diverged", never picked. The picks are written into each script's toy recipe by hand, where the README's numbers come
+from; this target reproduces them. A cell made with the same arguments from the same inputs and code is not trained
+again, and one interrupted under the same arguments continues, so an interrupted tuning goes on where it stopped.
 """
 import argparse
 import json
@@ -31,31 +32,52 @@ METHODS = {  # method -> (command, the variant whose val accuracy decides)
 
 
 def input_stamps(files):
-    """[path, size, mtime] of each input file: a cell made from an older toy world (rebuilt since) is trained again."""
-    return [[str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files if Path(f).is_file()]
+    """[path, sha1 of its bytes] of each input file: a cell made from other inputs (a rebuilt toy world, an edited recipe
+    or split file) is trained again."""
+    return [[str(f), common.file_digest(f)] for f in files if Path(f).is_file()]
+
+
+def code_of(method):
+    """The files whose content makes a method's cell: its script (which holds its recipes) and what it runs on."""
+    module, _ = METHODS[method]
+    own = ["03_train_coarse.py", "04_eval_hlc.py"] if module is None else [module.replace(".", "/") + ".py",
+                                                                           "systems/frame.py"]
+    return [str(Path(__file__).parent / f) for f in own + ["common.py"]]
 
 
 def run_cell(method, factor, folder, base, extra, stamps):
     """Train one method at one factor and score it on the val split; returns its val results.json (reused when the
-    same arguments made it before, from the same input files)."""
+    same arguments made it before, from the same input files and code). A cell interrupted with the same arguments
+    continues (--resume); one left by other arguments starts over (--fresh)."""
     args = base + ["--lr-scale", f"{factor:g}"] + extra
-    record, made = folder / "args.json", {"args": args, "inputs": stamps}
+    record, made = folder / "args.json", {"args": args, "inputs": stamps + input_stamps(code_of(method))}
     if (folder / "results.json").exists() and record.exists() and json.loads(record.read_text()) == made:
         return json.loads((folder / "results.json").read_text())
+    started = folder / "started.json"
+    again = ["--resume"] if started.exists() and json.loads(started.read_text()) == made else ["--fresh"]
+    common.atomic_write_text(started, json.dumps(made))
     py = sys.executable
     module, _ = METHODS[method]
     if module is None:  # HLC: stage 03, then stage 04 on the val split
-        steps = [[py, "03_train_coarse.py", *args, "--out", str(folder / "coarse.pt")],
+        steps = [[py, "03_train_coarse.py", *args, *again, "--out", str(folder / "coarse.pt")],
                  [py, "04_eval_hlc.py", *base, "--coarse", str(folder / "coarse.pt"), "--split", "val", "--explain",
                   "0", "--no-report", "--out", str(folder / "results.json")]]
     else:
-        steps = [[py, "-m", module, *args, "--split", "val", "--out", str(folder)]]
+        steps = [[py, "-m", module, *args, *again, "--split", "val", "--out", str(folder)]]
     for cmd in steps:
         done = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True)
+        if done.returncode and "loss is nan" in done.stderr + done.stdout:  # this lr diverges: a result of the grid
+            common.atomic_write_json(folder / "results.json", dict(diverged=True))
+            break
         if done.returncode:
             raise SystemExit(f"{method} x{factor:g} failed:\n{done.stderr[-2000:]}")
     common.atomic_write_text(record, json.dumps(made))
     return json.loads((folder / "results.json").read_text())
+
+
+def val_score(res, method):
+    """The headline variant's val accuracy of a cell; a training that diverged (a NaN loss) scores nothing."""
+    return None if res.get("diverged") else res["variants"][METHODS[method][1]]["overall"]
 
 
 def main(argv=None):
@@ -67,7 +89,8 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="open_clip model name or config JSON")
     p.add_argument("--pretrained", required=True, help="weights")
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS), help="methods to tune")
-    p.add_argument("--grid", nargs="+", type=float, default=[1, 3, 10, 30], help="factors of each original lr")
+    p.add_argument("--grid", nargs="+", type=float, default=[0.3, 1, 3, 10, 30, 100, 300, 1000],
+                   help="factors of each original lr")
     p.add_argument("--epochs", type=int, default=0, help="override every recipe's epochs (tests)")
     p.add_argument("--batch-size", type=int, default=0, help="override every recipe's batch (tests)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -81,7 +104,8 @@ def main(argv=None):
             "--workers", str(args.workers)]
     extra = (["--epochs", str(args.epochs)] if args.epochs else []) + \
         (["--batch-size", str(args.batch_size)] if args.batch_size else [])
-    stamps = input_stamps([args.features, args.pretrained])
+    stamps = input_stamps([args.features, args.pretrained, args.model] + [str(Path(args.data_root) / f) for f in (
+        "train.txt", "val.txt", "classnames.txt")])
     table = {}
     for method in args.methods:
         for factor in args.grid:
@@ -89,17 +113,19 @@ def main(argv=None):
             t = time.time()
             res = run_cell(method, factor, folder, base, extra, stamps)
             table.setdefault(method, {})[factor] = res
-            print(f"{method} x{factor:g}: val {res['variants'][METHODS[method][1]]['overall']:.2f} "
-                  f"({time.time() - t:.0f}s)", flush=True)
+            score = val_score(res, method)
+            print(f"{method} x{factor:g}: val " + ("diverged" if score is None else f"{score:.2f}")
+                  + f" ({time.time() - t:.0f}s)", flush=True)
     head = "| method (variant) | " + " | ".join(f"x{f:g}" for f in args.grid) + " | pick | steps | lr picked |"
     lines = [f"# Learning rate on the val split of {args.data_root} (original lr x factor)", "", head,
              "|" + " --- |" * (len(args.grid) + 4)]
     for method, cells in table.items():
         variant = METHODS[method][1]
-        scores = {f: r["variants"][variant]["overall"] for f, r in cells.items()}
-        pick = max(args.grid, key=lambda f: (scores[f], -f))  # best val accuracy, then the smaller factor
+        scores = {f: val_score(r, method) for f, r in cells.items()}
+        pick = max(args.grid, key=lambda f: (scores[f] is not None, scores[f] or 0, -f))  # best, then smaller factor
         training = cells[pick].get("training") or {}
-        lines.append(f"| {method} ({variant}) | " + " | ".join(f"{scores[f]:.2f}" for f in args.grid)
+        lines.append(f"| {method} ({variant}) | " + " | ".join("diverged" if scores[f] is None else f"{scores[f]:.2f}"
+                                                                for f in args.grid)
                      + f" | x{pick:g} | {training.get('optimizer_steps', '-')} | {training.get('lr', '-')} |")
     text = "\n".join(lines) + f"\n\n{len(args.methods) * len(args.grid)} trainings in {time.time() - t0:.0f}s.\n"
     common.atomic_write_text(Path(args.run) / "tune" / "val.md", text)

@@ -14,9 +14,6 @@ import torch
 
 import common
 
-PROVENANCE = ("classnames_digest", "train_split_digest", "text_features_digest", "model_fingerprint")
-
-
 # ---- command line, set-up, data ----
 
 def add_io_args(parser, features, model_note="must match"):
@@ -49,7 +46,10 @@ def add_run_args(parser, decode_modes=None, selection="last"):
         p.add_argument("--decode", choices=["pil"], default="pil", help="its training augmentation needs PIL decoding")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--resume", action="store_true", help="skip finished phases and continue last.pt (Make: RESUME=1)")
+    p.add_argument("--resume", action="store_true", help="skip finished phases and continue the interrupted one in "
+                                                              "last.pt (Make: RESUME=1)")
+    p.add_argument("--fresh", action="store_true", help="remove an interrupted run's last.pt and start over (Make: "
+                                                         "FRESH=1); without this or --resume, a last.pt stops the run")
 
 
 def setup(args, name, recipes):
@@ -76,50 +76,85 @@ def load_data(args):
     common.check_overlap(samples, test, split)
     val = None
     if args.select == "best":
-        has_val = "val" in common.dataset_info(args.dataset)["splits"] and \
-            common.split_file(args.data_root, args.dataset, "val") is not None
+        info = common.dataset_info(args.dataset)
+        has_val = "val" in info["splits"] and common.split_file(args.data_root, args.dataset, "val") is not None
         if has_val and split != "val":
             val = common.read_split(args.data_root, args.dataset, "val", len(classnames))
+        elif has_val and info["eval_split"] != "val":  # scored on val by choice (make tune-toy): the weights are the
+            val = test                                  # ones a test run keeps, the best on val
+            print("note: evaluated on the val split, so the best weights on it are the ones scored (as tuning on val "
+                  "compares them)")
         else:
             print(f"note: no val split apart from the evaluated '{split}' split: testing the last weights")
             args.select = "last"
     return classnames, text, samples, common.class_counts(samples, len(classnames)), val, split, test
 
 
-def make_meta(stage, args, classnames, samples, text, model_name):
-    """meta of a system's outputs: stage 03's facts, so a resume checks the same inputs by digest."""
+def make_meta(stage, args, classnames, samples, text, model_name, split, test):
+    """meta of a system's outputs: what it was trained from (common.training_facts, checked on resume) and what it was
+    evaluated on (make_tables puts side by side only rows of the same split, shot rule and inputs)."""
     return common.make_meta(stage, args, dataset=args.dataset, num_classes=len(classnames), model=model_name,
-                            pretrained=args.pretrained, classnames_digest=common.names_digest(classnames),
-                            train_split_digest=common.split_digest(samples, args.data_root),
-                            text_features_digest=text["meta"]["digest"],
-                            model_fingerprint=text["meta"]["model_fingerprint"])
+                            pretrained=args.pretrained, split=split, shot_rule=args.shot_rule,
+                            eval_split_digest=common.split_digest(test, args.data_root),
+                            **common.training_facts(classnames, samples, args.data_root, text))
+
+
+NORMALIZE = {  # input normalisation (mean, std) a system's code uses, when it is not CLIP's own
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inat": ((0.466, 0.471, 0.380), (0.195, 0.194, 0.192)),  # Imbalance-VLM's iNaturalist statistics
+}
+
+
+def normalize_of(preprocess_val, name="clip"):
+    """torchvision's Normalize: CLIP's own (taken from open_clip's evaluation transform), or one of NORMALIZE."""
+    from torchvision import transforms as T
+    if name == "clip":
+        return next(t for t in preprocess_val.transforms if isinstance(t, T.Normalize))
+    return T.Normalize(*NORMALIZE[name])
+
+
+def eval_transform(preprocess_val, normalize="clip"):
+    """open_clip's evaluation transform (resize, centre crop) with another input normalisation when asked."""
+    from torchvision import transforms as T
+    if normalize == "clip":
+        return preprocess_val
+    return T.Compose([normalize_of(preprocess_val, normalize) if isinstance(t, T.Normalize) else t
+                      for t in preprocess_val.transforms])
 
 
 def train_transform(preprocess_val, scale=(0.08, 1.0), flip=True, jitter=0.0, interpolation="bicubic",
-                    randaugment=None, erasing=0.0):
+                    randaugment=None, erasing=0.0, normalize="clip"):
     """A compared system's own training augmentation (its code's crop scale, flips, colour jitter, RandAugment and
-    random erasing), at the model's input size and with its normalisation, both taken from open_clip's evaluation
-    transform."""
+    random erasing), at the model's input size (taken from open_clip's evaluation transform) and with its code's input
+    normalisation (CLIP's unless `normalize` names another)."""
     from torchvision import transforms as T
     size = next(t.size for t in preprocess_val.transforms if isinstance(t, T.CenterCrop))
-    normalize = next(t for t in preprocess_val.transforms if isinstance(t, T.Normalize))
     mode = T.InterpolationMode.BICUBIC if interpolation == "bicubic" else T.InterpolationMode.BILINEAR
     steps = [T.RandomResizedCrop(size, scale=scale, interpolation=mode)] + ([T.RandomHorizontalFlip()] if flip else [])
     steps += [T.ColorJitter(jitter, jitter, jitter)] if jitter else []
     steps += [T.RandAugment(num_ops=2, magnitude=randaugment, interpolation=mode)] if randaugment else []
-    steps += [T.ToTensor(), normalize]
+    steps += [T.ToTensor(), normalize_of(preprocess_val, normalize)]
     steps += [T.RandomErasing(p=erasing, value="random")] if erasing else []
     return T.Compose(steps)
 
 
 # ---- samplers of the originals ----
 
-def weighted_batches(labels, class_weights, batch_size, num_samples, generator):
-    """One epoch of num_samples indices drawn with replacement, image i with probability proportional to
-    class_weights[label_i] (1 / n_c: class-balanced; 1 / sqrt(n_c): square-root sampling), cut into batches."""
+def weighted_batches(labels, class_weights, batch_size, num_samples, generator, replacement=True):
+    """One epoch of num_samples indices, image i drawn with probability proportional to class_weights[label_i] (1 / n_c:
+    class-balanced; 1 / sqrt(n_c): square-root sampling), cut into batches. replacement=False draws as Imbalance-VLM's
+    sampler does (torch.multinomial without replacement): weighted permutations of every image, as many whole ones as
+    num_samples holds and the start of one more, so each image comes once per permutation and the tail is only moved
+    forward, not repeated."""
     labels = torch.as_tensor(labels)
     weights = torch.as_tensor(class_weights, dtype=torch.float64)[labels]
-    idx = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
+    if replacement:
+        idx = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
+    else:
+        n = len(labels)
+        parts = [torch.multinomial(weights, n, replacement=False, generator=generator)
+                 for _ in range(num_samples // n + bool(num_samples % n))]
+        idx = torch.cat(parts)[:num_samples]
     return [idx[i:i + batch_size] for i in range(0, num_samples - batch_size + 1, batch_size)]
 
 
@@ -163,39 +198,38 @@ def module_states(modules):
 class Phases:
     """Checkpoints of a system that trains in phases (BALLAD: A then B; Imbalance-VLM: one model per loss, then its
     second stages). After every epoch the phase in progress is saved to DIR/last.pt (then its log.jsonl line); a
-    finished phase is kept as DIR/<phase>.pt. With resume, finished phases are loaded instead of trained and the phase
-    in progress continues from last.pt. A checkpoint trained with other settings, on other inputs (by digest), or with
-    more epochs than now asked is refused, naming what differs."""
+    finished phase is kept as DIR/<phase>.pt; last.pt goes when the system's results are written (done()). A last.pt
+    found at the start is an interrupted run (common.Checkpoint): it stops the run unless --resume continues it or
+    --fresh starts over. With resume, finished phases are loaded instead of trained and the phase in progress continues.
+    A checkpoint trained with other settings, other epochs or on other inputs (by digest) is refused, naming what
+    differs."""
 
     def __init__(self, directory, meta, args, resume):
         self.dir, self.meta, self.args, self.resume = Path(directory), meta, args, resume
         self.log = self.dir / "log.jsonl"
         self.steps = {}  # optimizer steps each phase took (results.json: training)
-        if not resume and self.log.exists():
-            self.log.unlink()
-
-    def _load(self, path):
-        state = common.load_checkpoint(path, "an earlier run of this system")
-        common.check_resume_args(state["meta"]["args"], self.args, path)
-        common.check_provenance(path, state["meta"], {key: (self.meta[key], f"this run's {key.split('_digest')[0]}")
-                                                      for key in PROVENANCE if key in self.meta})
-        return state
+        self.checkpoint = common.Checkpoint(self.dir / "last.pt", meta, args)
+        self.in_progress = self.checkpoint.start()
+        if self.in_progress is None and not resume:
+            self.log.unlink(missing_ok=True)
 
     @staticmethod
     def _check_epochs(path, state, epochs):
-        """A finished phase must have the epochs asked now; a phase in progress may be continued to more, not fewer."""
-        done, finished = state.get("epochs", state.get("epoch")), "epochs" in state
-        if done > epochs or (finished and done != epochs):
-            raise SystemExit(f"{path} holds {state['phase']} trained for {done} epochs, {epochs} are asked now: its "
-                             f"weights would be labelled {epochs}. Resume with the same epochs (Make: EPOCHS=...), or "
-                             "delete it to train that phase again")
+        """A saved phase (finished or in progress) must follow the schedule of the epochs asked now."""
+        done = state.get("epochs", state.get("epoch"))
+        if done != epochs:
+            raise SystemExit(f"{path} holds {state['phase']} on a schedule of {done} epochs, {epochs} are asked now: "
+                             "its weights would be labelled with a schedule they did not follow. Resume with the same "
+                             "epochs (Make: EPOCHS=...), or start over (FRESH=1)")
 
     def finished(self, phase, epochs=None):
         """The saved state of a finished phase ({'modules': {...}, ...}), or None when it must be trained."""
         path = self.dir / f"{phase}.pt"
         if not (self.resume and path.exists()):
             return None
-        state = self._load(path)
+        state = common.load_checkpoint(path, "an earlier run of this system")
+        common.check_resume_args(state["meta"]["args"], self.args, path)
+        common.check_training_facts(path, state["meta"], self.meta)
         if epochs is not None:
             self._check_epochs(path, state, epochs)
         self.steps[phase] = state.get("steps", 0)
@@ -203,46 +237,50 @@ class Phases:
         return state
 
     def run(self, phase, modules, optimizer, epochs, batches_of, loss_of, lr_of, validate=None, clip_grad=None,
-            after_backward=None, keep=None, params=None):
-        """Train one phase: for each epoch, batches_of(epoch) gives its batches and loss_of(batch) each step's loss;
-        lr_of(step, total) the learning rate of every group (scaled by the group's lr_scale); gradients are clipped to
-        clip_grad; after_backward() runs between backward and step (GNM restores its weights there). validate(), when
-        given, scores the weights on the val split after each epoch, and the best are kept and restored at the end.
-        A non-finite loss stops the run; each epoch ends with last.pt and a log line, the phase with DIR/<phase>.pt
-        (holding `keep` too)."""
+            after_backward=None, keep=None, params=None, accum=1):
+        """Train one phase: for each epoch, batches_of(epoch) gives its batches and loss_of(batch) each one's loss;
+        lr_of(step, total) the learning rate of every group (scaled by the group's lr_scale). With accum > 1 an
+        optimizer step sums the gradients of `accum` consecutive batches, each loss divided by accum (one step of
+        accum x the batch). Gradients are clipped to clip_grad when given; after_backward() runs between backward and
+        step (GNM restores its weights there). validate(), when given, scores the weights on the val split after each
+        epoch, and the best are kept and restored at the end. A non-finite loss stops the run; each epoch ends with
+        last.pt and a log line, the phase with DIR/<phase>.pt (holding `keep` too)."""
         params = params or [q for group in optimizer.param_groups for q in group["params"]]
         start, step, best = 0, 0, None
-        path = self.dir / "last.pt"
-        if self.resume and path.exists():
-            state = self._load(path)
-            if state["phase"] == phase:
-                self._check_epochs(path, state, epochs)
-                for name, module in modules.items():
-                    module.load_state_dict(state["modules"][name])
-                optimizer.load_state_dict(state["optimizer"])
-                start, step, best = state["epoch"], state["step"], state.get("best")
-                print(f"{phase}: resumed from {path} after epoch {start}")
+        state = self.in_progress
+        if state is not None and state["phase"] == phase:
+            self._check_epochs(self.checkpoint.path, state, epochs)
+            for name, module in modules.items():
+                module.load_state_dict(state["modules"][name])
+            optimizer.load_state_dict(state["optimizer"])
+            start, step, best = state["epoch"], state["step"], state.get("best")
+            print(f"{phase}: resumed after epoch {start}")
         for epoch in range(start, epochs):
             t, losses, batches = time.time(), [], batches_of(epoch)
-            total = step + (epochs - epoch) * len(batches)  # every epoch of a phase has as many batches
-            for batch in batches:
+            per_epoch = len(batches) // accum
+            total = step + (epochs - epoch) * per_epoch  # every epoch of a phase has as many steps
+            micro = iter(batches)
+            for _ in range(per_epoch):
                 lr = lr_of(step, total)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
-                loss = loss_of(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = 0.0
+                for _ in range(accum):
+                    part = loss_of(next(micro)) / accum
+                    part.backward()
+                    loss = loss + part.detach()
                 if after_backward:
                     after_backward()
                 if clip_grad:
                     torch.nn.utils.clip_grad_norm_(params, clip_grad)
                 optimizer.step()
-                losses.append(loss.detach())
+                losses.append(loss)
                 step += 1
             mean = torch.stack(losses).mean().item()
             if not math.isfinite(mean):
                 raise SystemExit(f"{phase}: loss is {mean} in epoch {epoch + 1}; try a lower learning rate, then "
-                                 f"--resume (the last good state is {path})")
+                                 f"--resume (the last good state is {self.checkpoint.path})")
             record = dict(phase=phase, epoch=epoch + 1, steps=step, loss=round(mean, 5), lr=lr)
             if validate is not None:
                 acc = validate()
@@ -253,8 +291,8 @@ class Phases:
             print(f"{phase} epoch {epoch + 1}/{epochs} loss {mean:.4f} lr {lr:.2e}"
                   + (f" val {record['val_acc']:.2f}" if "val_acc" in record else "") + f" {record['seconds']:.1f}s",
                   flush=True)
-            common.atomic_torch_save(dict(phase=phase, epoch=epoch + 1, step=step, modules=module_states(modules),
-                                          optimizer=optimizer.state_dict(), best=best, meta=self.meta), path)
+            self.checkpoint.save(dict(phase=phase, epoch=epoch + 1, epochs=epochs, step=step,
+                                      modules=module_states(modules), optimizer=optimizer.state_dict(), best=best))
             common.append_line(self.log, json.dumps(record))
         if best is not None:  # the best weights on the val split, as the original keeps them
             for name, module in modules.items():
@@ -264,6 +302,10 @@ class Phases:
         common.atomic_torch_save(dict(phase=phase, epochs=epochs, steps=step, modules=module_states(modules),
                                       best_epoch=best and best["epoch"], meta=self.meta, **(keep or {})),
                                  self.dir / f"{phase}.pt")
+
+    def done(self):
+        """The system's results are written: the interrupted-run checkpoint goes."""
+        self.checkpoint.finish()
 
 
 def accuracy(logits_of, feats, labels, batch_size=1024):

@@ -21,13 +21,17 @@ By default the run gives the paper's headline recipes for ViT-B/16 (its Table 4)
 row of HLC's Table 2, which is the paper's ViT-L/14 number).
 
 The recipes follow the original code (Imbalance-VLM/Imbalance-VLM: scripts/config_generator_imb_clip.py,
-imblearn/core/utils/build.py): SGD with Nesterov momentum, no weight decay on biases and 1-D parameters (LWS scales,
-MARC's a and b, DisAlign's scale and shift included), 512 warm-up steps then cos(7/16 pi t), which ends near 0.2 x
-the learning rate, not 0; gradient clipping 1.0. Where the kit departs from it:
+imblearn/core/utils/build.py, imblearn/datasets/): SGD with Nesterov momentum, no weight decay on biases and 1-D
+parameters (LWS's scales (C,) among them; MARC's a and b and DisAlign's scale and shift are (1, C) there, so they are
+decayed), 512 warm-up steps then cos(7/16 pi t), which ends near 0.2 x the learning rate, not 0; no gradient clipping
+(the config generator writes `clip: 1.0`, which the trainer never reads: it reads `clip_grad`, default 0); inputs
+normalised with ImageNet's mean and std (iNaturalist: its own), not CLIP's; training crops RandomResizedCrop(0.08-1,
+bilinear) with flips; its "class-balanced" sampler (sampler.py) draws weighted permutations without replacement, so
+each image comes once per permutation and cRT and LWS rebalance only mildly. Where the kit departs from it:
 - The second stage trains on the stage-1 model's CLS features of the training images, encoded once with the
   evaluation transform; the original runs the tower and decoder on augmented images at every step of stage 2.
-- Evaluation uses CLIP's evaluation transform (resize to the model's size, centre crop); the original resizes to
-  256 and crops 224. The decoder blocks are open_clip's (LayerNorm eps 1e-5; timm's Block uses 1e-6).
+- Evaluation uses CLIP's resize to the model's size and centre crop (with the code's normalisation); the original
+  resizes to 256 and crops 224. The decoder blocks are open_clip's (LayerNorm eps 1e-5; timm's Block uses 1e-6).
 - iNaturalist has no val split apart from the evaluated one: the last weights there (the code selects on it).
 - As in the code: LDAM subtracts its margins from the raw logits with no scale s; cRT continues training the
   stage-1 classifier with class-balanced sampling (the code's CLIP path never re-initialises it; --crt-reinit does,
@@ -52,10 +56,12 @@ from systems import frame
 RECIPES = {
     # code: scripts/config_generator_imb_clip.py (num_train_iter 8192, num_warmup_iter 512, num_eval_iter 256,
     # batch_size 256, lr 0.03 for imagenet_lt, places and inaturalist alike)
-    "default": dict(iterations=8192, evals=32, lr=0.03, batch_size=256, lr_scale=1.0),
+    "default": dict(iterations=8192, evals=32, lr=0.03, batch_size=256, lr_scale=1.0, normalize="imagenet"),
+    # imblearn/datasets/cv_datasets/inaturalist.py: iNaturalist's own mean and std (ImageNet's elsewhere)
+    "inat2018": dict(normalize="inat"),
     # the toy world: the shared step budget (docs/systems.md), split evenly between the stages as the code's 8192 + 8192;
     # lr_scale picked by make tune-toy
-    "toy": dict(iterations=500, evals=25, batch_size=32, lr_scale=10.0),  # 25 evaluations of 20 steps
+    "toy": dict(iterations=500, evals=25, batch_size=32, lr_scale=1.0),  # 25 evaluations of 20 steps
 }
 LOSSES = ("ce", "balanced_softmax", "focal", "ldam", "lade", "cbw", "grw")
 STAGE2 = ("crt", "lws", "marc", "disalign")
@@ -152,7 +158,8 @@ class Decoder(nn.Module):
 class SecondStage(nn.Module):
     """A re-balanced classifier on the frozen stage-1 features f and logits z = W f + b.
     crt: W, b retrained; lws: s_c z_c (Kang et al. 2020); marc: a_c z_c + b_c ||W_c|| (Wang et al. 2022);
-    disalign: (1 + sigma(w.f) s_c) z_c + sigma(w.f) b_c (Zhang et al. 2021)."""
+    disalign: (1 + sigma(w.f) s_c) z_c + sigma(w.f) b_c (Zhang et al. 2021). Shapes as the code's (utils.py): LWS's
+    scales (C,), so never weight-decayed; MARC's a, b and DisAlign's scale and shift (1, C), so decayed."""
 
     def __init__(self, kind, classifier, reinit=False):
         super().__init__()
@@ -161,12 +168,14 @@ class SecondStage(nn.Module):
         num_classes, width = classifier.weight.shape
         if kind == "crt" and reinit:
             self.classifier.reset_parameters()
-        if kind in ("lws", "disalign"):
+        if kind == "lws":
             self.scale = nn.Parameter(torch.ones(num_classes))
+        if kind == "disalign":
+            self.scale = nn.Parameter(torch.ones(1, num_classes))
         if kind in ("marc", "disalign"):
-            self.shift = nn.Parameter(torch.zeros(num_classes))
+            self.shift = nn.Parameter(torch.zeros(1, num_classes))
         if kind == "marc":
-            self.a = nn.Parameter(torch.ones(num_classes))
+            self.a = nn.Parameter(torch.ones(1, num_classes))
             self.register_buffer("w_norm", classifier.weight.detach().norm(dim=1))
         if kind == "disalign":
             self.confidence = nn.Linear(width, 1)
@@ -232,7 +241,11 @@ def main(argv=None):
     p.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum (code: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay, not on biases and 1-D "
                                                                      "parameters (code: 5e-4)")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping (code: 1.0)")
+    p.add_argument("--clip-grad", type=float, default=0.0,
+                   help="gradient norm clipping, 0 = none (code: none; its config generator writes 'clip: 1.0', which "
+                        "the trainer never reads: it reads clip_grad, default 0)")
+    p.add_argument("--normalize", choices=["imagenet", "inat", "clip"], help=common.recipe_help(
+        RECIPES, "normalize", "input mean and std: the code's dataset files (ImageNet's; iNaturalist's own), or CLIP's"))
     p.add_argument("--depth", type=int, default=3, help="decoder blocks (paper: 3)")
     p.add_argument("--heads", type=int, default=4, help="decoder attention heads (paper: 4)")
     p.add_argument("--mlp-ratio", type=float, default=0.5, help="decoder MLP ratio (code: 0.5)")
@@ -258,7 +271,7 @@ def main(argv=None):
     width = visual.conv1.out_channels
     decoders = {loss: Decoder(width, num_classes, args.depth, args.heads, args.mlp_ratio).to(device)
                 for loss in args.loss}
-    meta = frame.make_meta("systems.imbalance_vlm", args, classnames, samples, text, model_name)
+    meta = frame.make_meta("systems.imbalance_vlm", args, classnames, samples, text, model_name, split, test)
     phases = frame.Phases(out, meta, args, args.resume)
     steps_per_epoch = len(samples) // batch
     if args.epochs:  # an epoch per chunk
@@ -279,21 +292,24 @@ def main(argv=None):
 
     schedule = lambda step, total: cosine_7_16(step, total, warmup, base_lr)
 
-    def instance_batches(chunk_index):  # a fresh permutation per chunk of steps (the code's RandomSampler)
-        perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed * 1000 + chunk_index))
-        perm = perm.repeat(math.ceil(chunk * batch / len(perm)))
-        return list(perm[:chunk * batch].split(batch))
+    def instance_batches(chunk_index):  # fresh permutations each chunk of steps (the code's RandomSampler)
+        return frame.weighted_batches(labels, np.ones(num_classes), batch, chunk * batch,
+                                      torch.Generator().manual_seed(args.seed * 1000 + chunk_index), replacement=False)
 
-    def balanced_batches(chunk_index):  # WeightedRandomSampler with weights 1 / n_c (the code's "cbs")
+    def balanced_batches(chunk_index):  # the code's "cbs": weights 1 / n_c, drawn without replacement (sampler.py)
         return frame.weighted_batches(labels, 1.0 / np.maximum(counts, 1), batch, chunk * batch,
-                                      torch.Generator().manual_seed(args.seed * 1000 + chunk_index))
+                                      torch.Generator().manual_seed(args.seed * 1000 + chunk_index), replacement=False)
 
     # ---- stage 1: a decoder and classifier per loss, on the frozen tower's tokens of augmented images ----
     sampler = common.Batches()
-    loader, to_device = common.image_loader(samples, frame.train_transform(preprocess_val), args.decode, device,
-                                            seed=args.seed, workers=args.workers, batch_sampler=sampler)
+    # the code's transforms (imagenet_lt.py, places.py, inaturalist.py): RandomResizedCrop(0.08-1, bilinear) and flips
+    # for training, with its dataset's normalisation; evaluation is CLIP's resize and centre crop with the same one
+    train_tf = frame.train_transform(preprocess_val, interpolation="bilinear", normalize=args.normalize)
+    eval_tf = frame.eval_transform(preprocess_val, args.normalize)
+    loader, to_device = common.image_loader(samples, train_tf, args.decode, device, seed=args.seed,
+                                            workers=args.workers, batch_sampler=sampler)
     val_labels = torch.tensor([y for _, y, _ in val]).to(device) if val else None
-    encode = lambda module, items, what: common.encode_split({"f": module}, items, preprocess_val, device,
+    encode = lambda module, items, what: common.encode_split({"f": module}, items, eval_tf, device,
                                                              workers=args.workers, desc=what,
                                                              normalize=False)["f"].to(device)
     for loss_kind, decoder in decoders.items():
@@ -373,6 +389,7 @@ def main(argv=None):
                     trainable_params=f"{stage1} + {stage2}" if args.stage2 else stage1, selection=args.select,
                     batch_size=batch)
     results = frame.write_results(out, "Imbalance-VLM", preds, truth, counts, args.shot_rule, meta, titles, training)
+    phases.done()  # the results are written: an interrupted run's last.pt goes
     print(f"Imbalance-VLM on {args.dataset} {split}: " + ", ".join(
         f"{name} {r['overall']:.2f}" for name, r in results["variants"].items()) + f" -> {out}")
 

@@ -201,7 +201,7 @@ def main(argv=None):
     dim = args.adapter_dim or adapter_width(num_classes, len(clip.visual.transformer.resblocks))
     model = Lift(clip.visual, args.tuner, dim, args.vpt_len, text["classname"].float(), args.scale).to(device)
     params = model.trained()
-    meta = frame.make_meta("systems.lift", args, classnames, samples, text, model_name)
+    meta = frame.make_meta("systems.lift", args, classnames, samples, text, model_name, split, test)
     phases = frame.Phases(out, meta, args, args.resume)
     print(f"LIFT on {args.dataset}: frozen tower {common.count_parameters(clip.visual)[0] / 1e6:.2f}M; trained "
           f"{sum(q.numel() for q in params) / 1e6:.3f}M ({args.tuner}" + (f", bottleneck {dim}" if args.tuner in
@@ -254,6 +254,7 @@ def main(argv=None):
                                       "lift": f"{args.tuner}, logit-adjusted loss (not in the HLC paper)",
                                       "lift_tte": f"{args.tuner} + test-time ensembling (not in the HLC paper)"},
                                   training=training)
+    phases.done()  # the results are written: an interrupted run's last.pt goes
     v = results["variants"]
     print(f"LIFT on {args.dataset} {split}: {v['lift']['overall']:.2f}, with TTE {v['lift_tte']['overall']:.2f} (many "
           f"{v['lift_tte']['many']} / med {v['lift_tte']['medium']} / few {v['lift_tte']['few']}) -> {out}")

@@ -51,9 +51,9 @@ import common
 from systems import frame
 
 RECIPES = {
-    # paper Sec. 4.1: SGD lr 0.005, batch 128; CIFAR-100-LT, ImageNet-LT, iNaturalist 70 epochs, DRW in the last 10
+    # paper Sec. 5.3: SGD lr 0.005, batch 128; CIFAR-100-LT, ImageNet-LT, iNaturalist 70 epochs, DRW in the last 10
     "default": dict(epochs=70, drw_epochs=10, lr=0.005, batch_size=128, lr_scale=1.0),
-    "places_lt": dict(epochs=100, drw_epochs=40),  # paper Sec. 4.1: Places-LT 100 epochs, DRW in the last 40
+    "places_lt": dict(epochs=100, drw_epochs=40),  # paper Sec. 5.3: Places-LT 100 epochs, DRW in the last 40
     # the toy world: the shared step budget (docs/systems.md), DRW in the last 1/7 as on ImageNet-LT; lr_scale picked
     # by make tune-toy
     "toy": dict(epochs=20, drw_epochs=3, batch_size=32, lr_scale=3.0),
@@ -230,7 +230,7 @@ def main(argv=None):
     normalize = next(t for t in preprocess_val.transforms if type(t).__name__ == "Normalize")
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (normalize.mean, normalize.std))
     params = [q for q in model.parameters() if q.requires_grad]
-    meta = frame.make_meta("systems.lt_dpt", args, classnames, samples, text, model_name)
+    meta = frame.make_meta("systems.lt_dpt", args, classnames, samples, text, model_name, split, test)
     phases = frame.Phases(out, meta, args, args.resume)
     print(f"LT-DPT on {args.dataset}: frozen tower {common.count_parameters(clip.visual)[0] / 1e6:.2f}M; trained "
           f"{sum(q.numel() for q in params) / 1e6:.3f}M (prompts, keys, alpha, beta, classifier); {args.epochs} epochs, "
@@ -298,6 +298,7 @@ def main(argv=None):
     results = frame.write_results(out, "LT-DPT", {"lt_dpt": logits.argmax(1).numpy()}, truth, counts, args.shot_rule,
                                   meta, titles={"lt_dpt": "decoupled prompts, GCL + DRW"}, training=training)
     r = results["variants"]["lt_dpt"]
+    phases.done()  # the results are written: an interrupted run's last.pt goes
     print(f"LT-DPT on {args.dataset} {split}: {r['overall']:.2f} (many {r['many']} / med {r['medium']} / few "
           f"{r['few']}) -> {out}")
 

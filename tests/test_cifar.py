@@ -47,7 +47,8 @@ def test_the_long_tail_of_each_ratio_is_ldams_closed_form():
 @pytest.mark.parametrize("ratio", [100, pytest.param(50, marks=pytest.mark.slow), pytest.param(10, marks=pytest.mark.slow)])
 def test_make_data_writes_the_split_of_each_ratio(cifar_root, ratio):
     out = subprocess.run(["make", "-C", str(ROOT), "data", "DATASET=cifar100_lt", f"CIFAR_ROOT={cifar_root}",
-                          f"IR={ratio}", f"PY={sys.executable}"], capture_output=True, text=True)
+                          f"IR={ratio}", f"PY={sys.executable}", f"RUN={cifar_root}/run{ratio}"], capture_output=True,
+                         text=True)  # RUN: the params are recorded in the test's own folder
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     root = cifar_root / f"ir{ratio}"
     names = common.class_names("cifar100_lt", root)

@@ -11,7 +11,7 @@ import torch
 import common
 from conftest import ROOT
 
-SMALL_TOY = ("TOY_ARGS=--clip-steps 20 --clip-batch 64 --max-per-class 20 --imbalance 10 --val-per-class 2 "
+SMALL_TOY = ("TOY_ARGS=--max-per-class 20 --imbalance 10 --val-per-class 2 "
              "--test-per-class 2")
 
 

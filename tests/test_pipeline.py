@@ -1,4 +1,5 @@
 """End to end through make on the tiny world, resume, and stage 03's input checks."""
+import argparse
 import json
 import subprocess
 
@@ -29,9 +30,10 @@ def close(report, expected):
 
 
 def test_make_all_writes_every_output(made_run):
-    for name in ("corpus.json", "text_features.pt", "coarse.pt", "last.pt", "log.jsonl", "results.json",
+    for name in ("corpus.json", "text_features.pt", "coarse.pt", "log.jsonl", "results.json",
                  "results.md", "predictions.npz", "explanations.html", "report.html"):
         assert (made_run / name).exists(), name
+    assert not (made_run / "last.pt").exists()  # only an interrupted training leaves one
     results = json.loads((made_run / "results.json").read_text())
     assert list(results["variants"]) == ["zero_shot", "descriptors_zero_shot", "coarse", "coarse_la",
                                          "hlc_unweighted", "hlc"]
@@ -115,19 +117,29 @@ def test_resume_matches_uninterrupted_run(made_run, tiny_world, tmp_path, monkey
     features = made_run / "text_features.pt"
     stage.main(train_args(tiny_world, features, tmp_path / "full" / "coarse.pt", "--epochs", "3"))
 
-    original = stage.save_checkpoint
+    original = common.Checkpoint.save
 
-    def save_then_die(path, state):
-        original(path, state)
+    def save_then_die(self, state):
+        original(self, state)
         raise KeyboardInterrupt  # as if the run were killed right after epoch 1's checkpoint
 
-    monkeypatch.setattr(stage, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(common.Checkpoint, "save", save_then_die)
     broken = tmp_path / "broken" / "coarse.pt"
     with pytest.raises(KeyboardInterrupt):
         stage.main(train_args(tiny_world, features, broken, "--epochs", "3"))
     assert not broken.exists() and (broken.parent / "last.pt").exists()
-    monkeypatch.setattr(stage, "save_checkpoint", original)
+    monkeypatch.setattr(common.Checkpoint, "save", original)
+    common.release_run_locks()
+    with pytest.raises(SystemExit, match=r"epoch 1 of 3 in .*last.pt: an interrupted training is there. RESUME=1 "
+                                         r"continues it \(--resume\), FRESH=1 starts over"):
+        stage.main(train_args(tiny_world, features, broken, "--epochs", "3"))  # never thrown away without a word
+    with pytest.raises(SystemExit, match="--epochs: 3 in .*last.pt, 4 now(.|\n)*schedule was set for epochs 3"):
+        stage.main(train_args(tiny_world, features, broken, "--epochs", "4", "--resume"))  # not another schedule
+    saved = torch.load(broken.parent / "last.pt", weights_only=True)["meta"]["args"]
+    switched = argparse.Namespace(**{**saved, "grad_checkpointing": True, "decode": "tensor", "workers": 3})
+    common.check_resume_args(saved, switched, "last.pt")  # a memory or speed switch after an OOM does not refuse
     stage.main(train_args(tiny_world, features, broken, "--epochs", "3", "--resume"))
+    assert not (broken.parent / "last.pt").exists()
 
     a = torch.load(tmp_path / "full" / "coarse.pt", weights_only=True)
     b = torch.load(broken, weights_only=True)

@@ -1,5 +1,6 @@
 """report.html: written by stage 04 from the run's files, self-contained, and every chart drawn by a real browser."""
 import re
+import json
 import shutil
 import subprocess
 
@@ -45,14 +46,18 @@ def test_every_chart_renders_in_headless_chromium(made_run, tmp_path):
 def test_table4_and_the_systems_join_the_report(made_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(made_run, run, ignore=shutil.ignore_patterns("*.pt", "cache"))
-    (run / "tables").mkdir(exist_ok=True)
-    (run / "tables" / "table4.md").write_text("| | Many | Med. | Few | Acc. |\n| --- | --- | --- | --- | --- |\n"
-                                              "| a) zero-shot CLIP | 1.00 | 2.00 | 3.00 | 40.00 |\n"
-                                              "| b) linear probe | 1.00 | 2.00 | 3.00 | 45.50 |\n")
+    full = json.loads((run / "results.json").read_text())
+    for row in ("lp", "vpt", "corpus", "sfm", "desc_ce"):  # every ablation row, made on the same data
+        res = json.loads(json.dumps(full))
+        res["variants"]["coarse"]["overall"] = 45.5 if row == "lp" else res["variants"]["coarse"]["overall"]
+        (run / "ablation" / row).mkdir(parents=True)
+        (run / "ablation" / row / "results.json").write_text(json.dumps(res))
     (run / "systems" / "x").mkdir(parents=True)
-    (run / "systems" / "x" / "results.json").write_text(
-        '{"system": "X", "variants": {"x": {"overall": 33.3, "many": 1, "medium": 2, "few": 3}}, "labels": {}}')
+    (run / "systems" / "x" / "results.json").write_text(json.dumps(
+        {"system": "X", "variants": {"x": {"overall": 33.3, "many": 1, "medium": 2, "few": 3}}, "labels": {},
+         "meta": full["meta"]}))
     report.write_report(run)
     page = (run / "report.html").read_text()
-    assert "Table 4 as a waterfall" in page and "b) linear probe: 45.50 (+5.50)" in page
+    zero_shot = full["variants"]["zero_shot"]["overall"]
+    assert "Table 4 as a waterfall" in page and f"b) linear probe: 45.50 ({45.5 - zero_shot:+.2f})" in page
     assert "X: x: 33.30" in page

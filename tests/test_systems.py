@@ -196,7 +196,8 @@ def test_system_resume_repeats_the_uninterrupted_run(made_run, tiny_world, tmp_p
         ballad.main(args + ["--out", str(tmp_path / "killed")])
     monkeypatch.setattr(common, "append_line", real)
     assert (tmp_path / "killed" / "phase_a.pt").exists() and not (tmp_path / "killed" / "phase_b.pt").exists()
-    with pytest.raises(SystemExit, match=r"--lr-b: 0.2 in .*killed/phase_a.pt, 0.1 now"):
+    common.release_run_locks()
+    with pytest.raises(SystemExit, match=r"--lr-b: 0.2 in .*killed/last.pt, 0.1 now"):
         ballad.main(args + ["--out", str(tmp_path / "killed"), "--resume", "--lr-b", "0.1"])
     ballad.main(args + ["--out", str(tmp_path / "killed"), "--resume"])
     a = np.load(tmp_path / "full" / "predictions.npz")
@@ -416,9 +417,13 @@ def test_imbalance_vlm_optimizer_as_its_code(tiny_world):
     groups = ivlm.param_groups(head, 5e-4)
     no_decay = {id(q) for q in groups[0]["params"]}
     named = dict(head.named_parameters())
-    for name in ("scale", "shift", "confidence.bias"):  # 1-D parameters and biases: no weight decay
-        assert id(named[name]) in no_decay, name
-    assert id(named["confidence.weight"]) not in no_decay and groups[1]["weight_decay"] == 5e-4
+    assert id(named["confidence.bias"]) in no_decay  # biases: no weight decay
+    for name in ("scale", "shift", "confidence.weight"):  # DisAlign's (1, C) scale and shift are decayed, as the code's
+        assert id(named[name]) not in no_decay, name
+    assert groups[1]["weight_decay"] == 5e-4
+    lws, marc = ivlm.SecondStage("lws", torch.nn.Linear(4, 3)), ivlm.SecondStage("marc", torch.nn.Linear(4, 3))
+    assert id(lws.scale) in {id(q) for q in ivlm.param_groups(lws, 5e-4)[0]["params"]}  # LWS's (C,) scales are not
+    assert {id(marc.a), id(marc.shift)} <= {id(q) for q in ivlm.param_groups(marc, 5e-4)[1]["params"]}
     assert groups[0]["weight_decay"] == 0.0
     assert ivlm.cosine_7_16(0, 100, 10, 0.03) == 0.0 and ivlm.cosine_7_16(10, 100, 10, 0.03) == 0.03
     last = ivlm.cosine_7_16(99, 100, 10, 0.03)

@@ -1,0 +1,44 @@
+"""What make knows of a split's images: one digest of every listed image's path, size and modification time.
+
+    python3 datastamp.py ROOT SPLIT_FILE ...      (prints one 16-digit digest per split file, in the order given)
+
+The Makefile records these digests with each stage's settings (RUN/params/), so an image added, removed or replaced
+in place (`cp new.png test/c0/0000.png`) makes the stages that read that split run again, while an untouched dataset
+costs one stat per image (about a second per 100,000 images). A listed image that is missing counts as such: the stage
+then says which line names it. iNaturalist's COCO-style JSON splits are read too. Standard library only: it runs
+with the system's python3, before make has built the virtual environment.
+"""
+import hashlib
+import json
+import os
+import sys
+
+
+def listed_images(path):
+    """The relative paths a split file lists, in order: 'relative/path label' lines, or a COCO JSON's file names."""
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+        return [im.get("file_name", "") for im in data.get("images", [])]
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        return [line.strip().rsplit(maxsplit=1)[0] for line in f if len(line.split()) >= 2]
+
+
+def stamp(root, path):
+    h = hashlib.sha1()
+    try:
+        images = listed_images(path)
+    except (OSError, ValueError) as e:  # the stage reports a broken split file, naming its line
+        return "unreadable-" + hashlib.sha1(str(e).encode()).hexdigest()[:8]
+    for rel in images:
+        try:
+            st = os.stat(os.path.join(root, rel.lstrip("/")))
+            h.update(f"{rel} {st.st_size} {st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{rel} missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+if __name__ == "__main__":
+    root, files = sys.argv[1], sys.argv[2:]
+    print(" ".join(stamp(root, f) for f in files))

@@ -1,0 +1,71 @@
+"""The toy world's tiny CLIP: committed, checked by its digest, and a CLIP (it names catalogue pictures); `make
+toy-clip` builds a loadable one again."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import toyworld
+from conftest import ROOT
+
+COMMITTED = ROOT / "toy_clip" / "toy-clip.pt"
+# the digest of the committed weights, as `make toy-clip` wrote them (toy_clip/toy-clip.sha256 holds the same)
+SHA256 = "17c0e25d6fcd3583c1b4dd092140d9a9b277ece17b3797c95e841e8f473ed090"
+
+
+def load(path, tmp_path):
+    config = tmp_path / "toy-clip.json"
+    config.write_text(json.dumps(toyworld.CLIP_CONFIG))
+    model, _, _, name = common.load_clip(str(config), "none")
+    model.load_state_dict(toyworld.expand_clip(toyworld.read_clip(path)))
+    return model, name
+
+
+def zero_shot(model, name, per_class=3):
+    import open_clip
+    rng = np.random.default_rng(1)
+    classes = [(c, p) for c in toyworld.COLOURS for p in toyworld.PATTERNS]
+    pictures = np.stack([np.asarray(toyworld.render(c, p, rng)) for c, p in classes for _ in range(per_class)])
+    x = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(toyworld.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(toyworld.CLIP_STD).view(1, 3, 1, 1)
+    prompts = [f"a photo of a {c} {toyworld.PATTERNS[p][0]} tile." for c, p in classes]
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(x), dim=-1)
+        text = F.normalize(model.encode_text(open_clip.get_tokenizer(name)(prompts)), dim=-1)
+    truth = np.repeat(np.arange(len(classes)), per_class)
+    return float(((image @ text.T).argmax(1).numpy() == truth).mean())
+
+
+def test_the_committed_clip_is_the_one_its_digest_names(tmp_path):
+    assert toyworld.clip_digest(COMMITTED) == SHA256
+    assert (ROOT / "toy_clip" / "toy-clip.sha256").read_text().split()[0] == SHA256
+    assert COMMITTED.stat().st_size < 5e6
+    broken = tmp_path / "toy-clip.pt"
+    broken.write_bytes(COMMITTED.read_bytes()[:-10])
+    (tmp_path / "toy-clip.sha256").write_text(SHA256 + "  toy-clip.pt\n")
+    with pytest.raises(ValueError, match=r"toy-clip.pt: sha256 .*damaged or not the one"):
+        toyworld.read_clip(broken)
+
+
+def test_the_committed_clip_names_catalogue_pictures(tmp_path):
+    model, name = load(COMMITTED, tmp_path)
+    assert zero_shot(model, name) > 0.9  # 90 kinds: chance is 1.1 %
+
+
+@pytest.mark.slow
+def test_make_toy_clip_builds_a_loadable_clip(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "00_pretrain_toy_clip.py"), "--out", str(tmp_path / "c"),
+                          "--steps", "30", "--batch-size", "64", "--bank-per-class", "4"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    model, name = load(tmp_path / "c" / "toy-clip.pt", tmp_path)
+    assert zero_shot(model, name, per_class=1) > 2 / 90  # 30 steps: above chance, far from the committed one
+    out = subprocess.run([sys.executable, str(ROOT / "00_pretrain_toy_clip.py"), "--compare",
+                          str(tmp_path / "c" / "toy-clip.pt"), str(COMMITTED)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 0 and "different files; largest difference of a weight" in out.stdout
