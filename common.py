@@ -984,8 +984,10 @@ def atomic_write_json(path, obj):
 
 
 def atomic_torch_save(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save, atomically. Written through a file handle, so that the archive's inner folder is "archive" and not
+    the temporary file's random name: the same object gives the same bytes (and digest) every time."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_savez(path, **arrays):

@@ -37,7 +37,7 @@ Where the kit departs from the original (no public code; the paper and its bases
 
 Published (ImageNet-21k ViT-B/16, many / medium / few / all): ImageNet-LT 85.8 / 84.1 / 78.4 / 84.0 (LT-DPT
 Table 2); Places-LT 46.9 / 52.6 / 49.2 / 49.9 and iNaturalist 2018 62.7 / 77.7 / 79.5 / 76.9 (LT-DPT Table 3); not
-comparable with CLIP on ImageNet-LT, whose pre-training overlaps ImageNet-21k. Toy world: README ("Compared systems").
+comparable with CLIP on ImageNet-LT, whose pre-training overlaps ImageNet-21k. Toy world: docs/systems.md.
 """
 import argparse
 import math

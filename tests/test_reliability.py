@@ -190,8 +190,8 @@ def test_a_second_run_on_the_same_run_directory_is_refused(made_run, tiny_world,
 
 
 def test_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
-    def full_disk(obj, f, *a, **k):
-        open(f, "wb").write(b"x" * 2816)
+    def full_disk(obj, f, *a, **k):  # f: the open temporary file
+        f.write(b"x" * 2816)
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 2816 vs 2710")
 
     monkeypatch.setattr(torch, "save", full_disk)

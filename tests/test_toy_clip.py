@@ -15,7 +15,7 @@ from conftest import ROOT
 
 COMMITTED = ROOT / "toy_clip" / "toy-clip.pt"
 # the digest of the committed weights, as `make toy-clip` wrote them (toy_clip/toy-clip.sha256 holds the same)
-SHA256 = "17c0e25d6fcd3583c1b4dd092140d9a9b277ece17b3797c95e841e8f473ed090"
+SHA256 = "78b6ce31cb8b4a04a1b73b7367732d210d0308926011eee58cb2d2b1d04bda61"
 
 
 def load(path, tmp_path):
@@ -69,3 +69,16 @@ def test_make_toy_clip_builds_a_loadable_clip(tmp_path):
                           str(tmp_path / "c" / "toy-clip.pt"), str(COMMITTED)], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 0 and "different files; largest difference of a weight" in out.stdout
+
+
+@pytest.mark.slow
+def test_pretraining_twice_writes_the_same_bytes(tmp_path):
+    """What `make toy-clip` checks at full length (there: the committed digest again), on a tiny budget."""
+    digests = []
+    for run in ("a", "b"):
+        out = subprocess.run([sys.executable, str(ROOT / "00_pretrain_toy_clip.py"), "--out", str(tmp_path / run),
+                              "--steps", "3", "--batch-size", "32", "--bank-per-class", "2"], capture_output=True,
+                             text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.append(toyworld.clip_digest(tmp_path / run / "toy-clip.pt"))
+    assert digests[0] == digests[1]

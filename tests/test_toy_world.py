@@ -42,7 +42,13 @@ def test_learned_weights_beat_the_plain_average(toy_runs):
 
 def test_learned_weights_silence_the_planted_distractors(toy_runs):
     w = toy_runs[0]["descriptor_weights"]
-    assert w["distractor"] < w["pattern"], w
+    uniform = 1 / 10
+    assert w["distractor"] < w["pattern"] and w["nonvisual"] < uniform and w["wrong"] < uniform, w
+
+
+def test_descriptors_beat_class_name_prompts_zero_shot(toy_runs):
+    v = toy_runs[0]["variants"]
+    assert v["descriptors_zero_shot"]["overall"] > v["zero_shot"]["overall"]
 
 
 def test_training_beats_zero_shot_by_twenty_points(toy_runs):
