@@ -45,7 +45,7 @@ def test_every_chart_renders_in_headless_chromium(made_run, tmp_path):
 
 def test_table4_and_the_systems_join_the_report(made_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(made_run, run, ignore=shutil.ignore_patterns("*.pt", "cache"))
+    shutil.copytree(made_run, run, ignore=shutil.ignore_patterns("*.pt", "cache", "ablation", "systems"))
     full = json.loads((run / "results.json").read_text())
     for row in ("lp", "vpt", "corpus", "sfm", "desc_ce"):  # every ablation row, made on the same data
         res = json.loads(json.dumps(full))
