@@ -14,7 +14,7 @@ running across.", "a tile in a warm colour."). The model is a 4-layer ViT of wid
 of 8 px) and a 3-layer text tower, meeting in a 128-wide space, trained contrastively, a caption fitting every picture whose
 attributes it names. 2,500 steps of 256 pairs (10 to 16 min on a 2-core CPU) name all 90 colour x pattern kinds on
 new catalogue pictures; the compact weights are 0.8 MB. Run again (`make toy-clip`, same torch, same --threads), it
-writes the committed file byte for byte: the same sha256 (checked once at full length, 10.1 min; the slow tests check
+writes the committed file byte for byte: the same sha256 (checked at full length: 10.3 min; the slow tests check
 it on a tiny budget).
 """
 import argparse
