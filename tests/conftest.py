@@ -97,6 +97,31 @@ def made_run(tiny_world, tmp_path_factory):
     return run
 
 
+def make(*args, **kw):
+    """make in the repository, output captured (kw: subprocess.run's, e.g. env)."""
+    return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True, **kw)
+
+
+def snapshot(folder):
+    """Every file under folder with its modification time and size: equal snapshots, nothing written."""
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob("*")}
+
+
+def stages_to_run(args):
+    """The stages `make -n all` would run."""
+    out = make("-n", "all", *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {s for s in ("00_make", "01_build", "02_cache", "03_train", "04_eval") if s in out.stdout}
+
+
+def finished_run(folder):
+    """A tiny world and a finished one-epoch run of its own in folder, for tests that edit the data."""
+    world, run = make_tiny_world(folder / "world"), folder / "run"
+    out = make("all", *make_args(world, run, epochs=1))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return world, run
+
+
 def train_args(world, features, out, *extra):
     return ["--dataset", "tiny", "--data-root", str(world), "--features", str(features), "--out", str(out),
             "--model", f"{world}/tiny-clip.json", "--pretrained", "none", "--batch-size", "8", "--workers", "0",

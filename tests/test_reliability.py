@@ -13,34 +13,18 @@ import torch
 from PIL import Image
 
 import common
-from conftest import ROOT, load_stage, make_args, make_tiny_world, train_args
+from conftest import ROOT, finished_run, load_stage, make, make_args, snapshot, stages_to_run, train_args
 from systems import ballad, imbalance_vlm as ivlm
 
 corpus_stage = load_stage("01_build_corpus.py")
 
 
-def make(*args, **kw):
-    return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True, **kw)
-
-
-def stages_to_run(args):
-    out = make("-n", "all", *args)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return {s for s in ("01_build", "02_cache", "03_train", "04_eval") if s in out.stdout}
-
-
-def snapshot(folder):
-    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
 
 
 @pytest.fixture(scope="module")
 def own_run(tmp_path_factory):
     """A world and a finished run of its own, so that the test can edit the data."""
-    tmp = tmp_path_factory.mktemp("own")
-    world, run = make_tiny_world(tmp / "world"), tmp / "run"
-    out = make("all", *make_args(world, run, epochs=1))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return world, run
+    return finished_run(tmp_path_factory.mktemp("own"))
 
 
 def test_make_follows_the_data_and_a_preview_writes_nothing(own_run):

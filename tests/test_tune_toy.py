@@ -7,20 +7,26 @@ import subprocess
 import tune_toy
 
 
+def fake_training(runs, variant, returncode=0):
+    """A stand-in for the training subprocess: records its command and, when it succeeds, writes a results.json
+    scoring `variant` 50 where --out says (a folder, or the file itself)."""
+    def run(cmd, **_):
+        runs.append(cmd)
+        if returncode == 0:
+            out = cmd[cmd.index("--out") + 1]
+            target = out if out.endswith(".json") else os.path.join(out, "results.json")
+            with open(target, "w") as f:
+                json.dump({"variants": {variant: {"overall": 50.0}}}, f)
+        return subprocess.CompletedProcess(cmd, returncode, "", "" if returncode == 0 else "killed")
+    return run
+
+
 def test_a_cell_is_trained_again_after_the_world_is_rebuilt(tmp_path, monkeypatch):
     features, weights = tmp_path / "text_features.pt", tmp_path / "toy-clip.pt"
     features.write_bytes(b"features")
     weights.write_bytes(b"weights")
     runs = []
-
-    def fake_run(cmd, **_):
-        runs.append(cmd)
-        out = cmd[cmd.index("--out") + 1]
-        target = out if out.endswith(".json") else os.path.join(out, "results.json")
-        with open(target, "w") as f:
-            json.dump({"variants": {"ballad": {"overall": 50.0}}}, f)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-    monkeypatch.setattr(tune_toy.subprocess, "run", fake_run)
+    monkeypatch.setattr(tune_toy.subprocess, "run", fake_training(runs, "ballad"))
     folder = tmp_path / "tune" / "ballad-x1"
     folder.mkdir(parents=True)
     base = ["--features", str(features), "--pretrained", str(weights)]
@@ -42,13 +48,7 @@ def test_a_cell_is_trained_again_after_its_split_or_code_changed(tmp_path, monke
     val.write_text("images/a.png 0\n")
     code.write_text("RECIPES = {'toy': {'lr_scale': 3.0}}\n")
     runs = []
-
-    def fake_run(cmd, **_):
-        runs.append(cmd)
-        with open(os.path.join(cmd[cmd.index("--out") + 1], "results.json"), "w") as f:
-            json.dump({"variants": {"ballad": {"overall": 50.0}}}, f)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-    monkeypatch.setattr(tune_toy.subprocess, "run", fake_run)
+    monkeypatch.setattr(tune_toy.subprocess, "run", fake_training(runs, "ballad"))
     monkeypatch.setattr(tune_toy, "code_of", lambda method: [str(code)])
     folder = tmp_path / "tune" / "ballad-x1"
     folder.mkdir(parents=True)
@@ -65,23 +65,13 @@ def test_a_cell_is_trained_again_after_its_split_or_code_changed(tmp_path, monke
 
 def test_an_interrupted_cell_continues(tmp_path, monkeypatch):
     runs = []
-
-    def killed(cmd, **_):
-        runs.append(cmd)
-        return subprocess.CompletedProcess(cmd, 1, "", "killed")
-    monkeypatch.setattr(tune_toy.subprocess, "run", killed)
+    monkeypatch.setattr(tune_toy.subprocess, "run", fake_training(runs, "lift", returncode=1))
     folder = tmp_path / "tune" / "lift-x1"
     folder.mkdir(parents=True)
     try:
         tune_toy.run_cell("lift", 1.0, folder, [], [], [])
     except SystemExit:
         pass
-
-    def fine(cmd, **_):
-        runs.append(cmd)
-        with open(os.path.join(cmd[cmd.index("--out") + 1], "results.json"), "w") as f:
-            json.dump({"variants": {"lift": {"overall": 50.0}}}, f)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-    monkeypatch.setattr(tune_toy.subprocess, "run", fine)
+    monkeypatch.setattr(tune_toy.subprocess, "run", fake_training(runs, "lift"))
     tune_toy.run_cell("lift", 1.0, folder, [], [], [])
     assert "--fresh" in runs[0] and "--resume" in runs[1]

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,25 +19,12 @@ import llm
 import make_tables
 import report
 import toyworld
-from conftest import ROOT, load_stage, make_args, make_tiny_world, train_args
+from conftest import (ROOT, finished_run, load_stage, make, make_args, make_tiny_world, snapshot, stages_to_run,
+                      train_args)
 from systems import ballad
 
 toy_stage = load_stage("00_make_toy.py")
 cifar_stage = load_stage("00_make_cifar100_lt.py")
-
-
-def make(*args, env=None):
-    return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True, env=env)
-
-
-def snapshot(folder):
-    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob("*")}
-
-
-def stages_to_run(args):
-    out = make("-n", "all", *args)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return {s for s in ("00_make", "01_build", "02_cache", "03_train", "04_eval") if s in out.stdout}
 
 
 # ---- 1. nothing outside a folder the kit made is ever deleted ----
@@ -192,11 +178,7 @@ def test_make_stops_on_an_interrupted_training(tiny_world, tmp_path, monkeypatch
 
 @pytest.fixture(scope="module")
 def own_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("spell")
-    world, run = make_tiny_world(tmp / "world"), tmp / "run"
-    out = make("all", *make_args(world, run, epochs=1))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return world, run
+    return finished_run(tmp_path_factory.mktemp("spell"))
 
 
 def test_spellings_and_speed_knobs_redo_nothing(own_run):
