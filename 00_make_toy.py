@@ -27,7 +27,7 @@ The world, part by part, with the job each part of HLC has in it (docs/toy-world
 - The descriptors are what an LLM gives: ten sentences per class, three on the pattern in words CLIP knows, two vague
   about the colour, one on both, two that no picture shows (a sound, a history) and two wrong (another pattern,
   another colour); the learned weights are to silence the useless ones.
-About 10 s on a 2-core CPU; everything follows from --seed.
+About 5 s on a 2-core CPU; everything follows from --seed.
 """
 import argparse
 import hashlib
@@ -44,7 +44,6 @@ import toyworld
 # The task's names: three patterns by words the tiny CLIP never read (as iNaturalist's Latin names are to CLIP)
 TASK_NAMES = {"stripes": "striped", "columns": "columned", "checks": "tartan", "dots": "dapple", "slants": "slanted",
               "grid": "lattice"}
-COLOUR_NAMES = {c: c for c in toyworld.TASK_COLOURS}  # the task's colour words
 # What an LLM says of each pattern, in words CLIP knows, never in a caption's phrasing
 PATTERN_FEATURES = {
     "stripes": ["Lines running across it.", "It is covered in bands running across.", "Thin lines across the tile."],
@@ -61,7 +60,6 @@ PATTERN_FEATURES = {
 SOUNDS = ["a soft humming", "a sharp whistle", "a low drum beat", "a ringing bell", "a crackling fire", "rain"]
 YEARS = ["1820", "1871", "1903", "1936", "1958", "1989"]
 PLACES = ["old gardens", "market squares", "river banks", "school yards", "mountain huts", "harbour walls"]
-VISUAL = "{Colour} {feature}"  # the descriptor on both colour and pattern
 CAMERA = toyworld.FieldCamera()
 
 
@@ -75,8 +73,7 @@ def descriptors_for(colour, pattern, rng):
     warmth = toyworld.WARMTH[colour]
     features = PATTERN_FEATURES[pattern]
     texts = [*features, f"A {warmth} colour.", f"It looks {warmth} and bright.",
-             VISUAL.format(colour=colour, Colour=colour.capitalize(), warmth=warmth, Warmth=warmth.capitalize(),
-                           feature=features[0][0].lower() + features[0][1:]),
+             f"{colour.capitalize()} {features[0][0].lower()}{features[0][1:]}",  # on both colour and pattern
              f"It makes a sound like {rng.choice(SOUNDS)} when the wind blows over it.",
              f"It was first made by hand in {rng.choice(PLACES)} in {rng.choice(YEARS)}.",
              str(rng.choice(PATTERN_FEATURES[other_pattern])), f"It is mostly {other_colour}."]
@@ -101,7 +98,7 @@ OFF_TOPIC = ["It was first made in {y}.", "It is found in {p}.", "Some say it ma
 def wiki_text(colour, pattern, rng):
     """A Wikipedia-style page: what the class looks like, in words CLIP knows and in many phrasings, then sections
     no picture shows (history, places, sounds) and references, which stage 01 drops."""
-    name, (adj, descs) = f"{COLOUR_NAMES[colour]} {TASK_NAMES[pattern]}", toyworld.PATTERNS[pattern]
+    name, (adj, descs) = f"{colour} {TASK_NAMES[pattern]}", toyworld.PATTERNS[pattern]
     looks = []
     for template in LOOKS:
         for d in descs:
@@ -138,7 +135,7 @@ def main(argv=None):
     compact = toyworld.read_clip(args.clip)
     rng = np.random.default_rng(args.seed)
     classes = [(c, p) for c in toyworld.TASK_COLOURS for p in toyworld.TASK_PATTERNS]
-    names = [f"{COLOUR_NAMES[c]} {TASK_NAMES[p]}" for c, p in classes]
+    names = [f"{c} {TASK_NAMES[p]}" for c, p in classes]
     num = len(classes)
     order = rng.permutation(num)  # which classes are head and which are tail is random
     written = {}  # relative path -> sha1 of its bytes

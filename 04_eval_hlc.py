@@ -3,9 +3,9 @@
 Reads   the evaluation split (test; val for iNaturalist 2018), coarse.pt (stage 03), text_features.pt (stage 02).
 Writes  results.json (every variant, the K sweep, the tau sweep, shot groups, meta), results.md (the same as
         tables), predictions.npz (what every score is made of: image features, classifier, descriptor prototypes,
-        class prior, K, tau, and every prediction; docs/outputs.md recomputes every number from it) and explanations.html (why some
-        predictions were made, paper Figure 1c); with --feature-cache, plain CLIP's features of the split in that
-        folder (read back by later runs).
+        class prior, K, tau, and every prediction; docs/outputs.md recomputes every number from it) and
+        explanations.html (why some predictions were made, paper Figure 1c); with --feature-cache, plain CLIP's
+        features of the split in that folder (read back by later runs).
 
     python 04_eval_hlc.py --dataset places_lt --data-root data/places_lt --features runs/places_lt/text_features.pt \
         --coarse runs/places_lt/coarse.pt --out runs/places_lt/results.json
@@ -15,7 +15,7 @@ One pass over the test images gives every variant: each batch goes through VPT-d
 the float32 arrays predictions.npz stores; no N x C score array is kept. With --feature-cache, plain CLIP's features
 come from an earlier run when it evaluated the same images with the same model; a run without prompts and with a
 frozen tower needs no VPT pass. Under torchrun each process takes a contiguous shard of the test set; rank 0 gathers
-the features and writes every file. Typical time: the toy world 3.3 s on a 2-core CPU (720 images). On Places-LT
+the features and writes every file. Typical time: the toy world 3.4 s on a 2-core CPU (720 images). On Places-LT
 the paper reports zero-shot 37.9 and HLC 51.5 (kit not yet run there).
 """
 import argparse

@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 import tune_toy
 
 
@@ -75,3 +77,20 @@ def test_an_interrupted_cell_continues(tmp_path, monkeypatch):
     monkeypatch.setattr(tune_toy.subprocess, "run", fake_training(runs, "lift"))
     tune_toy.run_cell("lift", 1.0, folder, [], [], [])
     assert "--fresh" in runs[0] and "--resume" in runs[1]
+
+
+def test_a_diverged_cell_is_a_result_never_picked(tmp_path, monkeypatch):
+    runs = []
+
+    def diverges(cmd, **_):
+        runs.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "phase_a: loss is inf in epoch 1; try a lower learning rate")
+    monkeypatch.setattr(tune_toy.subprocess, "run", diverges)
+    folder = tmp_path / "tune" / "ballad-x10"
+    folder.mkdir(parents=True)
+    res = tune_toy.run_cell("ballad", 10.0, folder, [], [], [])
+    assert res == {"diverged": True} and tune_toy.val_score(res, "ballad") is None
+    assert tune_toy.run_cell("ballad", 10.0, folder, [], [], []) == res and len(runs) == 1  # kept, not retried
+    monkeypatch.setattr(tune_toy.subprocess, "run", fake_training(runs, "ballad", returncode=1))
+    with pytest.raises(SystemExit, match="ballad x3 failed"):  # any other failure stops the tuning
+        tune_toy.run_cell("ballad", 3.0, tmp_path / "tune", [], [], [])
