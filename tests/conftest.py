@@ -114,8 +114,10 @@ def stages_to_run(args):
     return {s for s in ("00_make", "01_build", "02_cache", "03_train", "04_eval") if s in out.stdout}
 
 
-def finished_run(folder):
-    """A tiny world and a finished one-epoch run of its own in folder, for tests that edit the data."""
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory):
+    """A tiny world and a finished one-epoch run of its own, one per test module, for tests that edit the data."""
+    folder = tmp_path_factory.mktemp("own")
     world, run = make_tiny_world(folder / "world"), folder / "run"
     out = make("all", *make_args(world, run, epochs=1))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -13,18 +13,10 @@ import torch
 from PIL import Image
 
 import common
-from conftest import ROOT, finished_run, load_stage, make, make_args, snapshot, stages_to_run, train_args
+from conftest import ROOT, load_stage, make, make_args, snapshot, stages_to_run, train_args
 from systems import ballad, imbalance_vlm as ivlm
 
 corpus_stage = load_stage("01_build_corpus.py")
-
-
-
-
-@pytest.fixture(scope="module")
-def own_run(tmp_path_factory):
-    """A world and a finished run of its own, so that the test can edit the data."""
-    return finished_run(tmp_path_factory.mktemp("own"))
 
 
 def test_make_follows_the_data_and_a_preview_writes_nothing(own_run):

@@ -19,7 +19,7 @@ import llm
 import make_tables
 import report
 import toyworld
-from conftest import (ROOT, finished_run, load_stage, make, make_args, make_tiny_world, snapshot, stages_to_run,
+from conftest import (ROOT, load_stage, make, make_args, make_tiny_world, snapshot, stages_to_run,
                       train_args)
 from systems import ballad
 
@@ -175,10 +175,6 @@ def test_make_stops_on_an_interrupted_training(tiny_world, tmp_path, monkeypatch
 
 
 # ---- 3 and 4. settings are settings, spellings are not; an image replaced in place is noticed ----
-
-@pytest.fixture(scope="module")
-def own_run(tmp_path_factory):
-    return finished_run(tmp_path_factory.mktemp("spell"))
 
 
 def test_spellings_and_speed_knobs_redo_nothing(own_run):
