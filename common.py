@@ -1270,7 +1270,10 @@ def make_meta(stage, args, **facts):
 
 
 def check_meta(meta, path, **expected):
-    """Stop with a clear message when an input file was made for another dataset, model or width."""
+    """Stop with a clear message when an input file was made for another dataset, model or width. A local weights file
+    (pretrained) may be spelt another way (relative, absolute, a link): its content is checked by model_fingerprint."""
+    if Path(str(expected.get("pretrained"))).is_file():
+        expected = {k: v for k, v in expected.items() if k != "pretrained"}
     wrong = [f"{k}: file has {meta.get(k)!r}, this run needs {v!r}"
              for k, v in expected.items() if meta.get(k) != v]
     if wrong:

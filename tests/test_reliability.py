@@ -148,6 +148,21 @@ def test_inputs_made_for_something_else_are_refused(made_run, tiny_world, tmp_pa
         evaluate.main(eval_args(tiny_world, made_run / "coarse.pt", tmp_path / "m3.pt"))
 
 
+def test_a_weights_file_spelt_another_way_is_the_same_file(tmp_path, monkeypatch):
+    """make names the toy CLIP's weights relative to the repository; a stage run by hand may name them absolute."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    meta = {"stage": "02_cache_descriptors", "model": "m", "pretrained": "w.pt"}
+    common.check_meta(meta, "text_features.pt", model="m", pretrained=str(tmp_path / "w.pt"))
+    assert common.model_fingerprint("m", "w.pt") == common.model_fingerprint("m", str(tmp_path / "w.pt"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "w.pt").write_bytes(b"other weights")  # same name, other bytes: the fingerprint tells them apart
+    assert common.model_fingerprint("m", "w.pt") != common.model_fingerprint("m", "b/w.pt")
+    with pytest.raises(SystemExit, match=r"text_features.pt does not fit this run \(pretrained: file has 'w.pt', this "
+                                          r"run needs 'openai'\)"):
+        common.check_meta(meta, "text_features.pt", model="m", pretrained="openai")
+
+
 def test_a_second_run_on_the_same_run_directory_is_refused(made_run, tiny_world, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import common; "
                                "common.hold_run_lock(sys.argv[2], 'make all (first)'); print('held', flush=True); "
