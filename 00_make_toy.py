@@ -14,9 +14,11 @@ The world, part by part, with the job each part of HLC has in it (docs/toy-world
 - Classes are patterned tiles, colour x pattern (6 x 6 = 36), 200 down to 2 training images per class (imbalance ratio
   100; which classes are head or tail is random), 10 val and 20 test images per class: logit adjustment has the head
   bias of any long tail to remove.
-- The tiny CLIP learnt its 10 colours and 9 patterns from a daylight catalogue (toyworld.py, toy_clip/) and names
-  them all on catalogue pictures. The task's pictures come from a field camera (toyworld.FieldCamera): a warm cast the
-  same for every picture, light that varies, heavy sensor noise, the tile smaller, and dull leaves lying on it. Prompts
+- The tiny CLIP learnt its 10 colours and 9 patterns from a catalogue (toyworld.py, toy_clip/), half of it in
+  daylight and half as web photos in every light, colour balance and noise (toyworld.WebCamera), and names them all on
+  catalogue pictures. The task's pictures come from a field camera (toyworld.FieldCamera): a warm cast the same for
+  every picture, light that varies, heavy sensor noise, and what the CLIP never saw: the tile smaller in the frame and
+  dull leaves lying on it. Prompts
   inside the tower (VPT) learn to see through it once, from the head classes' many pictures, where a linear probe
   learns each class from that class's own pictures.
 - As iNaturalist's Latin names are to CLIP, the task calls three patterns by words the CLIP never read ("tartan",

@@ -8,14 +8,15 @@ Writes  OUT/toy-clip.json (the open_clip model config), OUT/toy-clip.pt (the wei
 
     python 00_pretrain_toy_clip.py --out toy_clip          # make toy-clip (writes runs/toy-clip/ and compares)
 
-The catalogue is the tiny CLIP's web: 10 colours x 9 patterns of tile (the task's 6 x 6 among them), in daylight,
-each tile filling most of its picture, with captions in plain words ("a red striped tile.", "a tile with red lines
-running across.", "a tile in a warm colour."). The model is a 4-layer ViT of width 64 on 32 px pictures (16 patches
-of 8 px) and a 3-layer text tower, meeting in a 128-wide space, trained contrastively, a caption fitting every picture whose
-attributes it names. 2,500 steps of 256 pairs (10 to 16 min on a 2-core CPU) name all 90 colour x pattern kinds on
-new catalogue pictures; the compact weights are 0.8 MB. Run again (`make toy-clip`, same torch, same --threads), it
-writes the committed file byte for byte: the same sha256 (checked at full length: 10.3 min; the slow tests check
-it on a tiny budget).
+The catalogue is the tiny CLIP's web: 10 colours x 9 patterns of tile (the task's 6 x 6 among them), each tile
+filling most of its picture, half in daylight and half as web photos (--web-share, toyworld.WebCamera) in every
+light, colour balance and sensor noise, as a real CLIP has seen photos taken every way; the captions are in plain
+words ("a red striped tile.", "a tile with red lines running across.", "a tile in a warm colour."). The model is a
+4-layer ViT of width 64 on 32 px pictures (16 patches of 8 px) and a 3-layer text tower, meeting in a 128-wide space,
+trained contrastively, a caption fitting every picture whose attributes it names. 2,500 steps of 256 pairs (10 to 16
+min on a 2-core CPU) name all 90 colour x pattern kinds on new catalogue pictures; the compact weights are 0.8 MB.
+Run again (`make toy-clip`, same torch, same --threads), it writes the committed file byte for byte: the same sha256
+(the slow tests check it on a tiny budget; docs/toy-world.md says when it was last checked at full length).
 """
 import argparse
 import hashlib
@@ -32,10 +33,13 @@ import common
 import toyworld
 
 
-def render_bank(per_class, rng):
-    """(images (N, 3, 32, 32) uint8, class index per image, [(colour, pattern)])"""
+def render_bank(per_class, rng, web_share):
+    """(images (N, 3, 32, 32) uint8, class index per image, [(colour, pattern)]): of every kind's pictures, the first
+    (1 - web_share) in daylight, the rest web photos (toyworld.WebCamera), in turn"""
     classes = [(c, p) for c in toyworld.COLOURS for p in toyworld.PATTERNS]
-    images = [np.asarray(toyworld.render(c, p, rng)) for c, p in classes for _ in range(per_class)]
+    web, every = toyworld.WebCamera(), round(1 / web_share) if web_share else 0  # 0.5: every second picture
+    images = [np.asarray(toyworld.render(c, p, rng, camera=web if every and i % every == every - 1 else None))
+              for c, p in classes for i in range(per_class)]
     bank = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return bank, torch.arange(len(classes)).repeat_interleave(per_class), classes
 
@@ -58,6 +62,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="pictures per step, each with one fitting caption")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (warm-up, then cosine)")
     p.add_argument("--bank-per-class", type=int, default=160, help="catalogue pictures drawn per colour x pattern")
+    p.add_argument("--web-share", type=float, default=0.5, choices=(0.0, 0.25, 0.5, 1.0),
+                   help="share of the catalogue photographed as the web does, in varied light, colour balance and "
+                        "noise (toyworld.WebCamera); 0: all daylight, as the toy CLIP before it")
     p.add_argument("--seed", type=int, default=0, help="everything follows from this seed")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the weights repeat bit for bit with the same "
                                                           "count on the same kind of CPU)")
@@ -80,7 +87,7 @@ def main(argv=None):
     # ---- data: the catalogue's pictures and captions ----
     print(f"drawing {len(toyworld.COLOURS) * len(toyworld.PATTERNS) * args.bank_per_class} catalogue pictures ...",
           flush=True)
-    bank, bank_class, classes = render_bank(args.bank_per_class, rng)
+    bank, bank_class, classes = render_bank(args.bank_per_class, rng, args.web_share)
     caps = toyworld.captions()
     import open_clip
     model, _, _, name = common.load_clip(str(config), "none")

@@ -40,9 +40,9 @@ RECIPES = {
     # not given (kit: 1e-5, AdamW)
     "inat2018": dict(finetune="full"),
     # the toy world: every method gets the same number of optimizer steps (docs/systems.md, the rules) at batch 32,
-    # and its learning rate x lr_scale, picked on the val split by `make tune-toy` from the grid 1, 3, 10, 30
-    # its prompts are a tenth of its 17 tokens, as ViT-B/16's 20 are of 197
-    "toy": dict(epochs=20, batch_size=32, prompt_tokens=2, lr_scale=30.0),
+    # and its learning rate x lr_scale, picked on the val split by `make tune-toy` from the grid 0.3 to 3000;
+    # its 2 prompts per layer are an eighth of its 17 tokens, as ViT-B/16's 20 are of 197
+    "toy": dict(epochs=20, batch_size=32, prompt_tokens=2, lr_scale=100.0),
 }
 
 

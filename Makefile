@@ -347,7 +347,7 @@ report: $(RUN)/results.json ## rewrite $(RUN)/report.html from whatever results 
 	$(PY) report.py --run $(RUN)
 
 # ---- the toy comparison's learning rates, picked on the val split from one shared grid (docs/systems.md) ----
-tune-toy: $(RUN)/text_features.pt ## every method at its original lr x 1, 3, 10, 30 on the toy's val split
+tune-toy: $(RUN)/text_features.pt ## every method at its original lr x 0.3 to 3000 on the toy's val split
 	$(PY) tune_toy.py --run $(RUN) --features $(RUN)/text_features.pt $(RUN_PARAMS) $(TUNE_ARGS)
 
 # seed s of RUN=x (DATA_ROOT=y) goes to x-seed<s> (y-seed<s>), as runs/toy and runs/toy-seed1 by default: every seed

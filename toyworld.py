@@ -1,9 +1,10 @@
 """The toy world's pictures and words, shared by its two builders: 00_pretrain_toy_clip.py (the catalogue the tiny CLIP
 learns from, once, shipped in toy_clip/) and 00_make_toy.py (the long-tailed task, one world per seed).
 
-The catalogue is the tiny CLIP's web: patterned tiles in daylight, each filling most of its picture as a product photo
-does, with captions in plain words. The task is what a user brings: the same kind of tiles photographed by a field
-camera whose colours are off, named with some words the CLIP never read. numpy and PIL only: stage 00 imports no torch
+The catalogue is the tiny CLIP's web: patterned tiles, each filling most of its picture as a product photo does, half
+in daylight and half photographed in every light, colour balance and noise (WebCamera), with captions in plain words.
+The task is what a user brings: the same kind of tiles photographed by a field camera whose colours are off, smaller
+in the frame and with leaves lying on them, named with some words the CLIP never read. numpy and PIL only: stage 00 imports no torch
 to draw.
 """
 import numpy as np
@@ -113,6 +114,20 @@ class FieldCamera:
 
     def __call__(self, img, rng):
         return img * rng.uniform(*self.light) + self.cast + rng.normal(0, self.noise, img.shape)
+
+
+class WebCamera(FieldCamera):
+    """The web's photos of catalogue tiles, as a real CLIP's pretraining saw photos in every light: each picture its own
+    brightness (x U(0.5, 1.4)), colour balance (U(-15, 15) per channel) and sensor noise (sigma U(0, 30)), framed as
+    the catalogue's (the tile 55 to 100 % of the picture) and with nothing lying on it. The field's warm cast is one
+    balance among these; its leaves and wider framing the CLIP never saw."""
+
+    def __init__(self):
+        super().__init__(area=(0.55, 1.0), blobs=0)
+
+    def __call__(self, img, rng):
+        light, balance = rng.uniform(0.5, 1.4), rng.uniform(-15, 15, 3)
+        return img * light + balance + rng.normal(0, rng.uniform(0, 30), img.shape)
 
 
 # ---- words the CLIP learns from ----

@@ -76,7 +76,7 @@ RECIPES = {
                      lgr_tower="finetune", min_lr_cvlp=1e-5),
     # the toy world: the shared step budget (docs/systems.md) at batch 32, split evenly between the stages as the
     # code's 50 + 50 epochs; lr_scale picked by make tune-toy
-    "toy": dict(epochs_cvlp=10, epochs_lgr=10, batch_size=32, prompt_tokens=2, lr_scale=300.0, accum_steps=1),
+    "toy": dict(epochs_cvlp=10, epochs_lgr=10, batch_size=32, prompt_tokens=2, lr_scale=1000.0, accum_steps=1),
 }
 
 

@@ -15,7 +15,7 @@ from conftest import ROOT
 
 COMMITTED = ROOT / "toy_clip" / "toy-clip.pt"
 # the digest of the committed weights, as `make toy-clip` wrote them (toy_clip/toy-clip.sha256 holds the same)
-SHA256 = "78b6ce31cb8b4a04a1b73b7367732d210d0308926011eee58cb2d2b1d04bda61"
+SHA256 = "75d3422d30096daa383f1f6f94000320a8383189066b38179f4ef58dd244cd1b"
 
 
 def load(path, tmp_path):
@@ -26,11 +26,12 @@ def load(path, tmp_path):
     return model, name
 
 
-def zero_shot(model, name, per_class=3):
+def zero_shot(model, name, per_class=3, camera=None):
     import open_clip
     rng = np.random.default_rng(1)
     classes = [(c, p) for c in toyworld.COLOURS for p in toyworld.PATTERNS]
-    pictures = np.stack([np.asarray(toyworld.render(c, p, rng)) for c, p in classes for _ in range(per_class)])
+    pictures = np.stack([np.asarray(toyworld.render(c, p, rng, camera=camera)) for c, p in classes
+                         for _ in range(per_class)])
     x = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(toyworld.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(toyworld.CLIP_STD).view(1, 3, 1, 1)
     prompts = [f"a photo of a {c} {toyworld.PATTERNS[p][0]} tile." for c, p in classes]
@@ -55,6 +56,14 @@ def test_the_committed_clip_is_the_one_its_digest_names(tmp_path):
 def test_the_committed_clip_names_catalogue_pictures(tmp_path):
     model, name = load(COMMITTED, tmp_path)
     assert zero_shot(model, name) > 0.9  # 90 kinds: chance is 1.1 %
+
+
+def test_the_committed_clip_is_strong_on_the_web_and_weaker_in_the_field(tmp_path):
+    """Strong where its pretraining was (web photos: 99 % of 270 here), weaker on the task's field camera (59 %), whose
+    leaves and framing it never saw; the CLIP pretrained on daylight only got 83 % and 38 %."""
+    model, name = load(COMMITTED, tmp_path)
+    web, field = zero_shot(model, name, camera=toyworld.WebCamera()), zero_shot(model, name, camera=toyworld.FieldCamera())
+    assert web > 0.9 and 0.3 < field < web - 0.2, (web, field)
 
 
 @pytest.mark.slow
