@@ -73,7 +73,7 @@ def test_make_toy_clip_builds_a_loadable_clip(tmp_path):
                          text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     model, name = load(tmp_path / "c" / "toy-clip.pt", tmp_path)
-    assert zero_shot(model, name, per_class=1) > 5 / 90  # 150 steps: 22 % here, 20x chance, far from the committed one
+    assert zero_shot(model, name, per_class=1) > 5 / 90  # 150 steps: 14 % here, 13x chance, far from the committed one
     out = subprocess.run([sys.executable, str(ROOT / "00_pretrain_toy_clip.py"), "--compare",
                           str(tmp_path / "c" / "toy-clip.pt"), str(COMMITTED)], capture_output=True, text=True,
                          cwd=ROOT)
