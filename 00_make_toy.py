@@ -18,9 +18,8 @@ The world, part by part, with the job each part of HLC has in it (docs/toy-world
   daylight and half as web photos in every light, colour balance and noise (toyworld.WebCamera), and names them all on
   catalogue pictures. The task's pictures come from a field camera (toyworld.FieldCamera): a warm cast the same for
   every picture, light that varies, heavy sensor noise, and what the CLIP never saw: the tile smaller in the frame and
-  dull leaves lying on it. Prompts
-  inside the tower (VPT) learn to see through it once, from the head classes' many pictures, where a linear probe
-  learns each class from that class's own pictures.
+  dull leaves lying on it. Prompts inside the tower (VPT) learn to see through it once, from the head classes' many
+  pictures, where a linear probe learns each class from that class's own pictures.
 - As iNaturalist's Latin names are to CLIP, the task calls three patterns by words the CLIP never read ("tartan",
   "dapple", "lattice"): their class-name prompts carry only the colour. The Wikipedia-style corpus describes every
   class in words CLIP knows, in many phrasings, so training on it (the corpus step) tells the classifier what a tail

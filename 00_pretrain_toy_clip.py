@@ -34,8 +34,8 @@ import toyworld
 
 
 def render_bank(per_class, rng, web_share):
-    """(images (N, 3, 32, 32) uint8, class index per image, [(colour, pattern)]): of every kind's pictures, the first
-    (1 - web_share) in daylight, the rest web photos (toyworld.WebCamera), in turn"""
+    """(images (N, 3, 32, 32) uint8, class index per image, [(colour, pattern)]): of every kind's pictures, every
+    (1 / web_share)-th is a web photo (toyworld.WebCamera; 0.5: every second), the others in daylight"""
     classes = [(c, p) for c in toyworld.COLOURS for p in toyworld.PATTERNS]
     web, every = toyworld.WebCamera(), round(1 / web_share) if web_share else 0  # 0.5: every second picture
     images = [np.asarray(toyworld.render(c, p, rng, camera=web if every and i % every == every - 1 else None))

@@ -4,8 +4,8 @@ learns from, once, shipped in toy_clip/) and 00_make_toy.py (the long-tailed tas
 The catalogue is the tiny CLIP's web: patterned tiles, each filling most of its picture as a product photo does, half
 in daylight and half photographed in every light, colour balance and noise (WebCamera), with captions in plain words.
 The task is what a user brings: the same kind of tiles photographed by a field camera whose colours are off, smaller
-in the frame and with leaves lying on them, named with some words the CLIP never read. numpy and PIL only: stage 00 imports no torch
-to draw.
+in the frame and with leaves lying on them, named with some words the CLIP never read. numpy and PIL only: stage 00
+imports no torch to draw.
 """
 import numpy as np
 from PIL import Image, ImageFilter
