@@ -6,7 +6,9 @@ The stages lock their own output folder while they run, but between two stages a
 `make all` on the same RUN could slip in and the first would then fail. Here the first make takes RUN/.make.lock for
 its whole life: a small keeper process, started here, holds the lock until that make's process is gone (Ctrl-C and
 kill -9 included, the OS drops the lock with the keeper). A second make on the same RUN is refused at once, naming
-the first. It also refuses a RUN that holds another dataset's outputs, which would otherwise be overwritten.
+the first. It also refuses a RUN that holds another dataset's outputs, which would otherwise be overwritten. A RUN
+folder that this make created and left with nothing in it but the lock (a typo in DATASET, a missing dataset, Ctrl-C
+before stage 01 wrote anything) is removed again when the make ends; nothing else is ever removed.
 
 Standard library only: it runs with the system's python3, before make has built the virtual environment.
 """
@@ -39,7 +41,20 @@ def other_dataset(run, dataset):
     return held if held != dataset else None
 
 
+def tidy(run, created, lock):
+    """Remove the lock and the folders acquire() created for RUN, when nothing but the lock was ever put there."""
+    try:
+        if [p.name for p in run.iterdir()] != [lock.name]:
+            return
+        lock.unlink()
+        for folder in created:  # innermost first; a folder someone else filled meanwhile stays
+            folder.rmdir()
+    except OSError:
+        pass
+
+
 def acquire(run, make_pid, dataset):
+    created = [p for p in (run, *run.parents) if not p.exists()]  # innermost first
     run.mkdir(parents=True, exist_ok=True)
     held = other_dataset(run, dataset)
     if held:
@@ -47,10 +62,20 @@ def acquire(run, make_pid, dataset):
                 f"another RUN=..., or remove {run} first (make clean RUN={run} DATASET={held})")
     path = run / ".make.lock"
     for _ in range(50):  # a make that just ended leaves its keeper up to 0.2 s longer
-        f = open(path, "a+", encoding="utf-8")
+        run.mkdir(parents=True, exist_ok=True)  # that keeper may have just tidied the folder away
+        try:
+            f = open(path, "a+", encoding="utf-8")
+        except FileNotFoundError:
+            continue
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+            f.close()  # the lock file this one opened was tidied away meanwhile: take the new one
+            continue
+        except FileNotFoundError:
+            f.close()
+            continue
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip()
@@ -79,6 +104,8 @@ def acquire(run, make_pid, dataset):
         os.dup2(devnull, fd)
     while alive(make_pid):
         time.sleep(0.2)
+    if created:  # still holding the lock, so no other make is using this folder
+        tidy(run, created, path)
     os._exit(0)
 
 

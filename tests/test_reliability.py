@@ -420,3 +420,21 @@ def test_a_second_make_on_a_run_in_use_is_refused_and_the_first_finishes(tiny_wo
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     assert make("features", *make_args(tiny_world, run, epochs=1)).returncode == 0  # the lock went with the first
+
+
+def test_a_run_folder_made_for_nothing_is_removed_again_and_one_made_by_you_is_kept(tmp_path):
+    missing = tmp_path / "no-such-dataset"  # a typo'd DATASET or DATA_ROOT: stage 01 stops at once
+    args = ["DATASET=imagnet_lt", f"DATA_ROOT={missing}", "PRETRAINED=none", f"PY={sys.executable}"]
+    out = make("all", *args, f"RUN={tmp_path}/new/run")
+    assert out.returncode != 0 and "did you mean DATASET=imagenet_lt?" in out.stderr, out.stderr[-2000:]
+    for _ in range(50):  # the lock's keeper tidies up within 0.2 s of make's end
+        if not (tmp_path / "new").exists():
+            break
+        time.sleep(0.1)
+    assert not (tmp_path / "new").exists()  # the run folder and the parent make created for it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    out = make("all", *args, f"RUN={mine}")
+    assert out.returncode != 0
+    time.sleep(1)
+    assert mine.is_dir() and [p.name for p in mine.iterdir()] == [".make.lock"]  # a folder it found stays
