@@ -130,10 +130,10 @@ def map_names_to_labels(keys, classnames, aliases, source):
     return mapping, report
 
 
-def read_named_json(path, classnames, aliases):
+def read_named_json(path, classnames, aliases, what="{class name: [sentences]} file"):
     """A {class name: [sentences]} file (VCD descriptors, CuPL) as ([C][*], report), mapped by name, never by order."""
     path = Path(path)
-    data = common.read_json(path)
+    data = common.read_json(path, what)
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: expected {{class name: [sentences]}}, got {type(data).__name__}")
     for key, value in data.items():
@@ -295,7 +295,7 @@ def main(argv=None):
     num_classes = len(classnames)
     aliases = dict(common.dataset_info(args.dataset).get("name_aliases", {}))
     if args.aliases:
-        aliases.update(common.read_json(args.aliases, "alias map"))
+        aliases.update(common.read_json(args.aliases, "alias map file (--aliases)"))
     common.hold_run_lock(Path(args.out).parent, f"01_build_corpus.py -> {args.out}")
 
     # ---- corpus ----
@@ -305,7 +305,7 @@ def main(argv=None):
     if args.wiki:
         sources["wiki"] = wiki_sentences(args.wiki, num_classes)
     if args.cupl:
-        sources["cupl"], files["cupl"] = read_named_json(args.cupl, classnames, aliases)
+        sources["cupl"], files["cupl"] = read_named_json(args.cupl, classnames, aliases, "CuPL file (--cupl, CUPL=)")
     asked = ask_llm(args, classnames) if args.llm_model else None
     if asked and args.cupl_answers:
         sources["cupl_llm"] = asked["cupl"]
@@ -324,7 +324,8 @@ def main(argv=None):
         if args.descriptors:
             print(f"note: descriptors come from {args.llm_model}; {args.descriptors} is not used")
     elif args.descriptors:
-        raw, files["descriptors"] = read_named_json(args.descriptors, classnames, aliases)
+        raw, files["descriptors"] = read_named_json(args.descriptors, classnames, aliases,
+                                                    "descriptor file (--descriptors, DESCRIPTORS=)")
     else:
         raise SystemExit("no descriptor source: give --descriptors FILE.json (VCD-style {class name: [descriptors]}, "
                          "e.g. from 'Visual Classification via Description' or CuPL; Make: DESCRIPTORS=FILE.json), "

@@ -79,12 +79,16 @@ def read_text(path):
     return Path(path).read_text(encoding="utf-8-sig")
 
 
-def read_json(path, what="JSON"):
-    """JSON from a user's file; a syntax error names the file, line and column."""
+def read_json(path, what="JSON file"):
+    """JSON from a user's file; a missing file says what it was to be, a syntax error names its line and column."""
     try:
         return json.loads(read_text(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path} is a folder, not a {what}") from None
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{path}:{e.lineno}:{e.colno}: not valid {what} ({e.msg})") from None
+        raise SystemExit(f"{path}:{e.lineno}:{e.colno}: not valid JSON, in the {what} ({e.msg})") from None
 
 
 _WARNED = set()
@@ -270,7 +274,7 @@ def _read_txt_split(path, num_classes):
 
 
 def _read_coco_split(path, num_classes):
-    data = read_json(path, "COCO-style JSON")
+    data = read_json(path, "COCO-style JSON file")
     files = {im["id"]: im["file_name"] for im in data["images"]}  # pair by id, never by position
     samples = []
     for i, ann in enumerate(data["annotations"]):

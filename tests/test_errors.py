@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the file and line or value."""
 import json
+import re
 import shutil
 
 import pytest
@@ -94,6 +95,18 @@ def test_descriptor_names_are_matched_by_name_and_aliases(tmp_path):
     assert per_class == [["runways", "a control tower"], ["bread on shelves"], [], ["blue water"],
                          ["a rink with ice"]]
     assert report["classes_matched"] == 5 and report["keys"] == 5
+
+
+def test_a_descriptor_file_that_is_missing_a_folder_or_not_json_says_which_and_what(tiny_world, tmp_path):
+    args = ["--dataset", "tiny", "--data-root", str(tiny_world), "--out", str(tmp_path / "run" / "corpus.json")]
+    (tmp_path / "bad.json").write_text('{"cat": ["whiskers"],\n}')
+    cases = (("--descriptors", tmp_path / "typo.json", FileNotFoundError,
+              ": descriptor file (--descriptors, DESCRIPTORS=) not found"),
+             ("--cupl", tmp_path, IsADirectoryError, " is a folder, not a CuPL file (--cupl, CUPL=)"),
+             ("--descriptors", tmp_path / "bad.json", SystemExit, ":2:1: not valid JSON, in the descriptor file"))
+    for option, given, error, says in cases:
+        with pytest.raises(error, match=re.escape(f"{given}{says}")):
+            corpus_stage.main(args + [option, str(given)])
 
 
 def test_descriptor_keys_are_mapped_by_name_not_order(tiny_world, tmp_path):
