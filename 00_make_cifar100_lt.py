@@ -78,7 +78,12 @@ def main(argv=None):
             raise FileNotFoundError(f"{source}: CIFAR-100 not found (torchvision's cifar-100-python folder)")
         import torchvision
         print(f"downloading CIFAR-100 into {root} (torchvision) ...", flush=True)
-        torchvision.datasets.CIFAR100(str(root), train=True, download=True)
+        try:
+            torchvision.datasets.CIFAR100(str(root), train=True, download=True)
+        except OSError as e:  # offline, a proxy, a full disk: say where the files go instead
+            raise OSError(f"could not download CIFAR-100 into {root} ({e}). Copy torchvision's cifar-100-python/ "
+                          f"folder (train, test, meta; unpacked from cifar-100-python.tar.gz) to {source}, or name "
+                          "the folder holding it with CIFAR_ROOT=") from None
     train_images, train_labels, test_images, test_labels, names = read_cifar(source)
     num_classes = len(names)
 

@@ -74,6 +74,20 @@ def test_a_missing_cifar_folder_says_so_without_downloading(tmp_path):
         cifar.main(["--root", str(tmp_path), "--no-download"])
 
 
+def test_a_failed_download_says_where_the_files_go(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kw):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(OSError, match=rf"could not download CIFAR-100 into {tmp_path} .*Name or service not known.*"
+                                      rf"cifar-100-python/ folder .* to {tmp_path}/cifar-100-python, or .*CIFAR_ROOT="):
+        cifar.main(["--root", str(tmp_path)])
+
+
 def test_make_all_on_cifar100_lt_previews_the_chain(cifar_root):
     out = subprocess.run(["make", "-C", str(ROOT), "-n", "all", "DATASET=cifar100_lt", f"CIFAR_ROOT={cifar_root}",
                           "IR=100", f"PY={sys.executable}", f"DESCRIPTORS={cifar_root}/d.json"],
