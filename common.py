@@ -619,8 +619,17 @@ def load_clip(model, pretrained, device="cpu", image_size=None):
               f"(open_clip issues #1109, #771). Use {name}-quickgelu.", file=sys.stderr)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights ('none') are then the same model in every stage and process
-        model_, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device, force_image_size=image_size or None)
+        try:
+            model_, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=tag, device=device, force_image_size=image_size or None)
+        except RuntimeError as e:
+            if not str(e).startswith("Failed to download weights"):
+                raise
+            cause = str(e).split(": ", 1)[-1].split(". ")[0]  # open_clip's sentence, without the hub's advice
+            raise OSError(f"PRETRAINED={tag}: the weights of {name} could not be downloaded ({cause}). On a machine "
+                          "without internet, run the same command once where there is, which fills open_clip's "
+                          "download cache (HF_HOME, ~/.cache/huggingface), then copy that cache over; or give the "
+                          "weights file itself: PRETRAINED=/path/to/open_clip_pytorch_model.bin") from None
     model_.eval().requires_grad_(False)
     return model_, preprocess_train, preprocess_val, name
 

@@ -146,3 +146,16 @@ def test_class_names_for_places_categories_file(tmp_path):
         assert common.class_names("places_lt", tmp_path) == ["airfield", "bakery shop"]
     finally:
         common.DATASETS["places_lt"] = old
+
+
+def test_weights_the_hub_cannot_give_say_how_to_bring_them(monkeypatch):
+    import open_clip
+
+    def offline(*args, **kw):
+        raise RuntimeError("Failed to download weights for tag 'openai': Failed to download file (open_clip_pytorch_"
+                           "model.bin) for timm/vit_base_patch16_clip_224.openai. Last error: check your connection")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    with pytest.raises(OSError, match=r"PRETRAINED=openai: the weights of ViT-B-16-quickgelu could not be downloaded "
+                                      r"\(Failed to download file .*openai\)\. .*cache.*PRETRAINED=/path/to/"):
+        common.load_clip("ViT-B-16-quickgelu", "openai")
