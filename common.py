@@ -668,9 +668,21 @@ def image_autocast(device, precision="auto"):
 
 
 def pick_device(name="auto"):
+    """'auto' (CUDA when there is one, else the CPU) or a device torch knows that this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} (DEVICE={name}): not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} (DEVICE={name}): this machine has no CUDA device torch can use (no "
+                             f"NVIDIA driver, or a torch built without CUDA); use DEVICE=cpu or DEVICE=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name} (DEVICE={name}): this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), numbered from 0")
+    return device
 
 
 def apply_recipe(args, recipes):

@@ -4,6 +4,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 import common
 from conftest import load_stage
@@ -159,3 +160,16 @@ def test_weights_the_hub_cannot_give_say_how_to_bring_them(monkeypatch):
     with pytest.raises(OSError, match=r"PRETRAINED=openai: the weights of ViT-B-16-quickgelu could not be downloaded "
                                       r"\(Failed to download file .*openai\)\. .*cache.*PRETRAINED=/path/to/"):
         common.load_clip("ViT-B-16-quickgelu", "openai")
+
+
+def test_a_device_this_machine_lacks_is_named_before_anything_loads(monkeypatch):
+    with pytest.raises(ValueError, match=r"--device gpu \(DEVICE=gpu\): not a device name"):
+        common.pick_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--device cuda \(DEVICE=cuda\): this machine has no CUDA device"):
+        common.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"--device cuda:2 \(DEVICE=cuda:2\): this machine has 2 CUDA device"):
+        common.pick_device("cuda:2")
+    assert common.pick_device("cuda:1") == torch.device("cuda", 1) and common.pick_device("cpu").type == "cpu"
