@@ -98,6 +98,12 @@ ifneq ($(filter --split --split=% --shot-rule --shot-rule=%,$(EVAL_ARGS) $(SYSTE
 $(error EVAL_ARGS or SYSTEM_ARGS sets --split or --shot-rule: use SPLIT=... and SHOT_RULE=..., which reach stage 04, \
   the ablation rows and the compared systems alike)
 endif
+ifneq ($(filter-out train val test,$(SPLIT)),)
+$(error SPLIT=$(SPLIT): the evaluation split is train, val or test (empty: test, or val for iNaturalist; docs/make.md))
+endif
+ifneq ($(filter-out lift vl-ltr,$(SHOT_RULE)),)
+$(error SHOT_RULE=$(SHOT_RULE): the shot rule is lift (LIFT's, the default) or vl-ltr)
+endif
 ifneq ($(and $(RESUME),$(FRESH)),)
 $(error RESUME=1 continues an interrupted training, FRESH=1 starts it over: give one of them)
 endif
