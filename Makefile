@@ -104,6 +104,9 @@ endif
 ifneq ($(filter-out lift vl-ltr,$(SHOT_RULE)),)
 $(error SHOT_RULE=$(SHOT_RULE): the shot rule is lift (LIFT's, the default) or vl-ltr)
 endif
+ifneq ($(filter-out pil tensor device,$(DECODE)),)
+$(error DECODE=$(DECODE): images are decoded by pil (the default), tensor or device (docs/speed.md))
+endif
 ifneq ($(and $(RESUME),$(FRESH)),)
 $(error RESUME=1 continues an interrupted training, FRESH=1 starts it over: give one of them)
 endif

@@ -246,7 +246,8 @@ def test_rows_of_another_run_are_named_not_drawn(tmp_path):
     out = make("-n", "compare", f"RUN={tmp_path}/r2", "EVAL_ARGS=--split val")
     assert out.returncode != 0 and "use SPLIT=... and SHOT_RULE=..." in out.stderr
     for typo, says in (("SPLIT=tset", "SPLIT=tset: the evaluation split is train, val or test"),
-                       ("SHOT_RULE=vlltr", "SHOT_RULE=vlltr: the shot rule is lift")):  # refused before any training,
+                       ("SHOT_RULE=vlltr", "SHOT_RULE=vlltr: the shot rule is lift"),
+                       ("DECODE=tensr", "DECODE=tensr: images are decoded by pil")):  # refused before any training,
         out = make("all", f"RUN={tmp_path}/r3", typo)  # not by stage 04 after it
         assert out.returncode != 0 and says in out.stderr and not (tmp_path / "r3").exists(), out.stderr
 
