@@ -98,6 +98,12 @@ ifneq ($(filter --split --split=% --shot-rule --shot-rule=%,$(EVAL_ARGS) $(SYSTE
 $(error EVAL_ARGS or SYSTEM_ARGS sets --split or --shot-rule: use SPLIT=... and SHOT_RULE=..., which reach stage 04, \
   the ablation rows and the compared systems alike)
 endif
+# a run writes into RUN and `make clean` removes all of it: it never holds the dataset
+ifneq ($(filter $(or $(realpath $(RUN)),$(abspath $(RUN))) $(or $(realpath $(RUN)),$(abspath $(RUN)))/%,\
+        $(or $(realpath $(DATA_ROOT)),$(abspath $(DATA_ROOT)))),)
+$(error RUN=$(RUN) is DATA_ROOT=$(DATA_ROOT) or holds it: the run's files would sit among the dataset's, and make \
+  clean would remove the dataset with them. Give the run a folder of its own, e.g. RUN=runs/$(DATASET))
+endif
 ifneq ($(filter-out train val test,$(SPLIT)),)
 $(error SPLIT=$(SPLIT): the evaluation split is train, val or test (empty: test, or val for iNaturalist; docs/make.md))
 endif
@@ -394,6 +400,10 @@ test-all: $(SETUP) ## every test, the toy world end to end and the slow checks t
 clean: ## remove this run directory
 	@if [ -d $(RUN) ] && [ ! -d $(RUN)/params ] && [ -n "$$(ls -A $(RUN) | grep -v '^\.make\.lock$$')" ]; then \
 	    echo "RUN=$(RUN) holds files but no params/ (no stage of the kit finished there): not removed" >&2; exit 1; fi
+	@found=$$(find $(RUN) -maxdepth 3 \( -name train.txt -o -name classnames.txt -o -name '*_LT_train.txt' -o -name \
+	    iNaturalist18_train.txt -o -name train2018.json -o -name cifar-100-python \) -print -quit 2>/dev/null); \
+	if [ -n "$$found" ]; then echo "RUN=$(RUN) holds a dataset ($$found), which no run writes: not removed" >&2; \
+	    exit 1; fi
 	rm -rf $(RUN)
 
 clean-toy: ## remove every toy world the kit made (data/toy*) and their runs

@@ -67,6 +67,20 @@ def test_a_forgotten_dataset_is_an_error_not_a_toy_world(tmp_path):
     assert out.returncode != 0 and "not removed" in out.stderr and snapshot(mine) == before
 
 
+def test_a_run_never_holds_the_dataset_and_clean_never_removes_one(tmp_path):
+    mine = users_folder(tmp_path)
+    for run in (mine, tmp_path):  # the dataset's own folder, or one above it
+        out = make("-n", "all", "DATASET=mine", f"DATA_ROOT={mine}", f"RUN={run}")
+        assert out.returncode != 0 and f"RUN={run} is DATA_ROOT={mine} or holds it" in out.stderr, out.stderr
+    (mine / "params").mkdir()  # as if a run had been put there before: clean still keeps the dataset
+    (mine / "corpus.json").write_text("{}")
+    before = snapshot(mine)
+    out = make("clean", f"RUN={mine}")  # DATA_ROOT not given: found by what the folder holds
+    assert out.returncode != 0 and f"holds a dataset ({mine}/train.txt)" in out.stderr and snapshot(mine) == before
+    (tmp_path / "run" / "params").mkdir(parents=True)
+    assert make("clean", f"RUN={tmp_path}/run").returncode == 0 and not (tmp_path / "run").exists()
+
+
 def tiny_toy_clip(folder):
     """A compact toy CLIP with random weights and its digest, as 00_pretrain_toy_clip.py writes them."""
     import hashlib
