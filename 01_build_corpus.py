@@ -221,12 +221,7 @@ def ask_llm(args, classnames):
         raise SystemExit(f"dry run: {len(jobs)} first requests for {len(classnames)} classes, {len(jobs) - missing} "
                          f"cached, {missing} to ask {args.llm_model} at {args.llm_base_url} (plus re-asks for answers "
                          f"with fewer than {args.num_descriptors} items)")
-    key = read_key(args)
-    if not key and missing and "api.openai.com" in args.llm_base_url:  # a local server may need none
-        raise SystemExit(f"no API key for {args.llm_base_url}: {args.llm_key_env} is empty. Put the key there, or in a "
-                         "file given by --llm-key-file PATH (Make: CORPUS_ARGS=\"--llm-key-file PATH\"); for a local "
-                         "server set OPENAI_BASE_URL")
-    client = llm.ChatClient(args.llm_base_url, args.llm_model, key, args.llm_temperature,
+    client = llm.ChatClient(args.llm_base_url, args.llm_model, read_key(args), args.llm_temperature,
                            args.llm_timeout, backoff=args.llm_backoff)
     print(f"asking {args.llm_model} at {args.llm_base_url}: {missing} of {len(jobs)} requests not cached "
           f"({cache.path})")

@@ -129,16 +129,6 @@ def test_a_key_on_the_command_line_is_refused(world20, tmp_path, capsys):
     assert "sk-on-the-command-line" not in out.stdout + out.stderr and not (tmp_path / "run").exists()
 
 
-def test_no_key_for_openai_stops_before_any_request_and_a_local_server_needs_none(world20, tmp_path, monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(SystemExit, match=r"no API key for https://api.openai.com/v1: OPENAI_API_KEY is empty"):
-        run_stage(world20, tmp_path / "corpus.json", "https://api.openai.com/v1")
-    assert not (tmp_path / "llm_cache.jsonl").exists() or not (tmp_path / "llm_cache.jsonl").read_text().strip()
-    with FakeLLM() as server:
-        corpus = run_stage(world20, tmp_path / "corpus.json", server.url)  # a local server: no key needed
-    assert server.requests > 0 and all(corpus["descriptors"][:3])
-
-
 def test_key_file(world20, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     (tmp_path / "key").write_text(KEY + "\n")
