@@ -19,6 +19,7 @@ SEED      ?= 0
 # a path is one folder however it is spelt: a trailing slash and a leading ./ are dropped before anything uses it
 tidy = $(patsubst ./%,%,$(patsubst %/,%,$(1)))
 given = $(filter command% environment%,$(origin $(1)))
+canon = $(or $(realpath $(1)),$(abspath $(1)))
 RUN_GIVEN := $(call given,RUN)
 DATA_ROOT_GIVEN := $(call given,DATA_ROOT)
 ifneq ($(origin DATA_ROOT),undefined)
@@ -99,8 +100,7 @@ $(error EVAL_ARGS or SYSTEM_ARGS sets --split or --shot-rule: use SPLIT=... and 
   the ablation rows and the compared systems alike)
 endif
 # a run writes into RUN and `make clean` removes all of it: it never holds the dataset
-ifneq ($(filter $(or $(realpath $(RUN)),$(abspath $(RUN))) $(or $(realpath $(RUN)),$(abspath $(RUN)))/%,\
-        $(or $(realpath $(DATA_ROOT)),$(abspath $(DATA_ROOT)))),)
+ifneq ($(filter $(call canon,$(RUN)) $(call canon,$(RUN))/%,$(call canon,$(DATA_ROOT))),)
 $(error RUN=$(RUN) is DATA_ROOT=$(DATA_ROOT) or holds it: the run's files would sit among the dataset's, and make \
   clean would remove the dataset with them. Give the run a folder of its own, e.g. RUN=runs/$(DATASET))
 endif
@@ -166,8 +166,12 @@ endif
 SPLITS_imagenet_lt := train:ImageNet_LT_train.txt val:ImageNet_LT_val.txt test:ImageNet_LT_test.txt
 SPLITS_places_lt   := train:Places_LT_train.txt val:Places_LT_val.txt test:Places_LT_test.txt
 SPLITS_inat2018    := train:iNaturalist18_train.txt train:train2018.json test:iNaturalist18_val.txt test:val2018.json
-split_names = $(addprefix $(DATA_ROOT)/,$(patsubst $(1):%,%,$(filter $(1):%,$(or $(SPLITS_$(DATASET)),\
-              train:train.txt val:val.txt test:test.txt))))
+SPLITS_generic     := train:train.txt val:val.txt test:test.txt
+split_names = $(addprefix $(DATA_ROOT)/,$(patsubst $(1):%,%,$(filter $(1):%,\
+              $(or $(SPLITS_$(DATASET)),$(SPLITS_generic)))))
+# what a dataset's folder holds and a run never does (make clean keeps a folder holding one)
+DATASET_FILES := classnames.txt cifar-100-python $(sort $(foreach s,$(SPLITS_imagenet_lt) $(SPLITS_places_lt) \
+                 $(SPLITS_inat2018) $(SPLITS_generic),$(lastword $(subst :, ,$(s)))))
 split_files = $(firstword $(wildcard $(call split_names,$(1))))
 DATA_GOALS  := $(filter-out $(NO_RUN_GOALS) clean,$(or $(MAKECMDGOALS),all))
 TRAIN_SPLIT := $(call split_files,train)
@@ -400,8 +404,7 @@ test-all: $(SETUP) ## every test, the toy world end to end and the slow checks t
 clean: ## remove this run directory
 	@if [ -d $(RUN) ] && [ ! -d $(RUN)/params ] && [ -n "$$(ls -A $(RUN) | grep -v '^\.make\.lock$$')" ]; then \
 	    echo "RUN=$(RUN) holds files but no params/ (no stage of the kit finished there): not removed" >&2; exit 1; fi
-	@found=$$(find $(RUN) -maxdepth 3 \( -name train.txt -o -name classnames.txt -o -name '*_LT_train.txt' -o -name \
-	    iNaturalist18_train.txt -o -name train2018.json -o -name cifar-100-python \) -print -quit 2>/dev/null); \
+	@found=$$(find $(RUN) -maxdepth 3 \( -false $(foreach f,$(DATASET_FILES),-o -name $(f)) \) -print -quit 2>/dev/null); \
 	if [ -n "$$found" ]; then echo "RUN=$(RUN) holds a dataset ($$found), which no run writes: not removed" >&2; \
 	    exit 1; fi
 	rm -rf $(RUN)
