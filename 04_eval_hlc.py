@@ -203,7 +203,16 @@ def main(argv=None):
     p.add_argument("--precision", choices=sorted(common.PRECISIONS), default="auto",
                    help="image tower arithmetic: " + "; ".join(f"{k}: {v}" for k, v in common.PRECISIONS.items()))
     p.add_argument("--seed", type=int, default=0, help="seed for picking the explained images")
+    p.add_argument("--check-args", action="store_true",
+                   help="check the arguments and stop: make runs this before the training, so that a typo in "
+                        "EVAL_ARGS is found then and not after it")
     args = p.parse_args(argv)
+    for flag, value, least in (("--k", args.k, 1), ("--explain", args.explain, 0), ("--batch-size", args.batch_size, 1),
+                               ("--workers", args.workers, 0)):
+        if value < least:
+            p.error(f"{flag} must be {least} or more, not {value}")
+    if args.check_args:
+        return
 
     # ---- setup ----
     t0 = time.time()

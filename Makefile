@@ -284,6 +284,8 @@ $(RUN)/text_features.pt: 02_cache_descriptors.py common.py $(RUN)/corpus.json $(
 	$(call record,features,$(FEATURE_KEY))
 
 $(RUN)/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(TRAIN_DATA)
+	@$(PY) 04_eval_hlc.py --check-args --features $(RUN)/text_features.pt --coarse $@ $(EVAL_PARAMS) \
+	    --out $(RUN)/results.json  # stage 04's settings checked before the training, not after it
 	$(LAUNCH) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) $(RUN_FLAGS) --out $@
 	$(call record,train,$(TRAIN_KEY),$(TRAIN_IMAGES))
 
