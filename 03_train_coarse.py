@@ -185,6 +185,12 @@ def main(argv=None):
                         "--resume, a last.pt stops the run")
     args = p.parse_args(argv)
     common.apply_recipe(args, RECIPES)
+    common.refuse_out_of_range(
+        args, least=[("--epochs", 1), ("--batch-size", 1), ("--accum-steps", 1), ("--warmup-epochs", 0),
+                        ("--weight-decay", 0), ("--corpus-ratio", 0), ("--mixup-alpha", 0), ("--desc-temp", 0),
+                        ("--desc-loss-weight", 0), ("--prompt-tokens", 0), ("--prompt-depth", 0),
+                        ("--image-size", 0), ("--workers", 0), ("--log-every", 1)],
+        above=[("--lr", 0), ("--lr-scale", 0), ("--backbone-lr", 0), ("--scale", 0)])
 
     # ---- setup ----
     rank, world, device = common.init_distributed(args.device)

@@ -207,10 +207,7 @@ def main(argv=None):
                    help="check the arguments and stop: make runs this before the training, so that a typo in "
                         "EVAL_ARGS is found then and not after it")
     args = p.parse_args(argv)
-    for flag, value, least in (("--k", args.k, 1), ("--explain", args.explain, 0), ("--batch-size", args.batch_size, 1),
-                               ("--workers", args.workers, 0)):
-        if value < least:
-            p.error(f"{flag} must be {least} or more, not {value}")
+    common.refuse_out_of_range(args, least=[("--k", 1), ("--explain", 0), ("--batch-size", 1), ("--workers", 0)])
     if args.check_args:
         return
 

@@ -709,6 +709,17 @@ def recipe_help(recipes, key, what=""):
     return f"{what} (recipe: {shown}{'; ' + ', '.join(others) if others else ''})".strip()
 
 
+def refuse_out_of_range(args, least=(), above=()):
+    """Stop, naming the flag and its value, when a number is out of range: `least` holds (flag, smallest allowed
+    value) pairs, `above` (flag, value it must exceed); a flag this script lacks, or left unset, is skipped. Call it
+    after apply_recipe, so that a recipe's values pass the same check. NaN is out of every range."""
+    for pairs, fits, words in ((least, lambda v, b: v >= b, "{} or more"), (above, lambda v, b: v > b, "more than {}")):
+        for flag, bound in pairs:
+            value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+            if value is not None and not fits(value, bound):
+                raise SystemExit(f"error: {flag} must be {words.format(bound)}, not {value}")
+
+
 def progress(iterable, desc, total=None):
     """tqdm's bar in a terminal; in a log file (not a terminal), a line at most every 30 s or 10 %, with rate and ETA,
     instead of carriage-return updates."""

@@ -55,6 +55,8 @@ def add_run_args(parser, decode_modes=None, selection="last"):
 def setup(args, name, recipes):
     """The recipe for this dataset (flags win one value at a time), device, output folder (locked) and seed."""
     recipe = common.apply_recipe(args, recipes)
+    common.refuse_out_of_range(args, least=[("--epochs", 1), ("--iterations", 1), ("--batch-size", 1), ("--workers", 0)],
+                               above=[(f"--{lr}", 0) for lr in ("lr", "lr-a", "lr-b", "lr-full", "lr-lgr", "lr-scale")])
     device = common.pick_device(args.device)
     out = Path(args.out)
     common.hold_run_lock(out, f"systems.{name} -> {out}")

@@ -173,3 +173,21 @@ def test_a_device_this_machine_lacks_is_named_before_anything_loads(monkeypatch)
     with pytest.raises(ValueError, match=r"--device cuda:2 \(DEVICE=cuda:2\): this machine has 2 CUDA device"):
         common.pick_device("cuda:2")
     assert common.pick_device("cuda:1") == torch.device("cuda", 1) and common.pick_device("cpu").type == "cpu"
+
+
+def test_a_number_out_of_range_is_refused_by_name_before_anything_loads(tmp_path):
+    import argparse
+    from systems import lift
+    args = argparse.Namespace(epochs=0, lr=float("nan"), k=None)
+    with pytest.raises(SystemExit, match=r"--epochs must be 1 or more, not 0"):
+        common.refuse_out_of_range(args, least=[("--epochs", 1), ("--k", 1), ("--no-such-flag", 1)])
+    with pytest.raises(SystemExit, match=r"--lr must be more than 0, not nan"):
+        common.refuse_out_of_range(args, above=[("--lr", 0)])
+    common.refuse_out_of_range(args, least=[("--k", 1), ("--no-such-flag", 1)])  # unset or absent: nothing to check
+    out = tmp_path / "lift"
+    for flags, said in ((["--lr-scale", "0"], "--lr-scale must be more than 0, not 0.0"),
+                        (["--batch-size", "0"], "--batch-size must be 1 or more, not 0")):
+        with pytest.raises(SystemExit, match=said):  # a compared system, through frame.setup
+            lift.main(["--dataset", "toy", "--data-root", str(tmp_path / "nowhere"), "--features", "none.pt",
+                       "--out", str(out), *flags])
+        assert not out.exists()  # refused before the run folder is made or locked
