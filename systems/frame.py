@@ -55,8 +55,16 @@ def add_run_args(parser, decode_modes=None, selection="last"):
 def setup(args, name, recipes):
     """The recipe for this dataset (flags win one value at a time), device, output folder (locked) and seed."""
     recipe = common.apply_recipe(args, recipes)
-    common.refuse_out_of_range(args, least=[("--epochs", 1), ("--iterations", 1), ("--batch-size", 1), ("--workers", 0)],
-                               above=[(f"--{lr}", 0) for lr in ("lr", "lr-a", "lr-b", "lr-full", "lr-lgr", "lr-scale")])
+    # A flag a system lacks is skipped. One phase's epochs may be 0 (the phase left out, as an ablation); --epochs,
+    # which sets them all, may not.
+    common.refuse_out_of_range(
+        args, least=[("--epochs", 1), ("--iterations", 1), ("--batch-size", 1), ("--accum-steps", 1), ("--workers", 0),
+                     *((f"--{flag}", 0) for flag in ("epochs-a", "epochs-b", "epochs-cvlp", "epochs-lgr", "drw-epochs",
+                                                     "epoch-steps", "warmup", "warmup-epochs", "weight-decay",
+                                                     "momentum", "mixup", "cutmix", "smoothing", "text-lr",
+                                                     "min-lr-cvlp", "tte-expand", "adapter-dim"))],
+        above=[(f"--{flag}", 0) for flag in ("lr", "lr-a", "lr-b", "lr-full", "lr-lgr", "lr-scale", "crop-scale",
+                                             "crop-min", "scale")])
     device = common.pick_device(args.device)
     out = Path(args.out)
     common.hold_run_lock(out, f"systems.{name} -> {out}")

@@ -184,10 +184,19 @@ def test_a_number_out_of_range_is_refused_by_name_before_anything_loads(tmp_path
     with pytest.raises(SystemExit, match=r"--lr must be more than 0, not nan"):
         common.refuse_out_of_range(args, above=[("--lr", 0)])
     common.refuse_out_of_range(args, least=[("--k", 1), ("--no-such-flag", 1)])  # unset or absent: nothing to check
-    out = tmp_path / "lift"
-    for flags, said in ((["--lr-scale", "0"], "--lr-scale must be more than 0, not 0.0"),
-                        (["--batch-size", "0"], "--batch-size must be 1 or more, not 0")):
-        with pytest.raises(SystemExit, match=said):  # a compared system, through frame.setup
-            lift.main(["--dataset", "toy", "--data-root", str(tmp_path / "nowhere"), "--features", "none.pt",
-                       "--out", str(out), *flags])
+    from systems import ballad, vl_ltr
+    train = load_stage("03_train_coarse.py")
+    out = tmp_path / "out"
+    for main, flags, said in (
+            (train.main, ["--epochs", "0"], "--epochs must be 1 or more, not 0"),  # was a coarse.pt trained 0 steps
+            (train.main, ["--prompt-tokens", "-1"], "--prompt-tokens must be 0 or more, not -1"),  # a RuntimeError
+            (train.main, ["--lr", "nan"], "--lr must be more than 0, not nan"),
+            (lift.main, ["--lr-scale", "0"], "--lr-scale must be more than 0, not 0.0"),  # the systems: frame.setup
+            (lift.main, ["--batch-size", "0"], "--batch-size must be 1 or more, not 0"),
+            (lift.main, ["--crop-min", "0"], "--crop-min must be more than 0, not 0.0"),
+            (ballad.main, ["--epochs-a", "-1"], "--epochs-a must be 0 or more, not -1"),
+            (vl_ltr.main, ["--accum-steps", "0"], "--accum-steps must be 1 or more, not 0")):  # a ZeroDivisionError
+        with pytest.raises(SystemExit, match=said):
+            main(["--dataset", "toy", "--data-root", str(tmp_path / "nowhere"), "--features", "none.pt",
+                  "--out", str(out / "coarse.pt" if main is train.main else out), *flags])
         assert not out.exists()  # refused before the run folder is made or locked

@@ -198,13 +198,10 @@ def test_a_typo_in_eval_or_train_args_stops_make_before_the_training(tiny_world,
         out = make("all", *args, f"EVAL_ARGS={typo}")
         assert out.returncode != 0 and said in out.stderr, (typo, out.stderr[-2000:])
         assert "03_train_coarse.py" not in out.stdout and not (run / "last.pt").exists() and not (run / "coarse.pt").exists()
-    for value, said in (("--batch-size 0", "--batch-size must be 1 or more, not 0"),  # was a ZeroDivisionError
-                        ("--prompt-tokens -1", "--prompt-tokens must be 0 or more, not -1"),
-                        ("--epochs 0", "--epochs must be 1 or more, not 0"),  # was a coarse.pt trained 0 steps
-                        ("--lr nan", "--lr must be more than 0, not nan")):
-        out = make("all", *[a for a in args if a != train], f"{train} {value}")
-        assert out.returncode != 0 and said in out.stderr, (value, out.stderr[-2000:])
-        assert not (run / "last.pt").exists() and not (run / "coarse.pt").exists()
+    # one TRAIN_ARGS value through make (it was a ZeroDivisionError); test_errors checks the others without make
+    out = make("all", *[a for a in args if a != train], f"{train} --batch-size 0")
+    assert out.returncode != 0 and "--batch-size must be 1 or more, not 0" in out.stderr, out.stderr[-2000:]
+    assert not (run / "last.pt").exists() and not (run / "coarse.pt").exists()
 
 
 # ---- 3 and 4. settings are settings, spellings are not; an image replaced in place is noticed ----
