@@ -37,6 +37,7 @@ overall (BALLAD Table 1); iNaturalist 2018 ResNet-50 only (74.2). Toy world: doc
 """
 import argparse
 import math
+import sys
 
 import numpy as np
 import torch
@@ -112,6 +113,10 @@ def main(argv=None):
     device, out = frame.setup(args, "ballad", RECIPES)
     epochs_a, epochs_b = (args.epochs, args.epochs) if args.epochs else (args.epochs_a, args.epochs_b)
     lr_a, lr_b = args.lr_a * args.lr_scale, args.lr_b * args.lr_scale
+    for phase, epochs in (("A", epochs_a), ("B", epochs_b)):
+        if epochs == 1:  # EPOCHS=1 for a quick look: the result would silently equal the untrained phase
+            print(f"ballad: phase {phase} has 1 epoch; the code's schedule runs a phase's last epoch at lr 0, so it "
+                  f"trains nothing (give 2 or more)", file=sys.stderr)
 
     # ---- data ----
     classnames, text, samples, counts, val, split, test = frame.load_data(args)

@@ -412,6 +412,13 @@ def test_ballad_phase_b_epochs_are_the_codes_steps(made_run, tiny_world, tmp_pat
     assert f"logit scale {text['logit_scale']:.1f};" in capsys.readouterr().out  # the model's own, not 100
 
 
+def test_ballad_says_a_one_epoch_phase_trains_nothing(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError):  # the warning comes before the data is read
+        ballad.main(["--dataset", "toy", "--data-root", str(tmp_path / "nowhere"), "--features", "none.pt",
+                     "--epochs-b", "1", "--out", str(tmp_path / "out")])
+    said = capsys.readouterr().err
+    assert "phase B has 1 epoch" in said and "phase A" not in said  # the toy recipe's phase A has 50
+
 def test_imbalance_vlm_optimizer_as_its_code(tiny_world):
     head = ivlm.SecondStage("disalign", torch.nn.Linear(4, 3))
     groups = ivlm.param_groups(head, 5e-4)
