@@ -419,6 +419,7 @@ def test_ballad_says_a_one_epoch_phase_trains_nothing(tmp_path, capsys):
     said = capsys.readouterr().err
     assert "phase B has 1 epoch" in said and "phase A" not in said  # the toy recipe's phase A has 50
 
+
 def test_imbalance_vlm_optimizer_as_its_code(tiny_world):
     head = ivlm.SecondStage("disalign", torch.nn.Linear(4, 3))
     groups = ivlm.param_groups(head, 5e-4)
