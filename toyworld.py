@@ -116,14 +116,16 @@ class FieldCamera:
         return img * rng.uniform(*self.light) + self.cast + rng.normal(0, self.noise, img.shape)
 
 
-class WebCamera(FieldCamera):
+class WebCamera:
     """The web's photos of catalogue tiles, as a real CLIP's pretraining saw photos in every light: each picture its own
     brightness (x U(0.5, 1.4)), colour balance (U(-15, 15) per channel) and sensor noise (sigma U(0, 30)), framed as
     the catalogue's (the tile 55 to 100 % of the picture) and with nothing lying on it. The field's warm cast is one
     balance among these; its leaves and wider framing the CLIP never saw."""
 
-    def __init__(self):
-        super().__init__(area=(0.55, 1.0), blobs=0)
+    area, blur = (0.55, 1.0), 0.0
+
+    def clutter(self, canvas, rng):
+        pass  # nothing lies on a web photo's tile
 
     def __call__(self, img, rng):
         light, balance = rng.uniform(0.5, 1.4), rng.uniform(-15, 15, 3)
