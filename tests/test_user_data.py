@@ -188,16 +188,23 @@ def test_make_stops_on_an_interrupted_training(tiny_world, tmp_path, monkeypatch
     assert out.returncode == 0 and "--fresh: epoch 1 of 2 in" in out.stdout and not (run / "last.pt").exists()
 
 
-def test_a_typo_in_eval_or_train_args_stops_make_before_the_training(tiny_world, tmp_path):
+def test_a_typo_in_eval_or_train_args_stops_make_before_the_training(tiny_world, tmp_path, capsys):
     run = tmp_path / "run"
     args = [a for a in make_args(tiny_world, run) if not a.startswith("EVAL_ARGS=")]
     train = next(a for a in args if a.startswith("TRAIN_ARGS="))
     assert make("features", *args).returncode == 0
-    for typo, said in (("--k 5x", "argument --k: invalid int value: '5x'"), ("--k 0", "--k must be 1 or more, not 0"),
+    out = make("all", *args, "EVAL_ARGS=--k 0")  # make asks stage 04 before stage 03 trains
+    assert out.returncode != 0 and "--k must be 1 or more, not 0" in out.stderr, out.stderr[-2000:]
+    assert "03_train_coarse.py" not in out.stdout and not (run / "last.pt").exists() and not (run / "coarse.pt").exists()
+    # the other typos without make, by the check make runs: `04_eval_hlc.py --check-args` with EVAL_ARGS
+    check = ["--check-args", "--dataset", "tiny", "--data-root", str(tiny_world), "--features", "none.pt",
+             "--coarse", "none.pt", "--out", str(run / "results.json")]
+    for typo, said in (("--k 5x", "argument --k: invalid int value: '5x'"),
                        ("--explian 6", "unrecognized arguments: --explian")):
-        out = make("all", *args, f"EVAL_ARGS={typo}")
-        assert out.returncode != 0 and said in out.stderr, (typo, out.stderr[-2000:])
-        assert "03_train_coarse.py" not in out.stdout and not (run / "last.pt").exists() and not (run / "coarse.pt").exists()
+        with pytest.raises(SystemExit):
+            load_stage("04_eval_hlc.py").main(check + typo.split())
+        assert said in capsys.readouterr().err, typo
+    load_stage("04_eval_hlc.py").main(check + ["--k", "5"])  # and a right one passes
     # one TRAIN_ARGS value through make (it was a ZeroDivisionError); test_errors checks the others without make
     out = make("all", *[a for a in args if a != train], f"{train} --batch-size 0")
     assert out.returncode != 0 and "--batch-size must be 1 or more, not 0" in out.stderr, out.stderr[-2000:]
