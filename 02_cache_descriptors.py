@@ -11,9 +11,9 @@ Writes  text_features.pt: corpus (N x d) + corpus_labels (N) + corpus_norm (N, e
     python 02_cache_descriptors.py --corpus runs/places_lt/corpus.json --out runs/places_lt/text_features.pt \
         --model ViT-B-16-quickgelu --pretrained openai
 
-Typical time: the toy world (3,600 corpus sentences, 360 descriptors, 2,880 prompts) 7 s on a 2-core CPU. ImageNet-LT
-is about 100k + 10k + 80k sentences through the ViT-B/16 text tower (not yet timed on a GPU; `make bench` gives
-the text encoder's sentences/s).
+Typical time: the toy world (3,600 corpus sentences, 360 descriptors, 2,880 prompts) 7 to 15 s on 2-core CPUs.
+ImageNet-LT is about 100k + 10k + 80k sentences through the ViT-B/16 text tower (not yet timed on a GPU; `make bench`
+gives the text encoder's sentences/s).
 """
 import argparse
 import time

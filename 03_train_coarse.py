@@ -14,7 +14,7 @@ concatenated, mixed with a shuffled copy (SFM, Eq. 2) and classified by the cosi
 descriptor weights learn from the image features through Algorithm 1's score. --batch-size is the global batch:
 under torchrun each of N processes takes B / N images of every step, and the loss is computed on the gathered
 batch, so N processes follow one process step for step. Typical time: the toy world (20 epochs of 1,609
-images) 35 s for the whole stage on a 2-core CPU, 28 s of it training at 960 to 1,350 images/s.
+images) 35 to 72 s for the whole stage on 2-core CPUs, training at 480 to 1,350 images/s.
 """
 import argparse
 import json

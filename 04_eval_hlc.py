@@ -15,7 +15,7 @@ One pass over the test images gives every variant: each batch goes through VPT-d
 the float32 arrays predictions.npz stores; no N x C score array is kept. With --feature-cache, plain CLIP's features
 come from an earlier run when it evaluated the same images with the same model; a run without prompts and with a
 frozen tower needs no VPT pass. Under torchrun each process takes a contiguous shard of the test set; rank 0 gathers
-the features and writes every file. Typical time: the toy world 3.4 s on a 2-core CPU (720 images). On Places-LT
+the features and writes every file. Typical time: the toy world 3.4 to 6.4 s on 2-core CPUs (720 images). On Places-LT
 the paper reports zero-shot 37.9 and HLC 51.5 (kit not yet run there).
 """
 import argparse
