@@ -12,7 +12,7 @@ Writes  ROOT/images/{train,test}/NNNNN.png (once for every imbalance ratio), ROO
 The training split is LDAM's (Cao et al. 2019), as LIFT and every CIFAR-100-LT paper build it: class c keeps
 int(n_max * (1 / IR)^(c / 99)) of its images, n_max = 500 (the training set's images per class), chosen by NumPy's
 global generator seeded with 0 shuffling each class's indices in class order (LIFT's datasets/cifar100.py). For
-IR = 100: 10,847 images, 500 down to 5 per class. The shot groups of IR 50 and 10 are those of IR 100 (common.py,
+IR = 100: 10,847 images, 500 down to 5 per class. The shot groups of IR 50 and 10 are those of IR 100 (basics.py,
 DATASETS), as LIFT's trainer defines them, so the groups name the same classes at every ratio. No val split (LIFT has
 none): methods that pick weights on val test their last weights here. About 15 s on a 2-core CPU for the images.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-import common
+import basics
 
 
 def long_tail_counts(n_max, ratio, num_classes=100):
@@ -90,28 +90,28 @@ def main(argv=None):
     # ---- images, once for every ratio ----
     from PIL import Image
     maker = "00_make_cifar100_lt.py"
-    done = common.claim_folder(root / "images", maker, legacy=(".complete",)) / ".complete"
+    done = basics.claim_folder(root / "images", maker, legacy=(".complete",)) / ".complete"
     if not done.exists():
         for split, images in (("train", train_images), ("test", test_images)):
             (root / "images" / split).mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
                 Image.fromarray(image).save(root / "images" / split / f"{i:05d}.png")
-        common.atomic_write_text(done, f"{len(train_images)} train, {len(test_images)} test\n")
+        basics.atomic_write_text(done, f"{len(train_images)} train, {len(test_images)} test\n")
 
     # ---- this ratio's splits, in the generic layout (paths relative to ROOT/irIR) ----
-    out = common.claim_folder(root / f"ir{args.ir}", maker, legacy=(".complete", "train.txt"))
+    out = basics.claim_folder(root / f"ir{args.ir}", maker, legacy=(".complete", "train.txt"))
     kept = long_tail_split(train_labels, args.ir, num_classes)
     # a file that would come out the same is left alone, so a rerun leaves the chain after it up to date
-    common.write_if_changed(out / "train.txt", "".join(f"../images/train/{i:05d}.png {train_labels[i]}\n" for i in kept))
-    common.write_if_changed(out / "test.txt", "".join(f"../images/test/{i:05d}.png {y}\n"
+    basics.write_if_changed(out / "train.txt", "".join(f"../images/train/{i:05d}.png {train_labels[i]}\n" for i in kept))
+    basics.write_if_changed(out / "test.txt", "".join(f"../images/test/{i:05d}.png {y}\n"
                                                       for i, y in enumerate(test_labels)))
-    common.write_if_changed(out / "classnames.txt", "".join(n.replace("_", " ") + "\n" for n in names))
+    basics.write_if_changed(out / "classnames.txt", "".join(n.replace("_", " ") + "\n" for n in names))
     counts = np.bincount(train_labels[kept], minlength=num_classes)
     info = dict(ir=args.ir, train=len(kept), test=len(test_labels), max=int(counts.max()), min=int(counts.min()))
-    common.write_if_changed(out / ".complete", json.dumps(info, indent=1) + "\n")
+    basics.write_if_changed(out / ".complete", json.dumps(info, indent=1) + "\n")
     print(f"CIFAR-100-LT IR {args.ir}: {len(kept)} training images ({info['max']} to {info['min']} per class), "
           f"{len(test_labels)} test in {time.time() - t0:.1f}s -> {out}")
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    basics.run_script(main)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-import common
+import basics
 import toyworld
 
 # The task's names: three patterns by words the tiny CLIP never read (as iNaturalist's Latin names are to CLIP)
@@ -132,7 +132,7 @@ def main(argv=None):
 
     # ---- setup: the folder must be one this stage made (or new), and the CLIP the committed one ----
     t0 = time.time()
-    out = common.claim_folder(args.out, "00_make_toy.py", legacy=(".complete", "clip/toy-clip.json"))
+    out = basics.claim_folder(args.out, "00_make_toy.py", legacy=(".complete", "clip/toy-clip.json"))
     compact = toyworld.read_clip(args.clip)
     rng = np.random.default_rng(args.seed)
     classes = [(c, p) for c in toyworld.TASK_COLOURS for p in toyworld.TASK_PATTERNS]
@@ -143,7 +143,7 @@ def main(argv=None):
 
     def write(rel, data):
         data = data.encode("utf-8") if isinstance(data, str) else data
-        common.write_if_changed(out / rel, data)
+        basics.write_if_changed(out / rel, data)
         written[rel] = hashlib.sha1(data).hexdigest()
 
     # ---- images and splits ----
@@ -180,18 +180,18 @@ def main(argv=None):
 
     # ---- save: files of an earlier world that this one does not have go, then .complete ----
     done = out / ".complete"
-    before = common.read_json(done).get("files", {}) if done.exists() else {}
+    before = basics.read_json(done).get("files", {}) if done.exists() else {}
     for rel in set(before) - set(written):
         (out / rel).unlink(missing_ok=True)
     info = dict(seed=args.seed, classes=num, train=sum(train_n.values()), train_min=min(counts),
                 train_max=max(counts), val=num * args.val_per_class, test=num * args.test_per_class,
-                shot_counts=common.shot_counts(np.array([train_n[k] for k in range(num)])),
+                shot_counts=basics.shot_counts(np.array([train_n[k] for k in range(num)])),
                 clip=toyworld.clip_digest(args.clip), files=dict(sorted(written.items())))
-    changed = common.write_if_changed(done, json.dumps(info, indent=1) + "\n")
+    changed = basics.write_if_changed(done, json.dumps(info, indent=1) + "\n")
     print(f"toy world: {num} classes, {info['train']} train images ({info['train_max']} to {info['train_min']} per "
           f"class, groups {info['shot_counts']}), {info['test']} test, in {time.time() - t0:.1f}s -> {out}"
           + ("" if changed else " (unchanged)"))
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    basics.run_script(main)

@@ -20,7 +20,7 @@ import random
 import re
 from pathlib import Path
 
-import common
+import basics
 import llm
 
 # Wikipedia sections that carry no description of the class (VL-LTR drops them too)
@@ -31,7 +31,7 @@ DROPPED_SECTIONS = {"external links", "references", "further reading", "bibliogr
 
 def template_sentences(name):
     """CLIP's 80 ImageNet prompt templates filled with the class name."""
-    return [t(name) for t in common.open_clip_metadata().OPENAI_IMAGENET_TEMPLATES]
+    return [t(name) for t in basics.open_clip_metadata().OPENAI_IMAGENET_TEMPLATES]
 
 
 def read_wiki_file(path):
@@ -133,7 +133,7 @@ def map_names_to_labels(keys, classnames, aliases, source):
 def read_named_json(path, classnames, aliases, what="{class name: [sentences]} file"):
     """A {class name: [sentences]} file (VCD descriptors, CuPL) as ([C][*], report), mapped by name, never by order."""
     path = Path(path)
-    data = common.read_json(path, what)
+    data = basics.read_json(path, what)
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: expected {{class name: [sentences]}}, got {type(data).__name__}")
     for key, value in data.items():
@@ -151,7 +151,7 @@ def read_named_json(path, classnames, aliases, what="{class name: [sentences]} f
     print(f"{path.name}: {report['keys']} names -> {report['classes_matched']} of {len(classnames)} classes"
           + (f"; {report['classes_without_entry']} classes have no entry" if report["classes_without_entry"] else "")
           + (f"; shared names: {shared}" if shared else ""))
-    return per_class, dict(report, file=str(path), digest=common.file_digest(path))
+    return per_class, dict(report, file=str(path), digest=basics.file_digest(path))
 
 
 # ---- descriptors as sentences that name their class ----
@@ -289,14 +289,14 @@ def main(argv=None):
 
     # ---- setup: the data must be there before any LLM request or text encoding ----
     if not args.skip_data_check:
-        common.check_dataset(args.data_root, args.dataset)
+        basics.check_dataset(args.data_root, args.dataset)
     rng = random.Random(args.seed)
-    classnames = common.class_names(args.dataset, args.data_root)
+    classnames = basics.class_names(args.dataset, args.data_root)
     num_classes = len(classnames)
-    aliases = dict(common.dataset_info(args.dataset).get("name_aliases", {}))
+    aliases = dict(basics.dataset_info(args.dataset).get("name_aliases", {}))
     if args.aliases:
-        aliases.update(common.read_json(args.aliases, "alias map file (--aliases)"))
-    common.hold_run_lock(Path(args.out).parent, f"01_build_corpus.py -> {args.out}")
+        aliases.update(basics.read_json(args.aliases, "alias map file (--aliases)"))
+    basics.hold_run_lock(Path(args.out).parent, f"01_build_corpus.py -> {args.out}")
 
     # ---- corpus ----
     sources, files = {}, {}
@@ -357,12 +357,12 @@ def main(argv=None):
     if asked:
         llm_meta = dict(model=args.llm_model, base_url=args.llm_base_url, requests=asked["requests"],
                         stats=asked["stats"], short=asked["short"], failures=asked["failures"])
-    meta = common.make_meta("01_build_corpus", args, dataset=args.dataset, num_classes=num_classes,
-                            classnames_digest=common.names_digest(classnames), sources=summary,
+    meta = basics.make_meta("01_build_corpus", args, dataset=args.dataset, num_classes=num_classes,
+                            classnames_digest=basics.names_digest(classnames), sources=summary,
                             per_class_sentences=per_class, balanced_to=args.per_class or None, files=files,
                             classes_short_of_descriptors=[n for n, _ in short], classes_without_descriptors=without,
                             descriptor_text=args.descriptor_text, llm=llm_meta)
-    common.atomic_write_json(args.out, dict(classnames=classnames, sentences=merged, descriptors=descriptors,
+    basics.atomic_write_json(args.out, dict(classnames=classnames, sentences=merged, descriptors=descriptors,
                                             descriptors_raw=kept_raw, meta=meta))
     total = sum(len(s) for s in merged)
     print(f"corpus: {num_classes} classes, {total} sentences from {', '.join(sources)}, "
@@ -370,4 +370,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    basics.run_script(main)

@@ -261,7 +261,7 @@ DATA_PARAMS := $(if $(filter toy,$(DATASET)),--out $(DATA_ROOT) --seed $(SEED) -
                $(CIFAR_ROOT) --ir $(IR))
 # stage 00 runs again when its settings or the content of its code change (not their times: a checkout or an edit
 # that changes nothing leaves the data, and the chain after it, as they are)
-DATA_CODE   := $(if $(filter toy,$(DATASET)),00_make_toy.py toyworld.py $(TOY_CLIP),00_make_cifar100_lt.py) common.py
+DATA_CODE   := $(if $(filter toy,$(DATASET)),00_make_toy.py toyworld.py $(TOY_CLIP),00_make_cifar100_lt.py) basics.py
 DATA_KEY    := $(if $(filter toy,$(DATASET)),--out $(abspath $(DATA_ROOT)) --seed $(SEED) --clip $(abspath \
                $(TOY_CLIP)) $(TOY_ARGS),--root $(abspath $(CIFAR_ROOT)) --ir $(IR)) code $(if $(and $(PREPARED),\
                $(DATA_GOALS)),$(shell cksum $(DATA_CODE) 2>&1))
@@ -275,21 +275,21 @@ toy-clip: $(SETUP) ## pretrain the toy world's tiny CLIP again (10 to 16 min on 
 	$(PY) 00_pretrain_toy_clip.py --out runs/toy-clip $(TOY_CLIP_ARGS)
 	$(PY) 00_pretrain_toy_clip.py --compare runs/toy-clip/toy-clip.pt toy_clip/toy-clip.pt
 
-$(RUN)/corpus.json: 01_build_corpus.py llm.py common.py $(NAME_FILES) $(TEXT_FILES) $(PREPARED) $(SETUP)
+$(RUN)/corpus.json: 01_build_corpus.py llm.py basics.py $(NAME_FILES) $(TEXT_FILES) $(PREPARED) $(SETUP)
 	$(PY) 01_build_corpus.py $(CORPUS_PARAMS) --out $@
 	$(call record,corpus,$(CORPUS_KEY))
 
-$(RUN)/text_features.pt: 02_cache_descriptors.py common.py $(RUN)/corpus.json $(MODEL_FILES)
+$(RUN)/text_features.pt: 02_cache_descriptors.py common.py basics.py $(RUN)/corpus.json $(MODEL_FILES)
 	$(PY) 02_cache_descriptors.py --corpus $(RUN)/corpus.json $(FEATURE_PARAMS) --out $@
 	$(call record,features,$(FEATURE_KEY))
 
-$(RUN)/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(TRAIN_DATA)
+$(RUN)/coarse.pt: 03_train_coarse.py common.py basics.py $(RUN)/text_features.pt $(TRAIN_DATA)
 	@$(PY) 04_eval_hlc.py --check-args --features $(RUN)/text_features.pt --coarse $@ $(EVAL_PARAMS) \
 	    --out $(RUN)/results.json  # stage 04's settings checked before the training, not after it
 	$(LAUNCH) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) $(RUN_FLAGS) --out $@
 	$(call record,train,$(TRAIN_KEY),$(TRAIN_IMAGES))
 
-$(RUN)/results.json: 04_eval_hlc.py common.py $(RUN)/coarse.pt $(RUN)/text_features.pt $(EVAL_DATA)
+$(RUN)/results.json: 04_eval_hlc.py common.py basics.py $(RUN)/coarse.pt $(RUN)/text_features.pt $(EVAL_DATA)
 	$(LAUNCH) 04_eval_hlc.py --features $(RUN)/text_features.pt --coarse $(RUN)/coarse.pt $(EVAL_PARAMS) --out $@
 	$(call record,eval,$(EVAL_KEY),$(EVAL_IMAGES))
 
@@ -308,12 +308,12 @@ $(foreach a,$(ABLATIONS),$(call params_rule,ablation-$(a)-train,$(TRAIN_KEY) $(A
 $(foreach a,$(ABLATIONS),$(call params_rule,ablation-$(a)-eval,$(EVAL_KEY),$(RUN)/ablation/$(a)/results.json,\
   $(EVAL_STAMP)))
 
-$(RUN)/ablation/%/coarse.pt: 03_train_coarse.py common.py $(RUN)/text_features.pt $(TRAIN_DATA)
+$(RUN)/ablation/%/coarse.pt: 03_train_coarse.py common.py basics.py $(RUN)/text_features.pt $(TRAIN_DATA)
 	$(LAUNCH) 03_train_coarse.py --features $(RUN)/text_features.pt $(TRAIN_PARAMS) $(ABLATION_$*) \
 	    $(RUN_FLAGS) --out $@
 	$(call record,ablation-$*-train,$(TRAIN_KEY) $(ABLATION_$*),$(TRAIN_IMAGES))
 
-$(RUN)/ablation/%/results.json: 04_eval_hlc.py common.py $(RUN)/ablation/%/coarse.pt $(RUN)/text_features.pt $(EVAL_DATA)
+$(RUN)/ablation/%/results.json: 04_eval_hlc.py common.py basics.py $(RUN)/ablation/%/coarse.pt $(RUN)/text_features.pt $(EVAL_DATA)
 	$(LAUNCH) 04_eval_hlc.py --features $(RUN)/text_features.pt --coarse $(RUN)/ablation/$*/coarse.pt $(EVAL_PARAMS) \
 	    --explain 0 --no-report --out $@
 	$(call record,ablation-$*-eval,$(EVAL_KEY),$(EVAL_IMAGES))
@@ -344,7 +344,7 @@ $(error NAME=$(NAME) is not a compared system; choose one of: $(SYSTEMS))
 endif
 endif
 
-$(RUN)/systems/%/results.json: systems/%.py systems/frame.py common.py $(RUN)/text_features.pt $(SYSTEM_DATA)
+$(RUN)/systems/%/results.json: systems/%.py systems/frame.py common.py basics.py $(RUN)/text_features.pt $(SYSTEM_DATA)
 	$(PY) -m systems.$* --features $(RUN)/text_features.pt $(SYSTEM_PARAMS) $(RUN_FLAGS) --out $(@D)
 	$(call record,system-$*,$(SYSTEM_KEY),$(SYSTEM_IMAGES))
 

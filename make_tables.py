@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-import common
+import basics
 
 # ---- published numbers: (many, medium, few, all), where they come from, and what differs from the kit's run ----
 PLACES, IMAGENET, INAT = "places_lt", "imagenet_lt", "inat2018"
@@ -240,7 +240,7 @@ def seeds_table(runs, out):
             budget = text.split("| optimizer steps |", 1)
             if len(budget) == 2:
                 parts += [f"Budget (the same in every run; {runs[0]}):", "", "| | optimizer steps |" + budget[1].rstrip(), ""]
-    common.atomic_write_text(out, "\n".join(parts) + "\n")
+    basics.atomic_write_text(out, "\n".join(parts) + "\n")
     print("\n".join(parts))
 
 
@@ -275,7 +275,7 @@ def main(argv=None):
             paper = cifar_paper(run) if dataset == "cifar100_lt" else PAPER[{PLACES: 1, IMAGENET: 2, INAT: 3}[dataset]][
                 dataset] if dataset in (PLACES, IMAGENET, INAT) else {}
             text = render_compare(f"HLC and the compared systems on {dataset}", comparison_rows(run, full), paper)
-            common.atomic_write_text(run / "tables" / "compare.md", text)
+            basics.atomic_write_text(run / "tables" / "compare.md", text)
             print(text)
             continue
         t = int(t)
@@ -300,9 +300,9 @@ def main(argv=None):
         else:
             text = render(title, [(label, r, key) for label, r, key, _ in comparison_rows(run, full, f"make table{t}")],
                           paper)
-        common.atomic_write_text(run / "tables" / f"table{t}.md", text)
+        basics.atomic_write_text(run / "tables" / f"table{t}.md", text)
         print(text)
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    basics.run_script(main)

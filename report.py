@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-import common
+import basics
 import make_tables
 
 GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#2ca02c"}
@@ -106,15 +106,15 @@ def per_class_chart(z, variant, title):
     """Accuracy of each class against its training images (log scale), coloured by shot group."""
     labels, pred, counts = z["labels"], z[f"pred_{variant}"], z["class_counts"]
     grouping = z["group_counts"] if "group_counts" in z.files else counts
-    groups = common.shot_groups(grouping, str(z["shot_rule"]) if "shot_rule" in z.files else "lift")
+    groups = basics.shot_groups(grouping, str(z["shot_rule"]) if "shot_rule" in z.files else "lift")
     seen = np.bincount(labels, minlength=len(counts))
     acc = 100 * np.bincount(labels, weights=pred == labels, minlength=len(counts)) / np.maximum(seen, 1)
     chart = Chart(title, (max(1, counts.min()), max(2, counts.max())), (0, 100), "training images (log scale)",
                   "class accuracy %", log_x=True)
     for c in np.flatnonzero(seen):
-        name = common.GROUPS[groups[c]]
+        name = basics.GROUPS[groups[c]]
         chart.point(max(1, counts[c]), acc[c], GROUP_COLOURS[name], f"class {c}: {counts[c]} images, {acc[c]:.0f} %")
-    chart.legend([(g, GROUP_COLOURS[g]) for g in common.GROUPS])
+    chart.legend([(g, GROUP_COLOURS[g]) for g in basics.GROUPS])
     decades = [10 ** k for k in range(0, 7) if max(1, counts.min()) <= 10 ** k <= max(2, counts.max())]
     return chart.svg(x_ticks=[(d, str(d)) for d in decades], y_ticks=[0, 25, 50, 75, 100])
 
@@ -306,7 +306,7 @@ def write_report(run, quiet=False, results_file="results.json"):
             f"{esc(results['split'])} images, HLC {v['hlc']['overall']:.2f} % (zero-shot CLIP "
             f"{v['zero_shot']['overall']:.2f} %)</h1><p>{links}. Every number comes from the files of {esc(run)}.</p>"
             f"{body}{check}</body></html>")
-    common.atomic_write_text(run / "report.html", page)
+    basics.atomic_write_text(run / "report.html", page)
     if not quiet:
         print(f"report: {len(sections)} sections -> {run / 'report.html'}")
 
@@ -320,4 +320,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    basics.run_script(main)

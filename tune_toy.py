@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import common
+import basics
 
 METHODS = {  # method -> (command, the variant whose val accuracy decides)
     "hlc": (None, "hlc"), "ballad": ("systems.ballad", "ballad"),
@@ -35,7 +35,7 @@ METHODS = {  # method -> (command, the variant whose val accuracy decides)
 def input_stamps(files):
     """[path, sha1 of its bytes] of each input file: a cell made from other inputs (a rebuilt toy world, an edited
     recipe or split file) is trained again."""
-    return [[str(f), common.file_digest(f)] for f in files if Path(f).is_file()]
+    return [[str(f), basics.file_digest(f)] for f in files if Path(f).is_file()]
 
 
 def code_of(method):
@@ -43,7 +43,7 @@ def code_of(method):
     module, _ = METHODS[method]
     own = ["03_train_coarse.py", "04_eval_hlc.py"] if module is None else [module.replace(".", "/") + ".py",
                                                                            "systems/frame.py"]
-    return [str(Path(__file__).parent / f) for f in own + ["common.py"]]
+    return [str(Path(__file__).parent / f) for f in own + ["common.py", "basics.py"]]
 
 
 def run_cell(method, factor, folder, base, extra, stamps):
@@ -56,7 +56,7 @@ def run_cell(method, factor, folder, base, extra, stamps):
         return json.loads((folder / "results.json").read_text())
     started = folder / "started.json"
     again = ["--resume"] if started.exists() and json.loads(started.read_text()) == made else ["--fresh"]
-    common.atomic_write_text(started, json.dumps(made))
+    basics.atomic_write_text(started, json.dumps(made))
     py = sys.executable
     module, _ = METHODS[method]
     if module is None:  # HLC: stage 03, then stage 04 on the val split
@@ -69,11 +69,11 @@ def run_cell(method, factor, folder, base, extra, stamps):
         done = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True)
         said = done.stderr + done.stdout
         if done.returncode and any(f"loss is {x}" in said for x in ("nan", "inf", "-inf")):  # diverged: a result
-            common.atomic_write_json(folder / "results.json", dict(diverged=True))
+            basics.atomic_write_json(folder / "results.json", dict(diverged=True))
             break
         if done.returncode:
             raise SystemExit(f"{method} x{factor:g} failed:\n{done.stderr[-2000:]}")
-    common.atomic_write_text(record, json.dumps(made))
+    basics.atomic_write_text(record, json.dumps(made))
     return json.loads((folder / "results.json").read_text())
 
 
@@ -131,9 +131,9 @@ def main(argv=None):
                                                                 for f in args.grid)
                      + f" | x{pick:g} | {training.get('optimizer_steps', '-')} | {training.get('lr', '-')} |")
     text = "\n".join(lines) + f"\n\n{len(args.methods) * len(args.grid)} trainings in {time.time() - t0:.0f}s.\n"
-    common.atomic_write_text(Path(args.run) / "tune" / "val.md", text)
+    basics.atomic_write_text(Path(args.run) / "tune" / "val.md", text)
     print(text)
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    basics.run_script(main)

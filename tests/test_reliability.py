@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import basics
 import common
 from conftest import ROOT, load_stage, make, make_args, snapshot, stages_to_run, train_args
 from systems import ballad, imbalance_vlm as ivlm
@@ -366,7 +367,7 @@ def test_doubtful_data_is_said_once(tiny_world, tmp_path, capsys):
     (world / "train.txt").write_text("\n".join(train + train[:2]) + "\n")  # two lines again
     (world / "test.txt").write_text((world / "test.txt").read_text() + train[0] + "\n")  # a training image in test
     (world / "classnames.txt").write_text((world / "classnames.txt").read_text().replace("green square", "red square"))
-    common._WARNED.clear()
+    basics._WARNED.clear()
     for _ in range(2):
         names = common.class_names("tiny", world)
         samples = common.read_split(world, "tiny", "train", len(names))

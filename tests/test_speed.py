@@ -190,3 +190,19 @@ def test_cpu_loader_workers_leave_the_model_the_other_cores(image_files, monkeyp
         assert torch.get_num_threads() == 2
     common.image_loader(image_files, lambda im: im, "pil", "cpu", workers=1, batch_size=2)
     assert torch.get_num_threads() == 2  # three cores free, but never more threads than it had
+
+
+def test_the_scripts_that_need_no_torch_import_none():
+    """Stage 01, the tables, the report and the toy's tuner start without torch, torchvision or open_clip (3 to 10 s
+    of imports on a 2-core CPU, paid again by every such script `make tables` runs): they use basics.py alone."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = ("import importlib.util, sys\n"
+            "for name in ('01_build_corpus.py', 'make_tables.py', 'report.py', 'tune_toy.py', '00_make_toy.py'):\n"
+            "    spec = importlib.util.spec_from_file_location('s' + name[:-3], name)\n"
+            "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'open_clip', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
