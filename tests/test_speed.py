@@ -1,6 +1,8 @@
 """The speed paths give the same answers as the plain ones: decoding on the device, persistent loader workers,
 pre-drawn randomness, and frozen-tower features encoded once and cached."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import load_stage, train_args
+from conftest import ROOT, load_stage, train_args
 from test_distributed import eval_args
 
 
@@ -195,9 +197,6 @@ def test_cpu_loader_workers_leave_the_model_the_other_cores(image_files, monkeyp
 def test_the_scripts_that_need_no_torch_import_none():
     """Stage 01, the tables, the report and the toy's tuner start without torch, torchvision or open_clip (3 to 10 s
     of imports on a 2-core CPU, paid again by every such script `make tables` runs): they use basics.py alone."""
-    import subprocess
-    import sys
-    from conftest import ROOT
     code = ("import importlib.util, sys\n"
             "for name in ('01_build_corpus.py', 'make_tables.py', 'report.py', 'tune_toy.py', '00_make_toy.py'):\n"
             "    spec = importlib.util.spec_from_file_location('s' + name[:-3], name)\n"
