@@ -1,11 +1,11 @@
 """Stage 00: the toy world, a miniature long-tailed benchmark with its own tiny CLIP (DATASET=toy only).
 
-Reads   toy_clip/toy-clip.pt (the tiny CLIP, pretrained once by 00_pretrain_toy_clip.py and committed; its digest is
-        checked here).
+Reads   toy_clip/toy-clip.safetensors (the tiny CLIP, pretrained once by 00_pretrain_toy_clip.py and committed; its
+        digest is checked here).
 Writes  data/toy/ in the generic layout: images/, train.txt (long-tailed, imbalance ratio 100), val.txt and test.txt
         (balanced), classnames.txt, wiki/desc_<label>.txt, descriptors.json (M = 10 per class, written the way an LLM
-        answers), descriptor_kinds.json (which descriptor is which kind), clip/toy-clip.json and clip/toy-clip.pt (the
-        tiny CLIP as open_clip loads it), and .complete last (a digest of every file written). A file that would come
+        answers), descriptor_kinds.json (which descriptor is which kind), clip/toy-clip.json and clip/toy-clip.safetensors
+        (the tiny CLIP as open_clip loads it), and .complete last (a digest of every file written). A file that would come
         out the same is left alone, so running the stage again changes nothing downstream.
 
     python 00_make_toy.py --out data/toy
@@ -123,7 +123,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/toy", help="folder to write the toy world into (one this stage made, or new)")
     p.add_argument("--seed", type=int, default=0, help="everything follows from this seed")
-    p.add_argument("--clip", default="toy_clip/toy-clip.pt", help="the tiny CLIP's compact weights (00_pretrain_toy_clip.py)")
+    p.add_argument("--clip", default="toy_clip/toy-clip.safetensors",
+                   help="the tiny CLIP's compact weights (00_pretrain_toy_clip.py)")
     p.add_argument("--max-per-class", type=int, default=200, help="training images of the largest class")
     p.add_argument("--imbalance", type=float, default=100.0, help="largest / smallest class size in train")
     p.add_argument("--val-per-class", type=int, default=10, help="balanced validation images per class")
@@ -172,11 +173,8 @@ def main(argv=None):
     write("descriptor_kinds.json", json.dumps(kinds, indent=1))
 
     # ---- the tiny CLIP, as open_clip loads it ----
-    import torch
-    buf = io.BytesIO()
-    torch.save(toyworld.expand_clip(compact), buf)
     write("clip/toy-clip.json", json.dumps(toyworld.CLIP_CONFIG, indent=1) + "\n")
-    write("clip/toy-clip.pt", buf.getvalue())
+    write("clip/toy-clip.safetensors", toyworld.safetensors_bytes(toyworld.expand_clip(compact)))
 
     # ---- save: files of an earlier world that this one does not have go, then .complete ----
     done = out / ".complete"

@@ -2,9 +2,10 @@
 (toy_clip/), so `make all` pretrains nothing; this script is how they were made, and `make toy-clip` makes them again.
 
 Reads   nothing (the catalogue is drawn from --seed: toyworld.py's colours, patterns and captions).
-Writes  OUT/toy-clip.json (the open_clip model config), OUT/toy-clip.pt (the weights, compact: half precision, and
-        only the token-embedding rows the catalogue's captions use; toyworld.expand_clip rebuilds the rest and loads it)
-        and OUT/toy-clip.sha256 (the weights file's digest, checked by stage 00 before it uses them).
+Writes  OUT/toy-clip.json (the open_clip model config), OUT/toy-clip.safetensors (the weights, compact: half
+        precision, and only the token-embedding rows the catalogue's captions use; toyworld.expand_clip rebuilds the
+        rest, with numpy alone) and OUT/toy-clip.sha256 (the weights file's digest, checked by stage 00 before it uses
+        them).
 
     python 00_pretrain_toy_clip.py --out toy_clip          # make toy-clip (writes runs/toy-clip/ and compares)
 
@@ -45,14 +46,14 @@ def render_bank(per_class, rng, web_share):
 
 
 def compare(new, committed):
-    """Say whether two compact weights files are the same, and if not by how much their tensors differ."""
-    a, b = toyworld.read_clip(new), toyworld.read_clip(committed)
+    """Say whether two compact weights files are the same, and if not by how much their arrays differ."""
+    (a, _), (b, _) = toyworld.read_clip(new), toyworld.read_clip(committed)
     same = toyworld.clip_digest(new) == toyworld.clip_digest(committed)
-    diff = max(float((a["state"][k].float() - b["state"][k].float()).abs().max()) for k in a["state"])
-    rows = float((a["token_rows"].float() - b["token_rows"].float()).abs().max()) \
-        if a["token_rows"].shape == b["token_rows"].shape else float("inf")
+    gap = lambda k: float(np.abs(a[k].astype(np.float32) - b[k].astype(np.float32)).max()) \
+        if k in b and a[k].shape == b[k].shape else float("inf")
+    diff = max(gap(k) for k in a if k != "compact.token_ids")
     print(f"{new} against {committed}: " + ("the same bytes (sha256 " + toyworld.clip_digest(new)[:16] + ")" if same
-          else f"different files; largest difference of a weight {max(diff, rows):.3g}"))
+          else f"different files; largest difference of a weight {diff:.3g}"))
 
 
 def main(argv=None):
@@ -135,11 +136,11 @@ def main(argv=None):
     model.eval().requires_grad_(False)
 
     # ---- save: compact weights and their digest ----
-    path = out / "toy-clip.pt"
-    used = torch.unique(tokens)
-    common.atomic_torch_save(toyworld.compact_state(model.state_dict(), used), path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    common.atomic_write_text(out / "toy-clip.sha256", f"{digest}  toy-clip.pt\n")
+    path = out / "toy-clip.safetensors"
+    data = toyworld.safetensors_bytes(*toyworld.compact_state(model.state_dict(), torch.unique(tokens)))
+    common.write_if_changed(path, data)
+    digest = hashlib.sha256(data).hexdigest()
+    common.atomic_write_text(out / "toy-clip.sha256", f"{digest}  toy-clip.safetensors\n")
     print(f"tiny CLIP: {args.steps} steps in {(time.time() - t0) / 60:.1f} min, final loss {np.mean(losses[-200:]):.3f}, "
           f"{path.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]} -> {out}")
 

@@ -33,7 +33,7 @@ TOY_NAME  := toy$(if $(filter-out 0,$(SEED)),-seed$(SEED))
 DATA_ROOT ?= data/$(TOY_NAME)
 RUN       ?= runs/$(TOY_NAME)
 MODEL       ?= $(DATA_ROOT)/clip/toy-clip.json
-PRETRAINED  ?= $(DATA_ROOT)/clip/toy-clip.pt
+PRETRAINED  ?= $(DATA_ROOT)/clip/toy-clip.safetensors
 DESCRIPTORS ?= $(DATA_ROOT)/descriptors.json
 WIKI        ?= $(DATA_ROOT)/wiki
 PREPARED    := $(DATA_ROOT)/.complete
@@ -256,7 +256,7 @@ eval: $(RUN)/results.json ## stage 04: variants, K and tau sweeps, predictions, 
 data: $(PREPARED) ## stage 00: build the toy world (DATASET=toy) or CIFAR-100-LT's files (DATASET=cifar100_lt)
 toy: data
 
-TOY_CLIP    ?= toy_clip/toy-clip.pt
+TOY_CLIP    ?= toy_clip/toy-clip.safetensors
 DATA_PARAMS := $(if $(filter toy,$(DATASET)),--out $(DATA_ROOT) --seed $(SEED) --clip $(TOY_CLIP) $(TOY_ARGS),--root \
                $(CIFAR_ROOT) --ir $(IR))
 # stage 00 runs again when its settings or the content of its code change (not their times: a checkout or an edit
@@ -273,7 +273,7 @@ $(DATA_ROOT)/.complete: | $(SETUP)
 TOY_CLIP_ARGS ?=
 toy-clip: $(SETUP) ## pretrain the toy world's tiny CLIP again (10 to 16 min on 2 cores) and compare it with toy_clip/
 	$(PY) 00_pretrain_toy_clip.py --out runs/toy-clip $(TOY_CLIP_ARGS)
-	$(PY) 00_pretrain_toy_clip.py --compare runs/toy-clip/toy-clip.pt toy_clip/toy-clip.pt
+	$(PY) 00_pretrain_toy_clip.py --compare runs/toy-clip/toy-clip.safetensors toy_clip/toy-clip.safetensors
 
 $(RUN)/corpus.json: 01_build_corpus.py llm.py basics.py $(NAME_FILES) $(TEXT_FILES) $(PREPARED) $(SETUP)
 	$(PY) 01_build_corpus.py $(CORPUS_PARAMS) --out $@

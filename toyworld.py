@@ -7,6 +7,11 @@ The task is what a user brings: the same kind of tiles photographed by a field c
 in the frame and with leaves lying on them, named with some words the CLIP never read. numpy and PIL only: stage 00
 imports no torch to draw.
 """
+import hashlib
+import json
+import struct
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageFilter
 
@@ -164,41 +169,78 @@ def fits(caption_colour, caption_pattern, colour, pattern):
     return ok_colour and caption_pattern in (None, pattern)
 
 
-# ---- the shipped weights: compact on disk, whole in a toy world ----
+# ---- the shipped weights: compact on disk, whole in a toy world. Both are safetensors files (a JSON header, then
+#      the raw little-endian arrays), which numpy reads and writes alone and open_clip loads: building a world needs
+#      no torch ----
+
+SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I32": np.int32}
+
+
+def safetensors_bytes(arrays, metadata=None):
+    """The bytes of a safetensors file holding `arrays` ({name: numpy array}) in name order, and `metadata` ({str: str})
+    in its header. The same arrays always give the same bytes."""
+    codes = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()  # C order, whatever the array's
+        header[name] = dict(dtype=codes[a.dtype], shape=list(a.shape), data_offsets=[offset, offset + len(data)])
+        blobs.append(data)
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the arrays start 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+def read_safetensors(data, name="weights"):
+    """({name: numpy array}, metadata) of a safetensors file's bytes; `name` says which file in an error."""
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size])
+        body = memoryview(data)[8 + size:]
+        metadata = header.pop("__metadata__", {})
+        arrays = {k: np.frombuffer(body[v["data_offsets"][0]:v["data_offsets"][1]],
+                                   np.dtype(SAFETENSORS_DTYPES[v["dtype"]]).newbyteorder("<")).reshape(v["shape"])
+                  for k, v in header.items()}
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{name}: not a safetensors file of this kit ({e})") from None
+    return arrays, metadata
+
 
 def compact_state(state, used_tokens):
-    """A CLIP state dict in half precision without the token-embedding rows no caption uses (49,408 x 64 floats, most
-    of the file): expand_clip rebuilds those rows as an untrained model has them."""
-    import torch
+    """The compact file's contents of a CLIP state dict (torch tensors): every array in half precision, without the
+    token-embedding rows no caption uses (49,408 x 64 floats, most of the file); expand_clip rebuilds those rows as an
+    untrained model has them."""
     emb = state["token_embedding.weight"]
-    return dict(state={k: v.half() for k, v in state.items() if k != "token_embedding.weight"},
-                token_ids=used_tokens.to(torch.int32), token_rows=emb[used_tokens].half(),
-                vocab=list(emb.shape), rebuild="numpy default_rng(0).standard_normal(vocab) * 0.02")
+    arrays = {k: v.detach().cpu().half().numpy() for k, v in state.items() if k != "token_embedding.weight"}
+    arrays["compact.token_ids"] = used_tokens.cpu().numpy().astype(np.int32)
+    arrays["compact.token_rows"] = emb[used_tokens].detach().cpu().half().numpy()
+    return arrays, {"vocab": ",".join(str(n) for n in emb.shape),
+                    "rebuild": "numpy default_rng(0).standard_normal(vocab) * 0.02"}
 
 
 def expand_clip(compact):
-    """The whole float32 state dict of a compact file's contents, as open_clip loads it."""
-    import torch
-    vocab = compact["vocab"]
-    emb = torch.from_numpy(np.random.default_rng(0).standard_normal(vocab).astype(np.float32) * 0.02)
-    emb[compact["token_ids"].long()] = compact["token_rows"].float()
-    state = {k: v.float() for k, v in compact["state"].items()}
+    """The whole float32 state dict ({name: numpy array}) of a compact file's contents, as open_clip loads it."""
+    arrays, metadata = compact
+    vocab = tuple(int(n) for n in metadata["vocab"].split(","))
+    emb = np.random.default_rng(0).standard_normal(vocab).astype(np.float32) * 0.02
+    emb[arrays["compact.token_ids"].astype(np.int64)] = arrays["compact.token_rows"].astype(np.float32)
+    state = {k: v.astype(np.float32) for k, v in arrays.items() if not k.startswith("compact.")}
     state["token_embedding.weight"] = emb
     return state
 
 
 def clip_digest(path):
     """sha256 of a weights file's bytes."""
-    import hashlib
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def read_clip(path):
-    """The compact weights at `path`, after checking them against their digest (toy-clip.sha256 beside them, written
-    with them): a truncated, corrupted or replaced file (a Git LFS pointer, say) stops here, naming what to do."""
-    import io
-    import torch
-    from pathlib import Path
+    """The compact weights at `path` (compact_state's arrays and metadata), after checking them against their digest
+    (toy-clip.sha256 beside them, written with them): a truncated, corrupted or replaced file (a Git LFS pointer, say)
+    stops here, naming what to do."""
     path = Path(path)
     sidecar = path.with_suffix(".sha256")
     if not path.exists():
@@ -208,10 +250,9 @@ def read_clip(path):
         raise FileNotFoundError(f"{sidecar}: the digest of {path} is missing (git checkout {sidecar})")
     expected = sidecar.read_text().split()[0]
     data = path.read_bytes()
-    import hashlib
     found = hashlib.sha256(data).hexdigest()
     if found != expected:
         raise ValueError(f"{path}: sha256 {found[:16]}..., but {sidecar} says {expected[:16]}...: the file is damaged "
                          f"or not the one its digest was written for. Restore both (git checkout {path.parent}) or "
                          "train them again (make toy-clip)")
-    return torch.load(io.BytesIO(data), weights_only=True)
+    return read_safetensors(data, str(path))
