@@ -4,9 +4,10 @@ Reads   toy_clip/toy-clip.safetensors (the tiny CLIP, pretrained once by 00_pret
         digest is checked here).
 Writes  data/toy/ in the generic layout: images/, train.txt (long-tailed, imbalance ratio 100), val.txt and test.txt
         (balanced), classnames.txt, wiki/desc_<label>.txt, descriptors.json (M = 10 per class, written the way an LLM
-        answers), descriptor_kinds.json (which descriptor is which kind), clip/toy-clip.json and clip/toy-clip.safetensors
-        (the tiny CLIP as open_clip loads it), and .complete last (a digest of every file written). A file that would come
-        out the same is left alone, so running the stage again changes nothing downstream.
+        answers), descriptor_kinds.json (which descriptor is which kind), clip/toy-clip.json and
+        clip/toy-clip.safetensors (the tiny CLIP as open_clip loads it, expanded with numpy: this stage imports no
+        torch), and .complete last (a digest of every file written). A file that would come out the same is left alone,
+        so running the stage again changes nothing downstream.
 
     python 00_make_toy.py --out data/toy
 
@@ -28,7 +29,7 @@ The world, part by part, with the job each part of HLC has in it (docs/toy-world
 - The descriptors are what an LLM gives: ten sentences per class, three on the pattern in words CLIP knows, two vague
   about the colour, one on both, two that no picture shows (a sound, a history) and two wrong (another pattern,
   another colour); the learned weights are to silence the useless ones.
-About 5 s on a 2-core CPU (11 s on a slower one); everything follows from --seed.
+About 5 s on a 2-core CPU (8 s on a slower one); everything follows from --seed.
 """
 import argparse
 import hashlib

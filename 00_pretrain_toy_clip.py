@@ -14,10 +14,11 @@ filling most of its picture, half in daylight and half as web photos (--web-shar
 light, colour balance and sensor noise, as a real CLIP has seen photos taken every way; the captions are in plain
 words ("a red striped tile.", "a tile with red lines running across.", "a tile in a warm colour."). The model is a
 4-layer ViT of width 64 on 32 px pictures (16 patches of 8 px) and a 3-layer text tower, meeting in a 128-wide space,
-trained contrastively, a caption fitting every picture whose attributes it names. 2,500 steps of 256 pairs (10 to 16
+trained contrastively, a caption fitting every picture whose attributes it names. 2,500 steps of 256 pairs (10 to 18
 min on a 2-core CPU) name all 90 colour x pattern kinds on new catalogue pictures; the compact weights are 0.8 MB.
-Run again (`make toy-clip`, same torch, same --threads), it writes the committed file byte for byte: the same sha256
-(the slow tests check it on a tiny budget; docs/toy-world.md says when it was last checked at full length).
+Run again (`make toy-clip`, same torch, same --threads, the same kind of CPU), it writes the committed file byte for
+byte: the same sha256 (the slow tests check it on a tiny budget; docs/toy-world.md says when it was checked at full
+length, and how far apart the weights came out on another processor generation).
 """
 import argparse
 import hashlib

@@ -271,7 +271,7 @@ $(DATA_ROOT)/.complete: | $(SETUP)
 	$(call record,data,$(DATA_KEY))
 
 TOY_CLIP_ARGS ?=
-toy-clip: $(SETUP) ## pretrain the toy world's tiny CLIP again (10 to 16 min on 2 cores) and compare it with toy_clip/
+toy-clip: $(SETUP) ## pretrain the toy world's tiny CLIP again (10 to 18 min on 2 cores) and compare it with toy_clip/
 	$(PY) 00_pretrain_toy_clip.py --out runs/toy-clip $(TOY_CLIP_ARGS)
 	$(PY) 00_pretrain_toy_clip.py --compare runs/toy-clip/toy-clip.safetensors toy_clip/toy-clip.safetensors
 

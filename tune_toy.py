@@ -5,7 +5,7 @@ Writes  RUN/tune/<method>-x<factor>/ (one training and its val evaluation per me
         val table and each method's pick), and prints it.
 
     python tune_toy.py --run runs/toy --features runs/toy/text_features.pt --dataset toy --data-root data/toy \
-        --model data/toy/clip/toy-clip.json --pretrained data/toy/clip/toy-clip.pt
+        --model data/toy/clip/toy-clip.json --pretrained data/toy/clip/toy-clip.safetensors
 
 Every method, HLC included, trains with its toy recipe (the same number of optimizer steps at batch 32:
 docs/systems.md) and its original learning rate(s) times each factor of the grid (--lr-scale: 0.3, 1, 3, 10, 30, 100,

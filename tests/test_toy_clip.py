@@ -13,16 +13,16 @@ import common
 import toyworld
 from conftest import ROOT
 
-COMMITTED = ROOT / "toy_clip" / "toy-clip.pt"
+COMMITTED = ROOT / "toy_clip" / "toy-clip.safetensors"
 # the digest of the committed weights, as `make toy-clip` wrote them (toy_clip/toy-clip.sha256 holds the same)
-SHA256 = "75d3422d30096daa383f1f6f94000320a8383189066b38179f4ef58dd244cd1b"
+SHA256 = "fe3dbfce04e4a65e1a3a25d5131a937b10599ee3f7b36b91641ba5e0bb4a4ff6"
 
 
 def load(path, tmp_path):
     config = tmp_path / "toy-clip.json"
     config.write_text(json.dumps(toyworld.CLIP_CONFIG))
     model, _, _, name = common.load_clip(str(config), "none")
-    model.load_state_dict(toyworld.expand_clip(toyworld.read_clip(path)))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in toyworld.expand_clip(toyworld.read_clip(path)).items()})
     return model, name
 
 
@@ -46,11 +46,51 @@ def test_the_committed_clip_is_the_one_its_digest_names(tmp_path):
     assert toyworld.clip_digest(COMMITTED) == SHA256
     assert (ROOT / "toy_clip" / "toy-clip.sha256").read_text().split()[0] == SHA256
     assert COMMITTED.stat().st_size < 5e6
-    broken = tmp_path / "toy-clip.pt"
+    broken = tmp_path / "toy-clip.safetensors"
     broken.write_bytes(COMMITTED.read_bytes()[:-10])
-    (tmp_path / "toy-clip.sha256").write_text(SHA256 + "  toy-clip.pt\n")
-    with pytest.raises(ValueError, match=r"toy-clip.pt: sha256 .*damaged or not the one"):
+    (tmp_path / "toy-clip.sha256").write_text(SHA256 + "  toy-clip.safetensors\n")
+    with pytest.raises(ValueError, match=r"toy-clip.safetensors: sha256 .*damaged or not the one"):
         toyworld.read_clip(broken)
+
+
+def test_safetensors_written_by_numpy_read_back_by_torch_and_by_numpy(tmp_path):
+    """The kit writes its toy CLIP files with numpy; open_clip reads them with the safetensors package."""
+    from safetensors.torch import load_file
+    rng = np.random.default_rng(0)
+    arrays = {"b.half": rng.standard_normal((3, 5)).astype(np.float16), "a.scalar": np.array(2.5, np.float32),
+              "c.ids": np.arange(7, dtype=np.int32), "d.view": rng.standard_normal((4, 6)).astype(np.float32).T,
+              "e.empty": np.zeros((0, 4), np.float32)}
+    data = toyworld.safetensors_bytes(arrays, {"note": "x"})
+    assert data == toyworld.safetensors_bytes(dict(reversed(arrays.items())), {"note": "x"})  # same arrays, same bytes
+    (tmp_path / "w.safetensors").write_bytes(data)
+    back, meta = toyworld.read_safetensors(data)
+    loaded = load_file(tmp_path / "w.safetensors")
+    assert meta == {"note": "x"} and set(back) == set(loaded) == set(arrays)
+    for k, a in arrays.items():
+        assert back[k].dtype == a.dtype and back[k].shape == a.shape and np.array_equal(back[k], a), k
+        assert tuple(loaded[k].shape) == a.shape and np.array_equal(loaded[k].numpy(), a), k
+    with pytest.raises(ValueError, match="broken.safetensors: not a safetensors file"):
+        toyworld.read_safetensors(b"version https://git-lfs.github.com/spec/v1", "broken.safetensors")
+
+
+def test_stage00_builds_a_world_without_torch_whose_clip_open_clip_loads(tmp_path):
+    """Stage 00 expands the committed weights with numpy (no torch import, 3 s on a 2-core CPU); open_clip then loads
+    the world's file, and it holds exactly the committed values."""
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('stage00', '00_make_toy.py')\n"
+            "stage = importlib.util.module_from_spec(spec); spec.loader.exec_module(stage)\n"
+            f"stage.main(['--out', {str(tmp_path / 'toy')!r}, '--max-per-class', '4', '--imbalance', '2',\n"
+            "            '--val-per-class', '1', '--test-per-class', '1'])\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'open_clip', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    clip = tmp_path / "toy" / "clip"
+    model, _, _, _ = common.load_clip(str(clip / "toy-clip.json"), str(clip / "toy-clip.safetensors"))
+    committed = toyworld.expand_clip(toyworld.read_clip(COMMITTED))
+    state = model.state_dict()
+    assert set(state) == set(committed)
+    assert all(torch.equal(state[k], torch.from_numpy(v)) for k, v in committed.items())
 
 
 def test_the_committed_clip_names_catalogue_pictures(tmp_path):
@@ -73,10 +113,10 @@ def test_make_toy_clip_builds_a_loadable_clip(tmp_path):
                           "--steps", "150", "--batch-size", "64", "--bank-per-class", "4"], capture_output=True,
                          text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    model, name = load(tmp_path / "c" / "toy-clip.pt", tmp_path)
+    model, name = load(tmp_path / "c" / "toy-clip.safetensors", tmp_path)
     assert zero_shot(model, name, per_class=1) > 5 / 90  # 150 steps: 14 % here, 13x chance, far from the committed one
     out = subprocess.run([sys.executable, str(ROOT / "00_pretrain_toy_clip.py"), "--compare",
-                          str(tmp_path / "c" / "toy-clip.pt"), str(COMMITTED)], capture_output=True, text=True,
+                          str(tmp_path / "c" / "toy-clip.safetensors"), str(COMMITTED)], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 0 and "different files; largest difference of a weight" in out.stdout
 
@@ -90,5 +130,5 @@ def test_pretraining_twice_writes_the_same_bytes(tmp_path):
                               "--steps", "3", "--batch-size", "32", "--bank-per-class", "2"], capture_output=True,
                              text=True, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-2000:]
-        digests.append(toyworld.clip_digest(tmp_path / run / "toy-clip.pt"))
+        digests.append(toyworld.clip_digest(tmp_path / run / "toy-clip.safetensors"))
     assert digests[0] == digests[1]

@@ -24,7 +24,7 @@ def fake_training(runs, variant, returncode=0):
 
 
 def test_a_cell_is_trained_again_after_the_world_is_rebuilt(tmp_path, monkeypatch):
-    features, weights = tmp_path / "text_features.pt", tmp_path / "toy-clip.pt"
+    features, weights = tmp_path / "text_features.pt", tmp_path / "toy-clip.safetensors"
     features.write_bytes(b"features")
     weights.write_bytes(b"weights")
     runs = []

@@ -87,9 +87,9 @@ def tiny_toy_clip(folder):
     config = folder / "toy-clip.json"
     config.write_text(json.dumps(toyworld.CLIP_CONFIG))
     model, _, _, _ = common.load_clip(str(config), "none")
-    path = folder / "toy-clip.pt"
-    torch.save(toyworld.compact_state(model.state_dict(), torch.arange(300)), path)
-    (folder / "toy-clip.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "  toy-clip.pt\n")
+    path = folder / "toy-clip.safetensors"
+    path.write_bytes(toyworld.safetensors_bytes(*toyworld.compact_state(model.state_dict(), torch.arange(300))))
+    (folder / "toy-clip.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "  toy-clip.safetensors\n")
     return path
 
 
@@ -106,8 +106,8 @@ def test_stage00_run_again_changes_nothing(tmp_path, capsys):
                     "--val-per-class", "1", "--test-per-class", "1"])
     after = snapshot(world)
     assert set(after) - set(before) == set() and len(after) < len(before)  # files of the bigger world are gone
-    (clip.with_suffix(".sha256")).write_text("0" * 64 + "  toy-clip.pt\n")
-    with pytest.raises(ValueError, match=r"toy-clip.pt: sha256 .*damaged"):
+    (clip.with_suffix(".sha256")).write_text("0" * 64 + "  toy-clip.safetensors\n")
+    with pytest.raises(ValueError, match=r"toy-clip.safetensors: sha256 .*damaged"):
         toy_stage.main(args)
 
 
