@@ -36,7 +36,6 @@ import hashlib
 import io
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 

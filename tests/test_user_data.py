@@ -7,7 +7,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -55,7 +54,7 @@ def test_stage00_never_writes_into_a_folder_it_did_not_make(tmp_path):
 def test_a_forgotten_dataset_is_an_error_not_a_toy_world(tmp_path):
     mine = users_folder(tmp_path)
     before = snapshot(mine)
-    for args, env in (([f"DATA_ROOT={mine}"], None), ([f"DATSET=places_lt", f"DATA_ROOT={mine}"], None),
+    for args, env in (([f"DATA_ROOT={mine}"], None), (["DATSET=places_lt", f"DATA_ROOT={mine}"], None),
                       ([], dict(os.environ, DATA_ROOT=str(mine)))):  # a misspelt name, a DATA_ROOT the shell exported
         out = make("all", f"RUN={tmp_path / 'run'}", f"PY={sys.executable}", *args, env=env)
         assert out.returncode != 0 and f"DATA_ROOT={mine} holds files but no toy world" in out.stderr, out.stderr
