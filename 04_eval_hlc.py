@@ -27,10 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-import common
+import basics
 import report
 
 VARIANTS = ("zero_shot", "descriptors_zero_shot", "coarse", "coarse_la", "hlc_unweighted", "hlc")
@@ -38,10 +36,14 @@ K_SWEEP = (1, 3, 5, 7, 9, 11, "all")
 TAU_SWEEP = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
-@torch.no_grad()
 def predict(arrays, k, tau, taus=TAU_SWEEP, device="cpu", batch_size=1024):
     """{name: predictions (N,)} for every variant, the K sweep (k1 ... kall) and the tau sweep (tau<t>_coarse_la,
-    tau<t>_hlc), computed batch by batch in float64 on the device from exactly the arrays predictions.npz stores."""
+    tau<t>_hlc), computed batch by batch in float64 on the device from exactly the arrays predictions.npz stores
+    (numpy arrays: no tensor here needs a gradient)."""
+    import torch
+    import torch.nn.functional as F
+
+    import common
     t = lambda name: torch.as_tensor(arrays[name]).to(device, torch.float64)
     w_cls, prior = F.normalize(t("w_cls"), dim=-1), t("class_prior")  # (C, d), (C,)
     proto, proto_plain, names = t("desc_proto"), t("desc_proto_unweighted"), t("classname_features")  # (C, d)
@@ -89,6 +91,7 @@ def pick_examples(labels, preds, groups, n, seed):
 
 
 def thumbnail(path, size=160):
+    import common
     im = common.open_rgb(path)
     im.thumbnail((size, size))
     buf = io.BytesIO()
@@ -100,6 +103,10 @@ def write_explanations(path, chosen, samples, arrays, preds, groups, classnames,
                        w_llm, k, tau, made_from):
     """One self-contained HTML file: image, top-K candidates, each candidate's descriptors ranked. `made_from` (the
     digest of coarse.pt) is kept in the page, so report.html links it only beside the results of the same model."""
+    import torch
+    import torch.nn.functional as F
+
+    import common
     weights = common.descriptor_weights(w_llm, desc_mask)  # (C, M)
     w_cls = F.normalize(torch.from_numpy(arrays["w_cls"]).double(), dim=-1)
     prior = torch.from_numpy(arrays["class_prior"])
@@ -141,6 +148,7 @@ def write_explanations(path, chosen, samples, arrays, preds, groups, classnames,
 def planted_weight_means(kinds_path, classnames, descriptor_raw, w_llm, mask):
     """Mean learned weight of each planted kind of descriptor (toy world: descriptor_kinds.json, keyed by the
     descriptors as the file wrote them, before stage 01 made sentences of them)."""
+    import common
     kinds = common.read_json(kinds_path)
     weights = common.descriptor_weights(w_llm, mask)
     by_kind = {}
@@ -187,29 +195,34 @@ def main(argv=None):
     p.add_argument("--split", default="", help="split to evaluate (default: test; val for inat2018, as the papers)")
     p.add_argument("--k", type=int, default=5, help="candidates re-ranked by descriptors, top-K (paper: 5)")
     p.add_argument("--tau", type=float, default=1.0, help="logit adjustment strength, Eq. 4 (paper: 1)")
-    p.add_argument("--shot-rule", choices=sorted(common.SHOT_RULES), default="lift",
+    p.add_argument("--shot-rule", choices=sorted(basics.SHOT_RULES), default="lift",
                    help="many/medium/few thresholds: lift (>100, 20-100, <20) or vl-ltr (>=100, <=20)")
     p.add_argument("--explain", type=int, default=24, help="test images shown in explanations.html (0: none)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write report.html beside results.json (the ablation rows of make table4 do not)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("--workers", type=int, default=8, help="data loader worker processes")
-    p.add_argument("--decode", choices=sorted(common.DECODE_MODES), default="pil",
+    p.add_argument("--decode", choices=sorted(basics.DECODE_MODES), default="pil",
                    help="where images are decoded and resized (see stage 03's --decode)")
     p.add_argument("--feature-cache", default="",
                    help="folder for plain CLIP's features of the evaluation split (the zero-shot tower), reused by "
                         "later runs, such as the ablation rows")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--precision", choices=sorted(common.PRECISIONS), default="auto",
-                   help="image tower arithmetic: " + "; ".join(f"{k}: {v}" for k, v in common.PRECISIONS.items()))
+    p.add_argument("--precision", choices=sorted(basics.PRECISIONS), default="auto",
+                   help="image tower arithmetic: " + "; ".join(f"{k}: {v}" for k, v in basics.PRECISIONS.items()))
     p.add_argument("--seed", type=int, default=0, help="seed for picking the explained images")
     p.add_argument("--check-args", action="store_true",
                    help="check the arguments and stop: make runs this before the training, so that a typo in "
                         "EVAL_ARGS is found then and not after it")
     args = p.parse_args(argv)
-    common.refuse_out_of_range(args, least=[("--k", 1), ("--explain", 0), ("--batch-size", 1), ("--workers", 0)])
+    basics.refuse_out_of_range(args, least=[("--k", 1), ("--explain", 0), ("--batch-size", 1), ("--workers", 0)])
     if args.check_args:
         return
+    # torch, and common, which imports it, only now: make checks the arguments before each training, and
+    # importing torch takes 3 s on a 2-core CPU
+    import torch
+
+    import common
 
     # ---- setup ----
     t0 = time.time()
@@ -328,4 +341,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    basics.run_script(main)

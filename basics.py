@@ -335,6 +335,19 @@ def recipe_help(recipes, key, what=""):
     return f"{what} (recipe: {shown}{'; ' + ', '.join(others) if others else ''})".strip()
 
 
+# the choices of the stages' --decode and --precision flags (common.py does what they say)
+DECODE_MODES = {
+    "pil": "PIL decodes and open_clip's transform runs in the loader workers (float images cross over)",
+    "tensor": "libjpeg-turbo (torchvision) decodes in the workers; crop, resize, normalise on the device",
+    "device": "the workers read JPEG bytes; decoding (nvJPEG on CUDA), crop, resize, normalise on the device",
+}
+PRECISIONS = {
+    "auto": "bf16 autocast on CUDA, float32 elsewhere",
+    "fp32": "float32 everywhere (on CUDA: slower, and the image features are not rounded)",
+    "bf16": "bf16 autocast on any device (on a CPU: to measure what bf16 changes)",
+}
+
+
 def refuse_out_of_range(args, least=(), above=()):
     """Stop, naming the flag and its value, when a number is out of range: `least` holds (flag, smallest allowed
     value) pairs, `above` (flag, value it must exceed); a flag this script lacks, or left unset, is skipped. Call it

@@ -73,13 +73,6 @@ class ImageList(torch.utils.data.Dataset):
 # ---- --decode tensor | device: the loader workers hand over uint8 images (or JPEG bytes) and a crop box; the
 #      crop, the bicubic resize and the normalisation run on a whole batch where the model runs ----
 
-DECODE_MODES = {
-    "pil": "PIL decodes and open_clip's transform runs in the loader workers (float images cross over)",
-    "tensor": "libjpeg-turbo (torchvision) decodes in the workers; crop, resize, normalise on the device",
-    "device": "the workers read JPEG bytes; decoding (nvJPEG on CUDA), crop, resize, normalise on the device",
-}
-
-
 class SplitTransform:
     """open_clip's train or eval transform cut in two: the random choice of crop, made in the worker from the
     image's header, and the arithmetic, done by __call__ on decoded uint8 images where the model runs."""
@@ -300,9 +293,46 @@ def class_counts(samples, num_classes):
 # CLIP (SPEC section 5)
 # ---------------------------------------------------------------------------------------------------
 
+def import_open_clip():
+    """open_clip, imported without torch._dynamo, and returned.
+
+    Two libraries open_clip imports load all of torch._dynamo as they load, for nothing the kit runs: torchvision's
+    roi_align module imports one function from it, and timm decorates a method of one of its many models with
+    torch.compiler.disable. That is 3 s of every stage's start-up on a 2-core CPU. So torchvision is imported with a
+    stand-in for torch._dynamo.utils that imports the real function only if it is called, and open_clip with timm
+    hidden, which open_clip needs only to build a timm-backed image tower (load_clip gives it timm first, use_timm).
+    Neither stand-in outlives this function: torch.compile (stage 03's --compile) and a later `import timm` get the
+    real modules. Where open_clip, torchvision or torch._dynamo is loaded already, nothing is hidden."""
+    if "open_clip" in sys.modules or "torch._dynamo" in sys.modules:
+        import open_clip
+        return open_clip
+    import importlib
+    import types
+    utils = "torch._dynamo.utils"
+    stand_in = types.ModuleType(utils)
+    stand_in.is_compile_supported = lambda *a, **k: importlib.import_module(utils).is_compile_supported(*a, **k)
+    hidden = {utils: stand_in} if "torchvision" not in sys.modules else {}
+    hidden.update({} if "timm" in sys.modules else {"timm": None})  # None: `import timm` fails, open_clip goes on
+    sys.modules.update(hidden)
+    try:
+        import open_clip
+    finally:
+        for name, module in hidden.items():
+            if name in sys.modules and sys.modules[name] is module:
+                del sys.modules[name]
+    return open_clip
+
+
+def use_timm(open_clip):
+    """Give open_clip the timm that import_open_clip hid from it: its adapter module is run again, now with timm."""
+    if open_clip.timm_model.timm is None:
+        import importlib
+        importlib.reload(open_clip.timm_model)
+
+
 def resolve_model_name(model):
     """An open_clip model name, or a path to a model-config JSON (registered, named by its stem)."""
-    import open_clip
+    open_clip = import_open_clip()
     if model.endswith(".json"):
         path = Path(model)
         if not path.exists():
@@ -321,8 +351,10 @@ def load_clip(model, pretrained, device="cpu", image_size=None):
     `pretrained`: a hub tag ('openai'), a local checkpoint file, or 'none' for random weights. `image_size`
     other than the model's builds it at that size; open_clip interpolates the pretrained positional embedding.
     """
-    import open_clip
     name = resolve_model_name(model)
+    open_clip = import_open_clip()
+    if "timm_model_name" in (open_clip.get_model_config(name) or {}).get("vision_cfg", {}):
+        use_timm(open_clip)
     tag = None if pretrained in (None, "", "none") else pretrained
     if tag and not Path(tag).is_file():
         if Path(tag).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in tag:
@@ -363,13 +395,6 @@ def count_parameters(module):
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return total, trainable
-
-
-PRECISIONS = {
-    "auto": "bf16 autocast on CUDA, float32 elsewhere",
-    "fp32": "float32 everywhere (on CUDA: slower, and the image features are not rounded)",
-    "bf16": "bf16 autocast on any device (on a CPU: to measure what bf16 changes)",
-}
 
 
 def effective_precision(device, precision="auto"):

@@ -196,12 +196,41 @@ def test_cpu_loader_workers_leave_the_model_the_other_cores(image_files, monkeyp
 
 def test_the_scripts_that_need_no_torch_import_none():
     """Stage 01, the tables, the report and the toy's tuner start without torch, torchvision or open_clip (3 to 10 s
-    of imports on a 2-core CPU, paid again by every such script `make tables` runs): they use basics.py alone."""
+    of imports on a 2-core CPU, paid again by every such script `make tables` runs): they use basics.py alone. So
+    does stage 04 checking its arguments, which make runs before each training."""
     code = ("import importlib.util, sys\n"
-            "for name in ('01_build_corpus.py', 'make_tables.py', 'report.py', 'tune_toy.py', '00_make_toy.py'):\n"
+            "for name in ('01_build_corpus.py', 'make_tables.py', 'report.py', 'tune_toy.py', '00_make_toy.py',\n"
+            "             '04_eval_hlc.py'):\n"
             "    spec = importlib.util.spec_from_file_location('s' + name[:-3], name)\n"
-            "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "    module = importlib.util.module_from_spec(spec)\n"
+            "    spec.loader.exec_module(module)\n"
+            "module.main(['--check-args', '--dataset', 'toy', '--data-root', 'd', '--features', 'f', '--coarse', 'c',\n"
+            "             '--out', 'r.json', '--decode', 'tensor', '--precision', 'fp32'])\n"
             "print(sorted(m for m in ('torch', 'torchvision', 'open_clip', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_clip_loads_without_torch_dynamo_and_timm_stays_usable(tiny_world, tmp_path):
+    """load_clip imports open_clip without torch._dynamo, which torchvision and timm load whole for nothing the kit
+    runs (3 s of each stage's start-up on a 2-core CPU). Nothing is lost: torchvision's function that asked for it
+    still answers, torch._dynamo when asked for later is the real one (torch.compile traces; backend eager, no C++
+    build), and a timm-backed image tower still builds."""
+    timm_config = tmp_path / "timm-tiny.json"
+    timm_config.write_text(json.dumps({
+        "embed_dim": 32, "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+                                        "timm_pool": "avg", "timm_proj": "linear", "image_size": 224},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    code = ("import sys, torch, common\n"
+            f"common.load_clip({str(tiny_world / 'tiny-clip.json')!r}, 'none')\n"
+            "print(*(m in sys.modules for m in ('torch._dynamo', 'timm', 'torchvision', 'open_clip')))\n"
+            "print(sys.modules['torchvision.ops.roi_align'].is_compile_supported('cpu'))\n"
+            "import torch._dynamo.utils\n"
+            "f = torch.compile(lambda x: x * 2, backend='eager')\n"
+            "print(hasattr(torch._dynamo.utils, 'counters'), int(f(torch.ones(1))))\n"
+            f"model = common.load_clip({str(timm_config)!r}, 'none')[0]\n"
+            "print(type(model.visual).__name__, tuple(model.encode_image(torch.zeros(1, 3, 224, 224)).shape))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "False", "True", "True", "True", "True", "2", "TimmModel", "(1,", "32)"]
