@@ -353,7 +353,7 @@ def main(argv=None):
                                                                                  lr - args.min_lr_cvlp * lr_scale),
                    accum=args.accum_steps)
     student.eval().requires_grad_(False)
-    scale = float(logit_scale.exp())
+    scale = float(logit_scale.detach().exp())  # CVLP's learnt scale, fixed from here on
 
     # ---- anchor sentences (AnSS), scored on the val split (iNaturalist: at most 50 training images per class) ----
     encode = lambda items, what: common.encode_split({"f": student}, items, preprocess_val, device,
