@@ -91,8 +91,8 @@ def main(argv=None):
           flush=True)
     bank, bank_class, classes = render_bank(args.bank_per_class, rng, args.web_share)
     caps = toyworld.captions()
+    open_clip = common.import_open_clip()
     model, _, _, name = common.load_clip(str(config), "none")
-    import open_clip
     tokenizer = open_clip.get_tokenizer(name)
     tokens = tokenizer([c for c, _, _ in caps])
     fits = torch.tensor([[toyworld.fits(cc, cp, c, p) for _, cc, cp in caps] for c, p in classes])

@@ -82,8 +82,8 @@ def main(argv=None):
     common.hold_run_lock(Path(args.out).parent, f"02_cache_descriptors.py -> {args.out}")
 
     # ---- model ----
+    open_clip = common.import_open_clip()
     model, _, _, name = common.load_clip(args.model, args.pretrained, device)
-    import open_clip
     tokenizer = open_clip.get_tokenizer(name)
     embed_dim = model.text_projection.shape[-1] if model.text_projection is not None else model.visual.output_dim
 

@@ -300,7 +300,7 @@ def import_open_clip():
     roi_align module imports one function from it, and timm decorates a method of one of its many models with
     torch.compiler.disable. That is 3 s of every stage's start-up on a 2-core CPU. So torchvision is imported with a
     stand-in for torch._dynamo.utils that imports the real function only if it is called, and open_clip with timm
-    hidden, which open_clip needs only to build a timm-backed image tower (load_clip gives it timm first, use_timm).
+    hidden, which open_clip needs only to build a timm-backed image tower (load_clip gives it timm before that).
     Neither stand-in outlives this function: torch.compile (stage 03's --compile) and a later `import timm` get the
     real modules. Where open_clip, torchvision or torch._dynamo is loaded already, nothing is hidden."""
     if "open_clip" in sys.modules or "torch._dynamo" in sys.modules:
@@ -321,13 +321,6 @@ def import_open_clip():
             if name in sys.modules and sys.modules[name] is module:
                 del sys.modules[name]
     return open_clip
-
-
-def use_timm(open_clip):
-    """Give open_clip the timm that import_open_clip hid from it: its adapter module is run again, now with timm."""
-    if open_clip.timm_model.timm is None:
-        import importlib
-        importlib.reload(open_clip.timm_model)
 
 
 def resolve_model_name(model):
@@ -353,8 +346,10 @@ def load_clip(model, pretrained, device="cpu", image_size=None):
     """
     name = resolve_model_name(model)
     open_clip = import_open_clip()
-    if "timm_model_name" in (open_clip.get_model_config(name) or {}).get("vision_cfg", {}):
-        use_timm(open_clip)
+    if "timm_model_name" in (open_clip.get_model_config(name) or {}).get("vision_cfg", {}) \
+            and open_clip.timm_model.timm is None:  # a timm-backed tower: its adapter is run again, now with timm
+        import importlib
+        importlib.reload(open_clip.timm_model)
     tag = None if pretrained in (None, "", "none") else pretrained
     if tag and not Path(tag).is_file():
         if Path(tag).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in tag:
