@@ -212,6 +212,7 @@ def test_the_scripts_that_need_no_torch_import_none():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # 15 s: a fresh interpreter imports timm and torch._dynamo whole
 def test_clip_loads_without_torch_dynamo_and_timm_stays_usable(tiny_world, tmp_path):
     """load_clip imports open_clip without torch._dynamo, which torchvision and timm load whole for nothing the kit
     runs (3 s of each stage's start-up on a 2-core CPU). Nothing is lost: torchvision's function that asked for it
