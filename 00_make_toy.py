@@ -29,7 +29,7 @@ The world, part by part, with the job each part of HLC has in it (docs/toy-world
 - The descriptors are what an LLM gives: ten sentences per class, three on the pattern in words CLIP knows, two vague
   about the colour, one on both, two that no picture shows (a sound, a history) and two wrong (another pattern,
   another colour); the learned weights are to silence the useless ones.
-About 5 s on a 2-core CPU (8 s on a slower one); everything follows from --seed.
+3 to 14 s on a 2-core CPU, by machine; everything follows from --seed.
 """
 import argparse
 import hashlib
