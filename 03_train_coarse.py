@@ -148,6 +148,9 @@ def main(argv=None):
     p.add_argument("--scale", type=float, default=25.0, help="cosine classifier scale s, Eq. 1 (paper: not given)")
     p.add_argument("--desc-temp", type=float, default=0.0,
                    help="temperature t of the descriptor loss; 0 = CLIP's own logit scale (paper: not given)")
+    p.add_argument("--cls-loss-weight", type=float, default=1.0,
+                   help="weight of the classifier's loss; 0 trains the prompts for the descriptor loss alone, as the "
+                        "paper's Table 5 'Ours' and Table 6 N/A model (make tables: ablation na) (paper: 1)")
     p.add_argument("--desc-loss-weight", type=float, default=1.0,
                    help="weight of the descriptor loss; 0 leaves W_llm uniform (paper: not given, summed)")
     p.add_argument("--desc-loss-la", type=float, default=1.0,
@@ -188,9 +191,11 @@ def main(argv=None):
     common.refuse_out_of_range(
         args, least=[("--epochs", 1), ("--batch-size", 1), ("--accum-steps", 1), ("--warmup-epochs", 0),
                         ("--weight-decay", 0), ("--corpus-ratio", 0), ("--mixup-alpha", 0), ("--desc-temp", 0),
-                        ("--desc-loss-weight", 0), ("--prompt-tokens", 0), ("--prompt-depth", 0),
-                        ("--image-size", 0), ("--workers", 0), ("--log-every", 1)],
+                        ("--cls-loss-weight", 0), ("--desc-loss-weight", 0), ("--prompt-tokens", 0),
+                        ("--prompt-depth", 0), ("--image-size", 0), ("--workers", 0), ("--log-every", 1)],
         above=[("--lr", 0), ("--lr-scale", 0), ("--backbone-lr", 0), ("--scale", 0)])
+    if args.cls_loss_weight == 0 and args.desc_loss_weight == 0:
+        raise SystemExit("--cls-loss-weight 0 with --desc-loss-weight 0 leaves no loss to train")
 
     # ---- setup ----
     rank, world, device = common.init_distributed(args.device)
@@ -326,7 +331,8 @@ def main(argv=None):
             if args.mixup_alpha > 0:  # Eq. 2: SFM in the shared space
                 lam = float(np.random.default_rng([args.seed, epoch, i]).beta(args.mixup_alpha, args.mixup_alpha))
                 feats, soft = common.mixup(feats, soft, lam, draws["perm"][i])
-            loss = common.soft_cross_entropy(common.cosine_logits(feats, model.w_cls, args.scale), soft)
+            loss = args.cls_loss_weight * common.soft_cross_entropy(common.cosine_logits(feats, model.w_cls,
+                                                                                   args.scale), soft)
             if args.desc_loss_weight:
                 desc = desc_temp * common.descriptor_scores(v, desc_feats, desc_mask, model.w_llm)  # (B, C)
                 desc = desc + args.desc_loss_la * log_prior  # LA loss (Menon et al. 2021): a balanced re-ranker

@@ -295,13 +295,15 @@ $(RUN)/results.json: 04_eval_hlc.py common.py basics.py $(RUN)/coarse.pt $(RUN)/
 
 # ---- the paper's tables. Table 4: one training per ablation row, each in its own run directory
 #      $(RUN)/ablation/<row>/ with the switches below (recorded in its meta); the full model is $(RUN) itself.
-#      desc_ce: the full model with a plain cross-entropy descriptor loss (the kit's default is logit-adjusted) ----
+#      desc_ce: the full model with a plain cross-entropy descriptor loss (the kit's default is logit-adjusted);
+#      na: Table 6's N/A row, a model of prompts and reweighted descriptors alone (the paper's Table 5 "Ours") ----
 ABLATION_lp      := --prompt-tokens 0 --corpus-ratio 0 --mixup-alpha 0 --desc-loss-weight 0
 ABLATION_vpt     := --corpus-ratio 0 --mixup-alpha 0 --desc-loss-weight 0
 ABLATION_corpus  := --mixup-alpha 0 --desc-loss-weight 0
 ABLATION_sfm     := --desc-loss-weight 0
 ABLATION_desc_ce := --desc-loss-la 0
-ABLATIONS := lp vpt corpus sfm desc_ce
+ABLATION_na      := --corpus-ratio 0 --mixup-alpha 0 --cls-loss-weight 0 --desc-loss-la 0
+ABLATIONS := lp vpt corpus sfm desc_ce na
 .SECONDARY: $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/coarse.pt $(RUN)/ablation/$(a)/results.json)
 $(foreach a,$(ABLATIONS),$(call params_rule,ablation-$(a)-train,$(TRAIN_KEY) $(ABLATION_$(a)),\
   $(RUN)/ablation/$(a)/coarse.pt,$(TRAIN_STAMP)))
@@ -318,8 +320,12 @@ $(RUN)/ablation/%/results.json: 04_eval_hlc.py common.py basics.py $(RUN)/ablati
 	    --explain 0 --no-report --out $@
 	$(call record,ablation-$*-eval,$(EVAL_KEY),$(EVAL_IMAGES))
 
-$(RUN)/tables/table4.md: make_tables.py $(RUN)/results.json $(foreach a,$(ABLATIONS),$(RUN)/ablation/$(a)/results.json)
+$(RUN)/tables/table4.md: make_tables.py $(RUN)/results.json $(foreach a,$(filter-out na,$(ABLATIONS)),\
+  $(RUN)/ablation/$(a)/results.json)
 	$(PY) make_tables.py --run $(RUN) --table 4 > /dev/null
+
+$(RUN)/tables/table6.md: make_tables.py $(RUN)/results.json $(RUN)/ablation/na/results.json
+	$(PY) make_tables.py --run $(RUN) --table 6 > /dev/null
 
 $(RUN)/tables/table%.md: make_tables.py $(RUN)/results.json
 	$(PY) make_tables.py --run $(RUN) --table $* > /dev/null

@@ -191,6 +191,7 @@ def test_a_number_out_of_range_is_refused_by_name_before_anything_loads(tmp_path
             (train.main, ["--epochs", "0"], "--epochs must be 1 or more, not 0"),  # was a coarse.pt trained 0 steps
             (train.main, ["--prompt-tokens", "-1"], "--prompt-tokens must be 0 or more, not -1"),  # a RuntimeError
             (train.main, ["--lr", "nan"], "--lr must be more than 0, not nan"),
+            (train.main, ["--cls-loss-weight", "0", "--desc-loss-weight", "0"], "leaves no loss to train"),
             (lift.main, ["--lr-scale", "0"], "--lr-scale must be more than 0, not 0.0"),  # the systems: frame.setup
             (lift.main, ["--batch-size", "0"], "--batch-size must be 1 or more, not 0"),
             (lift.main, ["--crop-min", "0"], "--crop-min must be more than 0, not 0.0"),

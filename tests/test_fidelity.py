@@ -162,12 +162,13 @@ def test_descriptor_values_that_are_not_sentences_are_refused(tmp_path, value, s
 def test_paper_cells_name_their_source_and_illegible_cells_stay_empty():
     tables = load_stage("make_tables.py")
     rows = {"1": {"overall": 1.0, "many": 1.0, "medium": 1.0, "few": 1.0}}
-    k_rows = [(k, rows["1"], k) for k in ("1", "3", "5", "7", "9", "11", "all (no classifier)")]
+    k_rows = [(k, rows["1"], k) for k in ("1", "3", "5", "7", "9", "11", "all (no classifier)", tables.NA_ROW)]
     text = tables.render("t", k_rows, tables.PAPER[6]["places_lt"])
     lines = {line.split("|")[1].strip(): line for line in text.splitlines()[4:]}
     for k in ("1", "3", "5", "7"):  # our copy of Table 6 runs these rows together: not read, not filled
         assert [c.strip() for c in lines[k].split("|")][6:11] == ["-", "-", "-", "-", ""], lines[k]
-    assert "49.50 | HLC Table 6 |" in lines["9"] and "44.50 | HLC Table 6 N/A |" in lines["all (no classifier)"]
+    assert "49.50 | HLC Table 6 |" in lines["9"] and "44.50 | HLC Table 6 N/A" in lines[tables.NA_ROW]
+    assert [c.strip() for c in lines["all (no classifier)"].split("|")][6:11] == ["-", "-", "-", "-", ""]
     for table in (1, 2, 3, 4, 7):
         for numbers, source, _ in (entry for by_dataset in tables.PAPER[table].values() for entry in by_dataset.values()):
             assert source and len(numbers) == 4, (table, source)

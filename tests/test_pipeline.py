@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import make_tables
 from conftest import ROOT, load_stage, make_args, train_args
 
 GROUP_NAMES = ("many", "medium", "few")
@@ -198,7 +199,7 @@ def test_precision_switch_decides_the_arithmetic():
 # ---- the paper's tables and the explanations page ----
 
 @pytest.fixture(scope="module")
-def tables_run(made_run, tiny_world):  # five more trainings through make, 2 min on 2 cores: its tests are slow
+def tables_run(made_run, tiny_world):  # six more trainings through make, 2 min on 2 cores: its tests are slow
     out = subprocess.run(["make", "-C", str(ROOT), "tables"] + make_args(tiny_world, made_run),
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -223,18 +224,20 @@ def test_table4_rows_come_from_separate_trainings(tables_run):
     rows = table_rows(tables_run / "tables" / "table4.md")
     assert len(rows) == 9 and all(r[3] != "-" for r in rows.values())
     switches = {}
-    for name in ("lp", "vpt", "corpus", "sfm", "desc_ce"):
+    for name in ("lp", "vpt", "corpus", "sfm", "desc_ce", "na"):
         ckpt = torch.load(tables_run / "ablation" / name / "coarse.pt", weights_only=True)
         switches[name] = ckpt["meta"]["args"]
+        assert switches[name]["cls_loss_weight"] == (0 if name == "na" else 1)
         if name == "lp":  # the linear probe trained no prompts
             assert ckpt["prompts"].numel() == 0 and switches[name]["prompt_tokens"] == 0
-        if name == "desc_ce":  # plain cross-entropy descriptor loss, the weights learned
+        if name in ("desc_ce", "na"):  # plain cross-entropy descriptor loss, the weights learned
             assert switches[name]["desc_loss_la"] == 0 and torch.count_nonzero(ckpt["w_llm"]) > 0
         else:  # no descriptor loss: the weights stayed uniform
             assert torch.count_nonzero(ckpt["w_llm"]) == 0 and switches[name]["desc_loss_weight"] == 0
     assert switches["vpt"]["prompt_tokens"] == 20 and switches["vpt"]["corpus_ratio"] == 0
     assert switches["corpus"]["corpus_ratio"] == 1 and switches["corpus"]["mixup_alpha"] == 0
     assert switches["sfm"]["mixup_alpha"] > 0
+    assert switches["na"]["corpus_ratio"] == 0 and switches["na"]["mixup_alpha"] == 0
     full = torch.load(tables_run / "coarse.pt", weights_only=True)
     assert torch.count_nonzero(full["w_llm"]) > 0  # the full model learned its weights
     sfm = json.loads((tables_run / "ablation" / "sfm" / "results.json").read_text())
@@ -256,6 +259,10 @@ def test_table6_k1_is_coarse_la_and_all_is_reranking_everything(tables_run):
     z = np.load(tables_run / "predictions.npz")
     everything = (z["hlc_features"].astype(np.float64) @ z["desc_proto"].astype(np.float64).T).argmax(1)
     assert abs(float(rows["all (no classifier)"][3]) - 100 * np.mean(everything == z["labels"])) < 0.006
+    na = json.loads((tables_run / "ablation" / "na" / "results.json").read_text())  # its own training's "all"
+    na = na["topk_sweep"]["all"]
+    assert rows[make_tables.NA_ROW] == [f"{na[g]:.2f}" if na[g] is not None else "-"
+                                        for g in ("many", "medium", "few", "overall")]
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def test_table4_and_the_systems_join_the_report(made_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(made_run, run, ignore=shutil.ignore_patterns("*.pt", "cache", "ablation", "systems"))
     full = json.loads((run / "results.json").read_text())
-    for row in ("lp", "vpt", "corpus", "sfm", "desc_ce"):  # every ablation row, made on the same data
+    for row in ("lp", "vpt", "corpus", "sfm", "desc_ce", "na"):  # every ablation row, made on the same data
         res = json.loads(json.dumps(full))
         res["variants"]["coarse"]["overall"] = 45.5 if row == "lp" else res["variants"]["coarse"]["overall"]
         (run / "ablation" / row).mkdir(parents=True)
