@@ -330,7 +330,7 @@ $(RUN)/tables/table6.md: make_tables.py $(RUN)/results.json $(RUN)/ablation/na/r
 $(RUN)/tables/table%.md: make_tables.py $(RUN)/results.json
 	$(PY) make_tables.py --run $(RUN) --table $* > /dev/null
 
-table4 table6 table7: table%: $(RUN)/tables/table%.md ## the paper's Table 4 (ablation), 6 (K, tau), 7 (zero-shot)
+table4 table6 table7: table%: $(RUN)/tables/table%.md ## the paper's Table 4 (ablation), 6 (K, tau, N/A model), 7 (zero-shot)
 	@cat $<
 	@$(PY) report.py --run $(RUN) --quiet
 
