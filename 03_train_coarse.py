@@ -73,10 +73,10 @@ class Coarse(nn.Module):
     """What stage 03 trains, as one module so DistributedDataParallel can wrap it: VPT-deep prompts around the
     frozen (or, with --finetune full, trainable) visual tower, the cosine classifier W_cls and W_llm."""
 
-    def __init__(self, visual, tokens, depth, classname_feats, desc_shape):
+    def __init__(self, visual, tokens, depth, w_cls, desc_shape):
         super().__init__()
         self.vpt = common.PromptedVisual(visual, tokens, depth)
-        self.w_cls = nn.Parameter(classname_feats.clone())  # kit choice: init from class-name prompts (C, d)
+        self.w_cls = nn.Parameter(w_cls.clone())  # (C, d): classifier_start's
         self.w_llm = nn.Parameter(torch.zeros(desc_shape))  # zero: softmax gives the plain average at start
         self.takes_features = False  # frozen tower, no prompts: forward gets the cached features
 
@@ -84,6 +84,16 @@ class Coarse(nn.Module):
         if self.takes_features:
             return F.normalize(images.float(), dim=-1)
         return F.normalize(self.vpt(images).float(), dim=-1)  # (B, d)
+
+
+def classifier_start(classname_feats, how, seed):
+    """W_cls before training (C, d): the class-name prompt features ("text", the kit's choice: every class starts
+    where zero-shot CLIP puts it), or random unit rows from their own generator ("random": a plain probe, which knows
+    no text until the corpus gives it some; the prompts' start is the same either way)."""
+    if how == "text":
+        return classname_feats.clone()
+    rows = torch.randn(classname_feats.shape, generator=torch.Generator().manual_seed(seed))
+    return F.normalize(rows, dim=-1).to(classname_feats.dtype)
 
 
 def epoch_draws(steps, n_text, micro, mixup, corpus, gen, device):
@@ -148,6 +158,9 @@ def main(argv=None):
     p.add_argument("--scale", type=float, default=25.0, help="cosine classifier scale s, Eq. 1 (paper: not given)")
     p.add_argument("--desc-temp", type=float, default=0.0,
                    help="temperature t of the descriptor loss; 0 = CLIP's own logit scale (paper: not given)")
+    p.add_argument("--cls-init", choices=["text", "random"], default="text",
+                   help="W_cls's start: the class-name prompt features, or random unit rows as a plain linear probe "
+                        "starts (docs/toy-world.md measures both) (paper: not given)")
     p.add_argument("--cls-loss-weight", type=float, default=1.0,
                    help="weight of the classifier's loss; 0 trains the prompts for the descriptor loss alone, as the "
                         "paper's Table 5 'Ours' and Table 6 N/A model (make tables: ablation na) (paper: 1)")
@@ -225,8 +238,8 @@ def main(argv=None):
     clip, preprocess_train, preprocess_val, _ = common.load_clip(args.model, args.pretrained, device, args.image_size)
     common.drop_text_tower(clip)  # the text encoder runs in stage 02 only
     common.check_meta(text["meta"], args.features, embed_dim=clip.visual.output_dim)
-    model = Coarse(clip.visual, args.prompt_tokens, args.prompt_depth, text["classname"],
-                   text["desc_mask"].shape).to(device)
+    model = Coarse(clip.visual, args.prompt_tokens, args.prompt_depth,
+                   classifier_start(text["classname"], args.cls_init, args.seed), text["desc_mask"].shape).to(device)
     model.vpt.grad_checkpointing = args.grad_checkpointing
     if args.finetune == "full":
         model.vpt.visual.requires_grad_(True)
@@ -258,7 +271,8 @@ def main(argv=None):
     meta = common.make_meta("03_train_coarse", args, dataset=args.dataset, num_classes=num_classes, model=model_name,
                             pretrained=args.pretrained, embed_dim=int(model.w_cls.shape[1]), world_size=world,
                             text_features=str(args.features), **facts)
-    checkpoint = common.Checkpoint(last_path, meta, args, writer=rank == 0)
+    checkpoint = common.Checkpoint(last_path, meta, args, writer=rank == 0,
+                                   defaults={k: p.get_default(k) for k in vars(args)})
     state, start_epoch, history = checkpoint.start(), 0, []
     if state:
         missing, unexpected = model.load_state_dict(state["model"], strict=False)

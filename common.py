@@ -677,9 +677,13 @@ RESUME_FREE = {"workers", "log_every", "resume", "fresh", "device", "compile", "
                "data_root", "features", "model", "pretrained", "split", "shot_rule", "grad_checkpointing", "decode"}
 
 
-def check_resume_args(saved, args, path, free=RESUME_FREE):
-    """Refuse to continue a checkpoint under other training settings, naming each one and both values."""
-    changed = {k: v for k, v in vars(args).items() if k not in free and saved.get(k) != v}
+def check_resume_args(saved, args, path, free=RESUME_FREE, defaults=None):
+    """Refuse to continue a checkpoint under other training settings, naming each one and both values. A flag the
+    checkpoint's run did not have yet (a later version of the kit added it) counts as unchanged at its default in
+    `defaults`, which is what a new flag keeps the older code's behaviour at."""
+    defaults = defaults or {}
+    was = lambda k: saved[k] if k in saved else defaults.get(k, saved.get(k))
+    changed = {k: v for k, v in vars(args).items() if k not in free and was(k) != v}
     if changed:
         lines = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in {path}, {v!r} now" for k, v in changed.items()]
         schedule = [k for k in changed if k.startswith("epochs")]
@@ -696,8 +700,9 @@ class Checkpoint:
     stops, naming the epoch it holds; --fresh removes it, saying so, and starts over; --resume continues it after
     checking the settings (check_resume_args), the inputs by digest (check_training_facts) and the schedule."""
 
-    def __init__(self, path, meta, args, free=RESUME_FREE, writer=True):
+    def __init__(self, path, meta, args, free=RESUME_FREE, writer=True, defaults=None):
         self.path, self.meta, self.args, self.free, self.writer = Path(path), meta, args, free, writer
+        self.defaults = defaults
 
     @staticmethod
     def describe(state):
@@ -723,7 +728,7 @@ class Checkpoint:
         if not getattr(self.args, "resume", False):
             raise SystemExit(f"{where}: an interrupted training is there. RESUME=1 continues it (--resume), FRESH=1 "
                              "starts over and removes it (--fresh)")
-        check_resume_args(state["meta"]["args"], self.args, self.path, self.free)
+        check_resume_args(state["meta"]["args"], self.args, self.path, self.free, self.defaults)
         check_training_facts(self.path, state["meta"], self.meta)
         say(f"resuming {where}")
         return state

@@ -104,3 +104,17 @@ def test_a_batch_larger_than_the_training_set_is_capped(capsys):
         capsys.readouterr().out
     assert common.cap_batch(128, 255, multiple=4) == 128
     assert common.cap_batch(256, 255, multiple=4) == 252  # a multiple of processes x micro-batches
+
+def test_classifier_start_text_or_random_unit_rows():
+    from conftest import load_stage
+    train = load_stage("03_train_coarse.py")
+    feats = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    assert torch.equal(train.classifier_start(feats, "text", 0), feats)
+    torch.manual_seed(7)
+    before = torch.rand(1)
+    torch.manual_seed(7)
+    a, b = train.classifier_start(feats, "random", 0), train.classifier_start(feats, "random", 0)
+    assert torch.equal(torch.rand(1), before)  # its own generator: the prompts' start does not move
+    assert torch.equal(a, b) and not torch.equal(a, train.classifier_start(feats, "random", 1))
+    assert a.shape == feats.shape and torch.allclose(a.norm(dim=-1), torch.ones(6))
+    assert (a * feats).sum(-1).abs().max() < 0.99  # not the text rows

@@ -107,6 +107,13 @@ def test_resume_refuses_other_settings(made_run, tiny_world, tmp_path, monkeypat
         with pytest.raises(SystemExit, match=rf"{flag}: {old} in .*last.pt, {new} now"):
             stage.main(train_args(tiny_world, made_run / "text_features.pt", out, "--epochs", "2", "--resume",
                                   flag, value))
+    last = out.with_name("last.pt")  # as a kit without --cls-init wrote it: that flag's default is what it did
+    state = torch.load(last, weights_only=True)
+    del state["meta"]["args"]["cls_init"]
+    torch.save(state, last)
+    with pytest.raises(SystemExit, match=r"--cls-init: None in .*last.pt, 'random' now"):
+        stage.main(train_args(tiny_world, made_run / "text_features.pt", out, "--epochs", "2", "--resume",
+                              "--cls-init", "random"))
     stage.main(train_args(tiny_world, made_run / "text_features.pt", out, "--epochs", "2", "--resume", "--workers", "0"))
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["meta"]["args"]["epochs"] == 2 and ckpt["meta"]["args"]["lr"] == 5e-4
