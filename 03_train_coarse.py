@@ -76,7 +76,7 @@ class Coarse(nn.Module):
     def __init__(self, visual, tokens, depth, w_cls, desc_shape):
         super().__init__()
         self.vpt = common.PromptedVisual(visual, tokens, depth)
-        self.w_cls = nn.Parameter(w_cls.clone())  # (C, d): classifier_start's
+        self.w_cls = nn.Parameter(w_cls.clone())  # (C, d), from classifier_start
         self.w_llm = nn.Parameter(torch.zeros(desc_shape))  # zero: softmax gives the plain average at start
         self.takes_features = False  # frozen tower, no prompts: forward gets the cached features
 
@@ -91,7 +91,7 @@ def classifier_start(classname_feats, how, seed):
     where zero-shot CLIP puts it), or random unit rows from their own generator ("random": a plain probe, which knows
     no text until the corpus gives it some; the prompts' start is the same either way)."""
     if how == "text":
-        return classname_feats.clone()
+        return classname_feats
     rows = torch.randn(classname_feats.shape, generator=torch.Generator().manual_seed(seed))
     return F.normalize(rows, dim=-1).to(classname_feats.dtype)
 

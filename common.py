@@ -682,8 +682,7 @@ def check_resume_args(saved, args, path, free=RESUME_FREE, defaults=None):
     checkpoint's run did not have yet (a later version of the kit added it) counts as unchanged at its default in
     `defaults`, which is what a new flag keeps the older code's behaviour at."""
     defaults = defaults or {}
-    was = lambda k: saved[k] if k in saved else defaults.get(k, saved.get(k))
-    changed = {k: v for k, v in vars(args).items() if k not in free and was(k) != v}
+    changed = {k: v for k, v in vars(args).items() if k not in free and saved.get(k, defaults.get(k)) != v}
     if changed:
         lines = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in {path}, {v!r} now" for k, v in changed.items()]
         schedule = [k for k in changed if k.startswith("epochs")]

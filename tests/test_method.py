@@ -105,6 +105,7 @@ def test_a_batch_larger_than_the_training_set_is_capped(capsys):
     assert common.cap_batch(128, 255, multiple=4) == 128
     assert common.cap_batch(256, 255, multiple=4) == 252  # a multiple of processes x micro-batches
 
+
 def test_classifier_start_text_or_random_unit_rows():
     from conftest import load_stage
     train = load_stage("03_train_coarse.py")
