@@ -272,7 +272,7 @@ def main(argv=None):
                             pretrained=args.pretrained, embed_dim=int(model.w_cls.shape[1]), world_size=world,
                             text_features=str(args.features), **facts)
     checkpoint = common.Checkpoint(last_path, meta, args, writer=rank == 0,
-                                   defaults={k: p.get_default(k) for k in vars(args)})
+                                   defaults=common.parser_defaults(p, args))
     state, start_epoch, history = checkpoint.start(), 0, []
     if state:
         missing, unexpected = model.load_state_dict(state["model"], strict=False)

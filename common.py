@@ -677,6 +677,12 @@ RESUME_FREE = {"workers", "log_every", "resume", "fresh", "device", "compile", "
                "data_root", "features", "model", "pretrained", "split", "shot_rule", "grad_checkpointing", "decode"}
 
 
+def parser_defaults(parser, args):
+    """Each flag's default as the parser declares it: what check_resume_args takes a flag to have been in a checkpoint
+    written before the flag existed."""
+    return {k: parser.get_default(k) for k in vars(args)}
+
+
 def check_resume_args(saved, args, path, free=RESUME_FREE, defaults=None):
     """Refuse to continue a checkpoint under other training settings, naming each one and both values. A flag the
     checkpoint's run did not have yet (a later version of the kit added it) counts as unchanged at its default in

@@ -133,7 +133,7 @@ def main(argv=None):
     classifier = F.normalize(text["classname"].float(), dim=-1).to(device)  # (C, d)
     adapter = Adapter(visual.output_dim, args.ratio, args.adapter).to(device)
     meta = frame.make_meta("systems.ballad", args, classnames, samples, text, model_name, split, test)
-    phases = frame.Phases(out, meta, args, args.resume)
+    phases = frame.Phases(out, meta, args, args.resume, common.parser_defaults(p, args))
     print(f"BALLAD on {args.dataset}: visual tower {common.count_parameters(visual)[0] / 1e6:.2f}M parameters (phase A), "
           f"adapter {frame.trainable(adapter) / 1e6:.3f}M (phase B, {args.adapter}); text tower frozen; logit scale "
           f"{scale:.1f}; {steps_per_epoch} steps of {batch} per epoch; weights kept: {args.select}")

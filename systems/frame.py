@@ -212,13 +212,14 @@ class Phases:
     found at the start is an interrupted run (common.Checkpoint): it stops the run unless --resume continues it or
     --fresh starts over. With resume, finished phases are loaded instead of trained and the phase in progress continues.
     A checkpoint trained with other settings, other epochs or on other inputs (by digest) is refused, naming what
-    differs."""
+    differs; a flag the checkpoint's run did not have yet counts as unchanged at its default in `defaults`
+    (common.parser_defaults)."""
 
-    def __init__(self, directory, meta, args, resume):
-        self.dir, self.meta, self.args, self.resume = Path(directory), meta, args, resume
+    def __init__(self, directory, meta, args, resume, defaults=None):
+        self.dir, self.meta, self.args, self.resume, self.defaults = Path(directory), meta, args, resume, defaults
         self.log = self.dir / "log.jsonl"
         self.steps = {}  # optimizer steps each phase took (results.json: training)
-        self.checkpoint = common.Checkpoint(self.dir / "last.pt", meta, args)
+        self.checkpoint = common.Checkpoint(self.dir / "last.pt", meta, args, defaults=defaults)
         self.in_progress = self.checkpoint.start()
         if self.in_progress is None and not resume:
             self.log.unlink(missing_ok=True)
@@ -238,7 +239,7 @@ class Phases:
         if not (self.resume and path.exists()):
             return None
         state = common.load_checkpoint(path, "an earlier run of this system")
-        common.check_resume_args(state["meta"]["args"], self.args, path)
+        common.check_resume_args(state["meta"]["args"], self.args, path, defaults=self.defaults)
         common.check_training_facts(path, state["meta"], self.meta)
         if epochs is not None:
             self._check_epochs(path, state, epochs)

@@ -272,7 +272,7 @@ def main(argv=None):
     decoders = {loss: Decoder(width, num_classes, args.depth, args.heads, args.mlp_ratio).to(device)
                 for loss in args.loss}
     meta = frame.make_meta("systems.imbalance_vlm", args, classnames, samples, text, model_name, split, test)
-    phases = frame.Phases(out, meta, args, args.resume)
+    phases = frame.Phases(out, meta, args, args.resume, common.parser_defaults(p, args))
     steps_per_epoch = len(samples) // batch
     if args.epochs:  # an epoch per chunk
         chunks, chunk = args.epochs, steps_per_epoch

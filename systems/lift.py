@@ -202,7 +202,7 @@ def main(argv=None):
     model = Lift(clip.visual, args.tuner, dim, args.vpt_len, text["classname"].float(), args.scale).to(device)
     params = model.trained()
     meta = frame.make_meta("systems.lift", args, classnames, samples, text, model_name, split, test)
-    phases = frame.Phases(out, meta, args, args.resume)
+    phases = frame.Phases(out, meta, args, args.resume, common.parser_defaults(p, args))
     print(f"LIFT on {args.dataset}: frozen tower {common.count_parameters(clip.visual)[0] / 1e6:.2f}M; trained "
           f"{sum(q.numel() for q in params) / 1e6:.3f}M ({args.tuner}" + (f", bottleneck {dim}" if args.tuner in
                                                                             ("adaptformer", "lora") else "")

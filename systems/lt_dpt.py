@@ -231,7 +231,7 @@ def main(argv=None):
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (normalize.mean, normalize.std))
     params = [q for q in model.parameters() if q.requires_grad]
     meta = frame.make_meta("systems.lt_dpt", args, classnames, samples, text, model_name, split, test)
-    phases = frame.Phases(out, meta, args, args.resume)
+    phases = frame.Phases(out, meta, args, args.resume, common.parser_defaults(p, args))
     print(f"LT-DPT on {args.dataset}: frozen tower {common.count_parameters(clip.visual)[0] / 1e6:.2f}M; trained "
           f"{sum(q.numel() for q in params) / 1e6:.3f}M (prompts, keys, alpha, beta, classifier); {args.epochs} epochs, "
           f"re-weighted in the last {drw_epochs}; GNM {'on' if args.gnm else 'off'}")

@@ -281,7 +281,7 @@ def main(argv=None):
     logit_scale = nn.Parameter(torch.tensor(math.log(text["logit_scale"]), device=device))  # s, learnable
     trained = [q for q in student.parameters() if q.requires_grad] + [logit_scale]
     meta = frame.make_meta("systems.vl_ltr", args, classnames, samples, text, model_name, split, test)
-    phases = frame.Phases(out, meta, args, args.resume)
+    phases = frame.Phases(out, meta, args, args.resume, common.parser_defaults(p, args))
     order = torch.argsort(corpus_labels, stable=True)  # sentences by class, to draw one of an image's class
     per_class = torch.bincount(corpus_labels, minlength=num_classes)
     starts = torch.cumsum(per_class, 0) - per_class

@@ -315,6 +315,21 @@ def test_resume_refuses_a_phase_of_another_schedule(made_run, tiny_world, tmp_pa
             ballad.main(args + ["--epochs", epochs, "--resume"])
 
 
+def test_a_system_resumes_a_checkpoint_from_before_a_new_flag(made_run, tiny_world, tmp_path, monkeypatch):
+    args = ["--dataset", "tiny", "--data-root", str(tiny_world), "--features", str(made_run / "text_features.pt"),
+            "--model", f"{tiny_world}/tiny-clip.json", "--pretrained", "none", "--epochs", "2", "--batch-size", "8",
+            "--workers", "0", "--out", str(tmp_path / "ballad")]
+    interrupted(ballad, args, monkeypatch)
+    last = tmp_path / "ballad" / "last.pt"  # as a kit without --adapter wrote it: that flag's default is what it did
+    state = torch.load(last, weights_only=True)
+    del state["meta"]["args"]["adapter"]
+    torch.save(state, last)
+    with pytest.raises(SystemExit, match=r"--adapter: None in .*last.pt, 'paper' now"):
+        ballad.main(args + ["--resume", "--adapter", "paper"])
+    ballad.main(args + ["--resume"])
+    assert not last.exists() and (tmp_path / "ballad" / "results.json").exists()
+
+
 @pytest.mark.parametrize("bad, message", [("label", r"test.txt:1: label -1 is outside \[0, 5\)"),
                                           ("empty image", r"test.txt:1: image .* is an empty \(zero-byte\) file"),
                                           ("empty split", r"test.txt: no 'relative/path label' line in it"),
