@@ -426,11 +426,26 @@ def shot_counts(counts, rule="lift"):
 
 
 
+INTERRUPT_KEPT = "what it had finished is kept: every file is written whole or not at all"
+_interrupt_note = [INTERRUPT_KEPT]
+
+
+def note_for_interrupt(text=INTERRUPT_KEPT):
+    """What an interrupt (Ctrl-C) leaves behind, said in run_script's one line (a training names its last.pt)."""
+    _interrupt_note[0] = text
+
+
 def run_script(main):
     """A script's entry point: bad input (a missing or unreadable file, a value the kit refuses, a full disk) ends
-    with its message on one line and exit status 1 instead of a traceback; HLC_TRACEBACK=1 shows the traceback."""
+    with its message on one line and exit status 1 instead of a traceback, and an interrupt (Ctrl-C) with a line
+    saying what is kept and exit status 130; HLC_TRACEBACK=1 shows the traceback."""
     try:
         main()
+    except KeyboardInterrupt:
+        if os.environ.get("HLC_TRACEBACK"):
+            raise
+        print(f"{Path(sys.argv[0]).name}: interrupted; {_interrupt_note[0]}", file=sys.stderr, flush=True)
+        sys.exit(130)
     except (OSError, ValueError) as e:
         if os.environ.get("HLC_TRACEBACK"):
             raise

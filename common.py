@@ -719,6 +719,8 @@ class Checkpoint:
     def start(self):
         """The state to continue from, or None to train from the first epoch."""
         say = print if self.writer else (lambda *a, **k: None)
+        if self.writer:
+            note_for_interrupt("no epoch of the training had finished, so the next run starts it from the first")
         if not self.path.exists():
             if getattr(self.args, "resume", False):
                 say(f"note: --resume, but {self.path} holds no interrupted training: training from the first epoch")
@@ -736,13 +738,18 @@ class Checkpoint:
         check_resume_args(state["meta"]["args"], self.args, self.path, self.free, self.defaults)
         check_training_facts(self.path, state["meta"], self.meta)
         say(f"resuming {where}")
+        if self.writer:
+            note_for_interrupt(f"{where} is kept: RESUME=1 continues it (--resume)")
         return state
 
     def save(self, state):
         if self.writer:
             atomic_torch_save(dict(state, meta=self.meta), self.path)
+            note_for_interrupt(f"{self.path} holds {self.describe(dict(state, meta=self.meta))}: RESUME=1 continues "
+                               "it (--resume), FRESH=1 starts over (--fresh)")
 
     def finish(self):
         """The training's output is written: last.pt goes."""
         if self.writer:
             self.path.unlink(missing_ok=True)
+            note_for_interrupt()

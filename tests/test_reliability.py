@@ -119,6 +119,30 @@ def test_resume_refuses_other_settings(made_run, tiny_world, tmp_path, monkeypat
     assert ckpt["meta"]["args"]["epochs"] == 2 and ckpt["meta"]["args"]["lr"] == 5e-4
 
 
+def test_an_interrupt_ends_in_one_line_naming_what_is_kept(made_run, tiny_world, tmp_path, monkeypatch, capsys):
+    stage = load_stage("03_train_coarse.py")
+    out = tmp_path / "coarse.pt"
+    original = common.Checkpoint.save
+
+    def save_then_die(self, state):
+        original(self, state)
+        raise KeyboardInterrupt  # Ctrl-C right after epoch 1's checkpoint
+
+    monkeypatch.setattr(common.Checkpoint, "save", save_then_die)
+    monkeypatch.delenv("HLC_TRACEBACK", raising=False)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            common.run_script(lambda: stage.main(train_args(tiny_world, made_run / "text_features.pt", out,
+                                                            "--epochs", "2", "--workers", "0")))
+        assert stop.value.code == 130
+        err = capsys.readouterr().err
+        assert f": interrupted; {out.with_name('last.pt')} holds epoch 1 of 2: RESUME=1 continues it" in err
+        assert "Traceback" not in err and out.with_name("last.pt").exists()
+    finally:
+        common.note_for_interrupt()
+        common.release_run_locks()
+
+
 def renamed_world(world, tmp_path):
     other = tmp_path / "renamed"
     shutil.copytree(world, other)
