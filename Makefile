@@ -384,7 +384,7 @@ SEED_RUN   := $(if $(RUN_GIVEN),$(RUN),runs/toy)
 SEED_DATA  := $(if $(DATA_ROOT_GIVEN),$(DATA_ROOT),data/toy)
 SEED_RUNS  := $(foreach s,0 1 2,$(call seed_folder,$(SEED_RUN),$(s)))
 seed_args   = RUN=$(call seed_folder,$(SEED_RUN),$(1)) DATA_ROOT=$(call seed_folder,$(SEED_DATA),$(1))
-toy-seeds: ## make tables and make compare for SEED=0, 1, 2, then their mean and spread (runs/toy-seeds.md)
+toy-seeds: ## make tables and make compare for SEED=0, 1, 2, then their mean, spread and relations (runs/toy-seeds.md)
 	$(foreach s,0 1 2,$(MAKE) tables compare DATASET=toy SEED=$(s) PY=$(PY) $(call seed_args,$(s)) &&) true
 	$(PY) make_tables.py --seeds $(SEED_RUNS) --out $(dir $(firstword $(SEED_RUNS)))toy-seeds.md
 

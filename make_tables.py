@@ -5,7 +5,8 @@ Reads   $(RUN)/results.json (the full HLC run), $(RUN)/ablation/<row>/results.js
         Tables 1-3).
 Writes  $(RUN)/tables/table<N>.md and compare.md (HLC and every system with its optimizer steps, learning rate,
         trainable parameters and weight selection), and prints them; with --seeds, one file of several runs' tables as
-        mean and range (make toy-seeds).
+        mean and range, ending with the relations the toy world is built to show and whether each holds (make
+        toy-seeds).
 
     python make_tables.py --run runs/places_lt --table 1 4 6 7 compare
     python make_tables.py --seeds runs/toy runs/toy-seed1 runs/toy-seed2 --out runs/toy-seeds.md
@@ -245,8 +246,94 @@ def seeds_table(runs, out):
             budget = text.split("| optimizer steps |", 1)
             if len(budget) == 2:
                 parts += [f"Budget (the same in every run; {runs[0]}):", "", "| | optimizer steps |" + budget[1].rstrip(), ""]
+    if all((Path(r) / "ablation" / "na" / "results.json").exists() for r in runs):
+        order = ", ".join(str(r) for r in runs)
+        parts += ["## relations", "", f"Each relation the toy world is built to show, in points of overall accuracy "
+                  f"(seeds in the order {order}; the paper's figures are Places-LT's):", "", relations_table(runs)]
+    else:
+        parts += ["(relations: the ablation runs are missing in some runs; `make toy-seeds` makes them)", ""]
     basics.atomic_write_text(out, "\n".join(parts) + "\n")
     print("\n".join(parts))
+
+
+# The relations the toy world is built to show (issue 32): each with the paper's figure where it has one (Places-LT,
+# Tables 4, 6 and 7), how one run's value is read from relation_values, and the tests it must pass over the seeds as
+# (where, comparison, floor), where "mean" tests the mean of the seeds and "every" each seed.
+RELATIONS = (
+    ("b -> d: + VPT", "+2.8", lambda v: v["vpt"] - v["lp"], (("mean", ">", 0),)),
+    ("d -> e: + LA", "+5.9", lambda v: v["vpt_la"] - v["vpt"], (("mean", ">", 0), ("every", ">", 0))),
+    ("e -> f: + corpus", "+1.7", lambda v: v["corpus"] - v["vpt_la"], (("mean", ">", 0),)),
+    ("f -> g: + SFM", "+1.7", lambda v: v["sfm"] - v["corpus"], (("mean", ">", 0),)),
+    ("g -> h: plain descriptor average", "-3.2", lambda v: v["plain"] - v["sfm"],
+     (("mean", "<", 0), ("every", "<", 0))),
+    ("h -> i: learned weights", "+4.2", lambda v: v["hlc"] - v["plain"], (("mean", ">", 0), ("every", ">", 0))),
+    ("HLC over the best other row of Table 4", "+1.0 (row g)", lambda v: v["hlc"] - v["best_other"],
+     (("every", ">", 0),)),
+    ("HLC over the linear probe with LA", "", lambda v: v["hlc"] - v["lp_la"], (("mean", ">=", 2),)),
+    ("K = 5 over K = 1", "+1.0 (row g as K = 1)", lambda v: v["k5"] - v["k1"], (("every", ">=", 0),)),
+    ("HLC over the paper's N/A model (Table 6)", "+7.0", lambda v: v["hlc"] - v["na"], (("mean", ">=", 2),)),
+    ("HLC over the full model's descriptors alone (\"all\")", "", lambda v: v["hlc"] - v["all"], (("mean", ">=", 2),)),
+    ("Table 7: VCD average over CLIP", "+2.6", lambda v: v["vcd"] - v["zero_shot"], (("every", ">", 0),)),
+    ("Table 7: reweighted over VCD average", "+2.6", lambda v: v["reweighted"] - v["vcd"], (("every", ">", 0),)),
+    ("uniform minus the non-visual descriptors' weight (x 100)", "", lambda v: v.get("below_nonvisual"),
+     (("every", ">", 0),)),
+    ("uniform minus the wrong descriptors' weight (x 100)", "", lambda v: v.get("below_wrong"), (("every", ">", 0),)),
+)
+OPS = {">": lambda x, f: x > f, ">=": lambda x, f: x >= f, "<": lambda x, f: x < f}
+
+
+def relation_values(run):
+    """One run's figures behind RELATIONS (overall accuracy in points), read from its results files and checked to be
+    made on the same data as its results.json."""
+    run = Path(run)
+    full = load(run / "results.json", "make all")
+    ab = {}
+    for name in ("lp", "vpt", "corpus", "sfm", "na"):
+        path = run / "ablation" / name / "results.json"
+        ab[name] = (path, load(path, "make tables"))
+    check_same_data((run / "results.json", full), list(ab.values()), "make tables")
+    acc = lambda res, variant: res["variants"][variant]["overall"]
+    ab = {name: res for name, (_, res) in ab.items()}
+    table4 = table4_rows(run, full, "make tables")
+    v = dict(lp=acc(ab["lp"], "coarse"), lp_la=acc(ab["lp"], "coarse_la"), vpt=acc(ab["vpt"], "coarse"),
+             vpt_la=acc(ab["vpt"], "coarse_la"), corpus=acc(ab["corpus"], "coarse_la"), sfm=acc(ab["sfm"], "coarse_la"),
+             plain=acc(ab["sfm"], "hlc_unweighted"), hlc=acc(full, "hlc"),
+             best_other=max(r["overall"] for label, r in table4 if not label.startswith("i) ")),
+             k1=full["topk_sweep"]["1"]["overall"], k5=full["topk_sweep"]["5"]["overall"],
+             all=full["topk_sweep"]["all"]["overall"], na=ab["na"]["topk_sweep"]["all"]["overall"],
+             zero_shot=acc(full, "zero_shot"), vcd=acc(full, "descriptors_zero_shot"),
+             reweighted=full["zero_shot_reweighted"]["overall"])
+    kinds = full.get("descriptor_weights") or {}
+    if (run / "predictions.npz").exists() and kinds:  # uniform: 1 / (a class's descriptors), over the classes
+        weights = np.load(run / "predictions.npz")["desc_weights"]
+        uniform = float(np.mean(1.0 / np.maximum(1, (weights > 0).sum(1))))
+        for kind in ("nonvisual", "wrong"):
+            if kinds.get(kind) is not None:
+                v[f"below_{kind}"] = 100 * (uniform - kinds[kind])
+    return v
+
+
+def relations_table(runs):
+    """The markdown table of RELATIONS over the runs (seeds): each seed's value, the mean, what is asked, and whether
+    it holds; a relation a run cannot give (no descriptor kinds) is left out."""
+    values = [relation_values(r) for r in runs]
+    lines = ["| relation | paper | per seed | mean | asked | holds |", "| --- | --- | --- | --- | --- | --- |"]
+    for label, paper, read, tests in RELATIONS:
+        xs = [read(v) for v in values]
+        if any(x is None for x in xs):
+            continue
+        mean = float(np.mean(xs))
+        failed = []
+        for where, op, floor in tests:
+            if where == "mean" and not OPS[op](round(mean, 2), floor):
+                failed.append("mean")
+            if where == "every":
+                failed += [f"seed {i}" for i, x in enumerate(xs) if not OPS[op](round(x, 2), floor)]
+        asked = ", ".join(f"{op} {floor:g} {'on the mean' if where == 'mean' else 'every seed'}"
+                          for where, op, floor in tests)
+        lines.append(f"| {label} | {paper} | {', '.join(f'{x:+.2f}' for x in xs)} | {mean:+.2f} | {asked} | "
+                     f"{'yes' if not failed else 'no: ' + ', '.join(dict.fromkeys(failed))} |")
+    return "\n".join(lines) + "\n"
 
 
 def cifar_paper(run):

@@ -266,6 +266,20 @@ def test_table6_k1_is_coarse_la_and_all_is_reranking_everything(tables_run):
 
 
 @pytest.mark.slow
+def test_relations_read_the_tables_rows(tables_run):
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split(" | ")] for line in
+                              make_tables.relations_table([tables_run] * 3).splitlines()[2:])}
+    table4 = {label: float(r[3]) for label, r in table_rows(tables_run / "tables" / "table4.md").items()}
+    vpt = table4["d) + VPT"] - table4["b) linear probe"]
+    assert rows["b -> d: + VPT"][2] == ", ".join([f"{vpt:+.2f}"] * 3)
+    weights = table4["i) + reweighted (HLC)"] - table4["h) + descriptors, unweighted"]
+    assert rows["h -> i: learned weights"][3] == f"{weights:+.2f}"
+    others = max(v for k, v in table4.items() if not k.startswith("i) "))
+    assert rows["HLC over the best other row of Table 4"][3] == f"{table4['i) + reweighted (HLC)'] - others:+.2f}"
+    assert not any(k.startswith("uniform minus") for k in rows)  # the tiny world has no descriptor kinds
+
+
+@pytest.mark.slow
 def test_table7_rows(tables_run):
     rows = table_rows(tables_run / "tables" / "table7.md")
     results = json.loads((tables_run / "results.json").read_text())
@@ -329,6 +343,24 @@ def test_explanations_render_in_headless_chromium(made_run, tmp_path):
     from PIL import Image
     pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
     assert pixels.shape[0] > 500 and pixels.std() > 10  # a page with text and images, not a blank one
+
+
+def test_relations_say_which_seed_or_the_mean_fails(monkeypatch):
+    tables = load_stage("make_tables.py")
+    base = dict(lp=60.0, lp_la=70.0, vpt=64.0, vpt_la=72.0, corpus=73.0, sfm=74.0, plain=71.0, hlc=75.0,
+                best_other=74.0, k1=74.0, k5=75.0, all=74.5, na=65.0, zero_shot=50.0, vcd=60.0, reweighted=65.0,
+                below_nonvisual=3.0, below_wrong=2.0)
+    seeds = [dict(base), dict(base, corpus=71.0, k5=73.5), dict(base, corpus=72.5, below_wrong=-0.5)]
+    monkeypatch.setattr(tables, "relation_values", lambda run: seeds[int(run)])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in tables.relations_table(["0", "1", "2"]).splitlines()}
+    assert rows["b -> d: + VPT"].endswith("| +4.00, +4.00, +4.00 | +4.00 | > 0 on the mean | yes |")
+    assert "| +1.00, -1.00, +0.50 | +0.17 |" in rows["e -> f: + corpus"] and rows["e -> f: + corpus"].endswith("| yes |")
+    assert rows["K = 5 over K = 1"].endswith("| +1.00, -0.50, +1.00 | +0.50 | >= 0 every seed | no: seed 1 |")
+    assert rows["HLC over the linear probe with LA"].endswith("| +5.00 | >= 2 on the mean | yes |")
+    assert rows['HLC over the full model\'s descriptors alone ("all")'].endswith("| no: mean |")
+    assert rows["uniform minus the wrong descriptors' weight (x 100)"].endswith("| no: seed 2 |")
+    seeds[0] = {k: v for k, v in base.items() if not k.startswith("below_")}  # a world without descriptor kinds
+    assert "uniform minus" not in tables.relations_table(["0", "1", "2"])
 
 
 def test_seeds_table_averages_each_row_and_skips_the_budget_table(tmp_path):
