@@ -427,12 +427,13 @@ def shot_counts(counts, rule="lift"):
 
 
 INTERRUPT_KEPT = "what it had finished is kept: every file is written whole or not at all"
-_interrupt_note = [INTERRUPT_KEPT]
+_interrupt_note = INTERRUPT_KEPT
 
 
 def note_for_interrupt(text=INTERRUPT_KEPT):
     """What an interrupt (Ctrl-C) leaves behind, said in run_script's one line (a training names its last.pt)."""
-    _interrupt_note[0] = text
+    global _interrupt_note
+    _interrupt_note = text
 
 
 def run_script(main):
@@ -444,7 +445,7 @@ def run_script(main):
     except KeyboardInterrupt:
         if os.environ.get("HLC_TRACEBACK"):
             raise
-        print(f"{Path(sys.argv[0]).name}: interrupted; {_interrupt_note[0]}", file=sys.stderr, flush=True)
+        print(f"{Path(sys.argv[0]).name}: interrupted; {_interrupt_note}", file=sys.stderr, flush=True)
         sys.exit(130)
     except (OSError, ValueError) as e:
         if os.environ.get("HLC_TRACEBACK"):

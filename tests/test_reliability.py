@@ -84,7 +84,8 @@ def test_a_failed_stage_records_nothing_so_fixing_a_typo_redoes_nothing(own_run)
 
 
 def interrupted(stage, args, monkeypatch):
-    """Run a stage's main(args) and kill it (KeyboardInterrupt) right after its first checkpoint: last.pt stays."""
+    """Run a stage's main(args) as its command line does (run_script) and interrupt it (Ctrl-C) right after its first
+    checkpoint: it exits with status 130, and last.pt stays."""
     original = common.Checkpoint.save
 
     def save_then_die(self, state):
@@ -92,9 +93,12 @@ def interrupted(stage, args, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(common.Checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        stage.main(args)
+    monkeypatch.delenv("HLC_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        common.run_script(lambda: stage.main(args))
+    assert stop.value.code == 130
     monkeypatch.setattr(common.Checkpoint, "save", original)
+    common.note_for_interrupt()
     common.release_run_locks()
 
 
@@ -120,27 +124,12 @@ def test_resume_refuses_other_settings(made_run, tiny_world, tmp_path, monkeypat
 
 
 def test_an_interrupt_ends_in_one_line_naming_what_is_kept(made_run, tiny_world, tmp_path, monkeypatch, capsys):
-    stage = load_stage("03_train_coarse.py")
     out = tmp_path / "coarse.pt"
-    original = common.Checkpoint.save
-
-    def save_then_die(self, state):
-        original(self, state)
-        raise KeyboardInterrupt  # Ctrl-C right after epoch 1's checkpoint
-
-    monkeypatch.setattr(common.Checkpoint, "save", save_then_die)
-    monkeypatch.delenv("HLC_TRACEBACK", raising=False)
-    try:
-        with pytest.raises(SystemExit) as stop:
-            common.run_script(lambda: stage.main(train_args(tiny_world, made_run / "text_features.pt", out,
-                                                            "--epochs", "2", "--workers", "0")))
-        assert stop.value.code == 130
-        err = capsys.readouterr().err
-        assert f": interrupted; {out.with_name('last.pt')} holds epoch 1 of 2: RESUME=1 continues it" in err
-        assert "Traceback" not in err and out.with_name("last.pt").exists()
-    finally:
-        common.note_for_interrupt()
-        common.release_run_locks()
+    interrupted(load_stage("03_train_coarse.py"), train_args(tiny_world, made_run / "text_features.pt", out,
+                                                             "--epochs", "2", "--workers", "0"), monkeypatch)
+    err = capsys.readouterr().err
+    assert f": interrupted; {out.with_name('last.pt')} holds epoch 1 of 2: RESUME=1 continues it" in err
+    assert "Traceback" not in err and out.with_name("last.pt").exists()
 
 
 def renamed_world(world, tmp_path):
