@@ -67,6 +67,10 @@ def main(argv=None):
     p.add_argument("--web-share", type=float, default=0.5, choices=(0.0, 0.25, 0.5, 1.0),
                    help="share of the catalogue photographed as the web does, in varied light, colour balance and "
                         "noise (toyworld.WebCamera); 0: all daylight, as the toy CLIP before it")
+    p.add_argument("--logit-scale", type=float, default=0.0,
+                   help="fix CLIP's logit scale (inverse temperature) at this value, as real CLIP ends its training at "
+                        "its clamp of 100; 0 learns it from open_clip's start (1 / 0.07, clamped at 100), as the "
+                        "committed weights were made (they ended at 26.8)")
     p.add_argument("--seed", type=int, default=0, help="everything follows from this seed")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the weights repeat bit for bit with the same "
                                                           "count on the same kind of CPU)")
@@ -102,8 +106,12 @@ def main(argv=None):
 
     # ---- model and loop ----
     model.train().requires_grad_(True)
+    if args.logit_scale:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(args.logit_scale))
+        model.logit_scale.requires_grad_(False)
     decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and "embedding" not in n]
-    rest = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "embedding" not in n)]
+    rest = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "embedding" not in n) and q.requires_grad]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)], lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     warmup = max(1, args.steps // 20)

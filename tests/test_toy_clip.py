@@ -132,3 +132,15 @@ def test_pretraining_twice_writes_the_same_bytes(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         digests.append(toyworld.clip_digest(tmp_path / run / "toy-clip.safetensors"))
     assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_a_fixed_logit_scale_stays_where_it_was_set(tmp_path):
+    """--logit-scale 100 holds CLIP's temperature at real CLIP's final value while the towers learn."""
+    out = subprocess.run([sys.executable, str(ROOT / "00_pretrain_toy_clip.py"), "--out", str(tmp_path / "c"),
+                          "--steps", "3", "--batch-size", "32", "--bank-per-class", "2", "--logit-scale", "100"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "scale 100.0" in out.stdout
+    arrays, _ = toyworld.read_clip(tmp_path / "c" / "toy-clip.safetensors")
+    assert abs(float(np.exp(arrays["logit_scale"].astype(np.float64))) - 100) < 0.5  # half precision on disk
