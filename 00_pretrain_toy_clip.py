@@ -79,6 +79,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.compare:
         return compare(*args.compare)
+    if not 0 <= args.logit_scale <= 100:
+        p.error(f"--logit-scale {args.logit_scale:g}: give 0 (learn it) or a value in (0, 100], where the loss clamps it")
 
     # ---- setup ----
     t0 = time.time()

@@ -144,3 +144,6 @@ def test_a_fixed_logit_scale_stays_where_it_was_set(tmp_path):
     assert "scale 100.0" in out.stdout
     arrays, _ = toyworld.read_clip(tmp_path / "c" / "toy-clip.safetensors")
     assert abs(float(np.exp(arrays["logit_scale"].astype(np.float64))) - 100) < 0.5  # half precision on disk
+    out = subprocess.run([sys.executable, str(ROOT / "00_pretrain_toy_clip.py"), "--out", str(tmp_path / "d"),
+                          "--logit-scale", "300"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "--logit-scale 300" in out.stderr and not (tmp_path / "d").exists()
