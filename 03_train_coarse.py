@@ -160,7 +160,7 @@ def main(argv=None):
                    help="temperature t of the descriptor loss; 0 = CLIP's own logit scale (paper: not given)")
     p.add_argument("--cls-init", choices=["text", "random"], default="text",
                    help="W_cls's start: the class-name prompt features, or random unit rows as a plain linear probe "
-                        "starts (docs/toy-world.md measures both) (paper: not given)")
+                        "starts (docs/toy-world-experiments.md measures both) (paper: not given)")
     p.add_argument("--cls-loss-weight", type=float, default=1.0,
                    help="weight of the classifier's loss; 0 trains the prompts for the descriptor loss alone, as the "
                         "paper's Table 5 'Ours' and Table 6 N/A model (make tables: ablation na) (paper: 1)")
