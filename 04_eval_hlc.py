@@ -60,9 +60,11 @@ def predict(arrays, k, tau, taus=TAU_SWEEP, device="cpu", batch_size=1024):
                  "descriptors_zero_shot": (v0 @ proto_plain.T).argmax(1), "coarse": logits.argmax(1),
                  "coarse_la": adjusted.argmax(1), "hlc_unweighted": common.rerank(adjusted, scores_plain, k),
                  "hlc": common.rerank(adjusted, scores, k), "zero_shot_reweighted": (v0 @ proto.T).argmax(1)}
-        for kk in K_SWEEP:  # one top-K for the whole sweep; "all": every class re-ranked, the full model's
-            if kk == "all":  # descriptors alone (the paper's N/A row is another model: make tables, ablation na); as
-                # rerank with K >= C, a tie goes to the better-ranked class
+        # one top-K for the whole sweep. "all" re-ranks every class: the full model's descriptors alone (the
+        # paper's N/A row is another model: make tables, ablation na); as rerank with K >= C, a tie goes to the
+        # better-ranked class
+        for kk in K_SWEEP:
+            if kk == "all":
                 batch["kall"] = common.rerank(adjusted, scores, adjusted.shape[1])
                 continue
             cand = top[:, :kk]
