@@ -68,6 +68,24 @@ def test_epochs_from_the_environment_reach_every_script(small_toy):
         assert out.returncode == 0 and "--epochs 3" in out.stdout, (goal, out.stdout[-1500:], out.stderr[-500:])
 
 
+def test_a_training_seed_in_train_args_retrains_on_the_same_world(small_toy, tmp_path):
+    """docs/toy-world.md's training-seed study: TRAIN_ARGS="--seed 11" changes the training, not the world."""
+    import shutil
+    tmp, args = small_toy
+    run = tmp_path / "run11"
+    shutil.copytree(tmp / "run", run, copy_function=shutil.copy2)  # keeps the times, so only the training is stale
+    world = {f: f.stat().st_mtime_ns for f in (tmp / "data").rglob("*") if f.is_file()}
+    args = [a for a in args if not a.startswith(("RUN=", "TRAIN_ARGS="))]
+    out = make("train", *args, f"RUN={run}", "TRAIN_ARGS=--log-every 7 --seed 11")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ran = [line.split()[1] for line in out.stdout.splitlines() if line.startswith(sys.executable + " ")]
+    assert ran == ["03_train_coarse.py"], out.stdout[-2000:]
+    assert world == {f: f.stat().st_mtime_ns for f in (tmp / "data").rglob("*") if f.is_file()}
+    old, new = (torch.load(r / "coarse.pt", weights_only=True) for r in (tmp / "run", run))
+    assert old["meta"]["args"]["seed"] == 0 and new["meta"]["args"]["seed"] == 11
+    assert not torch.equal(old["prompts"], new["prompts"])
+
+
 def test_an_old_make_is_stopped_with_the_fix():
     out = make("MAKE_VERSION=3.81", "-n", "help")
     assert out.returncode != 0 and "needs GNU make 4.2 or newer" in out.stderr and "gmake" in out.stderr
