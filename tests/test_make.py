@@ -2,6 +2,7 @@
 recipes that a flag does not wipe out, variables from the environment, and the make version it needs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,7 +71,6 @@ def test_epochs_from_the_environment_reach_every_script(small_toy):
 
 def test_a_training_seed_in_train_args_retrains_on_the_same_world(small_toy, tmp_path):
     """docs/toy-world.md's training-seed study: TRAIN_ARGS="--seed 11" changes the training, not the world."""
-    import shutil
     tmp, args = small_toy
     run = tmp_path / "run11"
     shutil.copytree(tmp / "run", run, copy_function=shutil.copy2)  # keeps the times, so only the training is stale
