@@ -275,9 +275,11 @@ RELATIONS = (
     ("HLC over the full model's descriptors alone (\"all\")", "", lambda v: v["hlc"] - v["all"], (("mean", ">=", 2),)),
     ("Table 7: VCD average over CLIP", "+2.6", lambda v: v["vcd"] - v["zero_shot"], (("every", ">", 0),)),
     ("Table 7: reweighted over VCD average", "+2.6", lambda v: v["reweighted"] - v["vcd"], (("every", ">", 0),)),
+    # "well below uniform": at least a fifth under it (2 points x 100 with ten descriptors a class); issue 32 gives
+    # 8.7 against 10, an eighth under, as a weight that does not silence
     ("uniform minus the non-visual descriptors' weight (x 100)", "", lambda v: v.get("below_nonvisual"),
-     (("every", ">", 0),)),
-    ("uniform minus the wrong descriptors' weight (x 100)", "", lambda v: v.get("below_wrong"), (("every", ">", 0),)),
+     (("every", ">=", 2),)),
+    ("uniform minus the wrong descriptors' weight (x 100)", "", lambda v: v.get("below_wrong"), (("every", ">=", 2),)),
 )
 OPS = {">": lambda x, f: x > f, ">=": lambda x, f: x >= f, "<": lambda x, f: x < f}
 

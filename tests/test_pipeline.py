@@ -350,7 +350,8 @@ def test_relations_say_which_seed_or_the_mean_fails(monkeypatch):
     base = dict(lp=60.0, lp_la=70.0, vpt=64.0, vpt_la=72.0, corpus=73.0, sfm=74.0, plain=71.0, hlc=75.0,
                 best_other=74.0, k1=74.0, k5=75.0, all=74.5, na=65.0, zero_shot=50.0, vcd=60.0, reweighted=65.0,
                 below_nonvisual=3.0, below_wrong=2.0)
-    seeds = [dict(base), dict(base, corpus=71.0, k5=73.5), dict(base, corpus=72.5, below_wrong=-0.5)]
+    seeds = [dict(base), dict(base, corpus=71.0, k5=73.5, below_nonvisual=1.5),
+             dict(base, corpus=72.5, below_wrong=-0.5)]
     monkeypatch.setattr(tables, "relation_values", lambda run: seeds[int(run)])
     rows = {line.split(" | ")[0].lstrip("| "): line for line in tables.relations_table(["0", "1", "2"]).splitlines()}
     assert rows["b -> d: + VPT"].endswith("| +4.00, +4.00, +4.00 | +4.00 | > 0 on the mean | yes |")
@@ -358,7 +359,8 @@ def test_relations_say_which_seed_or_the_mean_fails(monkeypatch):
     assert rows["K = 5 over K = 1"].endswith("| +1.00, -0.50, +1.00 | +0.50 | >= 0 every seed | no: seed 1 |")
     assert rows["HLC over the linear probe with LA"].endswith("| +5.00 | >= 2 on the mean | yes |")
     assert rows['HLC over the full model\'s descriptors alone ("all")'].endswith("| no: mean |")
-    assert rows["uniform minus the wrong descriptors' weight (x 100)"].endswith("| no: seed 2 |")
+    assert rows["uniform minus the wrong descriptors' weight (x 100)"].endswith("| >= 2 every seed | no: seed 2 |")
+    assert rows["uniform minus the non-visual descriptors' weight (x 100)"].endswith("| no: seed 1 |")  # under, not well
     seeds[0] = {k: v for k, v in base.items() if not k.startswith("below_")}  # a world without descriptor kinds
     assert "uniform minus" not in tables.relations_table(["0", "1", "2"])
 

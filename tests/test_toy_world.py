@@ -40,10 +40,10 @@ def test_learned_weights_beat_the_plain_average(toy_runs):
     assert v["hlc"]["overall"] > v["hlc_unweighted"]["overall"]
 
 
-def test_learned_weights_silence_the_planted_distractors(toy_runs):
+def test_learned_weights_silence_the_non_visual_descriptors_and_put_the_wrong_ones_under_uniform(toy_runs):
     w = toy_runs[0]["descriptor_weights"]
-    uniform = 1 / 10
-    assert w["distractor"] < w["pattern"] and w["nonvisual"] < uniform and w["wrong"] < uniform, w
+    uniform = 1 / 10  # "well below" (make_tables.RELATIONS): a fifth under; the wrong kind is not, on seeds 0 and 2
+    assert w["distractor"] < w["pattern"] and w["nonvisual"] <= 0.8 * uniform and w["wrong"] < uniform, w
 
 
 def test_descriptors_beat_class_name_prompts_zero_shot(toy_runs):
