@@ -25,6 +25,8 @@ import llm
 
 # Wikipedia sections that carry no description of the class (VL-LTR drops them too)
 DROPPED_SECTIONS = {"external links", "references", "further reading", "bibliography", "see also", "notes"}
+# the benchmarks whose corpus in the paper includes VL-LTR's Wikipedia release
+PAPER_WIKI = ("imagenet_lt", "places_lt", "inat2018")
 
 
 # ---- corpus sources ----
@@ -64,6 +66,11 @@ def wiki_sentences(folder, num_classes):
         else:
             out.append([])
             missing.append(c)
+    if len(missing) == num_classes:  # a wrong folder, not a sparse corpus
+        held = sorted(p.name for p in folder.iterdir())
+        raise SystemExit(f"{folder}: no desc_<label>.txt for any of the {num_classes} classes (the folder holds "
+                         f"{', '.join(held[:5]) + (' ...' if len(held) > 5 else '') if held else 'nothing'}); "
+                         "give the folder of VL-LTR's desc_0.txt, desc_1.txt, ... (WIKI=, --wiki)")
     if missing:
         print(f"note: {len(missing)} classes have no {folder}/desc_<label>.txt (first: {missing[:5]})")
     return out
@@ -311,6 +318,10 @@ def main(argv=None):
         sources["cupl_llm"] = asked["cupl"]
     if not sources:
         raise SystemExit("no corpus source: keep --templates on, or give --wiki or --cupl")
+    if args.dataset in PAPER_WIKI and "wiki" not in sources:
+        print(f"note: no Wikipedia text for {args.dataset} (no {args.data_root}/wiki folder, no --wiki): the paper's "
+              "corpus has VL-LTR's Wikipedia release besides the templates, so this run is not the paper's recipe "
+              "(docs/text.md)")
     merged = [sum((src[c] for src in sources.values()), []) for c in range(num_classes)]
     empty = [classnames[c] for c in range(num_classes) if not merged[c]]
     if empty:

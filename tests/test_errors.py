@@ -138,6 +138,31 @@ def test_wiki_reader_drops_reference_sections(tmp_path):
     assert corpus_stage.read_wiki_file(tmp_path / "desc_1.txt") == ["机场有跑道."]
 
 
+def test_a_wiki_folder_with_no_class_file_is_refused_and_naming_what_it_holds(tiny_world, tmp_path):
+    root = copy_world(tiny_world, tmp_path / "w")
+    for path in (root / "wiki").glob("desc_*.txt"):
+        path.rename(path.with_name("wiki_" + path.name[len("desc_"):]))
+    with pytest.raises(SystemExit, match=r"wiki: no desc_<label>.txt for any of the 5 classes \(the folder holds "
+                                         r"wiki_0.txt, wiki_1.txt"):
+        corpus_stage.main(["--dataset", "tiny", "--data-root", str(root), "--wiki", str(root / "wiki"),
+                           "--descriptors", str(root / "descriptors.json"), "--out", str(tmp_path / "c.json")])
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_a_benchmark_without_wikipedia_says_it_is_not_the_papers_corpus(tmp_path, capsys):
+    for split in ("train", "test"):
+        (tmp_path / f"ImageNet_LT_{split}.txt").write_text("train/n01440764/a.JPEG 0\n")
+    (tmp_path / "d.json").write_text(json.dumps({"tench": ["a fish"]}))
+    args = ["--dataset", "imagenet_lt", "--data-root", str(tmp_path), "--descriptors", str(tmp_path / "d.json")]
+    corpus_stage.main(args + ["--out", str(tmp_path / "c.json")])
+    assert "note: no Wikipedia text for imagenet_lt" in capsys.readouterr().out
+    (tmp_path / "wiki").mkdir()
+    (tmp_path / "wiki" / "desc_0.txt").write_text("A tench is a fish.\n")
+    corpus_stage.main(args + ["--wiki", str(tmp_path / "wiki"), "--out", str(tmp_path / "c2.json")])
+    out = capsys.readouterr().out
+    assert "no Wikipedia text" not in out and "999 classes have no" in out
+
+
 def test_class_names_for_places_categories_file(tmp_path):
     (tmp_path / "categories_places365.txt").write_text("/b/bakery/shop 1\n/a/airfield 0\n")
     info = dict(common.DATASETS["places_lt"], num_classes=2)
