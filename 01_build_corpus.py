@@ -18,6 +18,7 @@ import difflib
 import os
 import random
 import re
+import urllib.parse
 from pathlib import Path
 
 import basics
@@ -228,7 +229,11 @@ def ask_llm(args, classnames):
         raise SystemExit(f"dry run: {len(jobs)} first requests for {len(classnames)} classes, {len(jobs) - missing} "
                          f"cached, {missing} to ask {args.llm_model} at {args.llm_base_url} (plus re-asks for answers "
                          f"with fewer than {args.num_descriptors} items)")
-    client = llm.ChatClient(args.llm_base_url, args.llm_model, read_key(args), args.llm_temperature,
+    key = read_key(args)
+    if not key and urllib.parse.urlsplit(args.llm_base_url).hostname == "api.openai.com":
+        raise SystemExit(f"no API key for {args.llm_base_url}: put it in {args.llm_key_env} or in a file given by "
+                         "--llm-key-file PATH (a local server that needs none: OPENAI_BASE_URL or --llm-base-url)")
+    client = llm.ChatClient(args.llm_base_url, args.llm_model, key, args.llm_temperature,
                            args.llm_timeout, backoff=args.llm_backoff)
     print(f"asking {args.llm_model} at {args.llm_base_url}: {missing} of {len(jobs)} requests not cached "
           f"({cache.path})")

@@ -250,6 +250,17 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
         except LLMFatal:
             fatal.set()
             raise
+        except RuntimeError as e:  # out of retries
+            with cache.lock:
+                never = not cache.answers  # nothing from this endpoint, in this run or in the cache
+            if not never:
+                raise
+            # a wrong URL, no network, a dead server: each class would wait out its own retries, hours for a
+            # thousand classes, before the run said so
+            fatal.set()
+            raise LLMFatal(f"{e}. This endpoint has answered nothing, in this run or in the cache, so no more "
+                           "requests are sent: check it (OPENAI_BASE_URL or --llm-base-url), the network and the "
+                           "model name") from None
         cache.put(model, prompt, classnames[cls], sample, text)
         with lock:
             stats["done"] += 1

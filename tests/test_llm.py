@@ -179,8 +179,27 @@ def test_an_answer_that_is_never_utf8_names_the_endpoint(world20, tmp_path):
     with FakeLLM("badutf8always") as server:
         with pytest.raises(SystemExit) as e:
             run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "4", "--llm-backoff", "0.01")
-    assert "20 classes got no usable answer" in str(e.value) and server.url in str(e.value)
+    assert "This endpoint has answered nothing" in str(e.value) and server.url in str(e.value)
     assert "UnicodeDecodeError" in str(e.value)
+    assert server.requests <= 4 * 7  # the first class out of retries stopped the rest: 7 tries each, 4 at a time
+
+
+def test_an_endpoint_that_never_answers_stops_the_run_after_one_class_s_retries(world20, tmp_path):
+    """Nothing listens on port 9: without the stop, each of a benchmark's classes would wait out its own retries."""
+    t = time.time()
+    with pytest.raises(SystemExit) as e:
+        run_stage(world20, tmp_path / "corpus.json", "http://127.0.0.1:9/v1", "--llm-backoff", "0.01")
+    msg = str(e.value)
+    assert "http://127.0.0.1:9/v1" in msg and "connection failed" in msg and "OPENAI_BASE_URL" in msg, msg
+    assert "This endpoint has answered nothing" in msg and time.time() - t < 20
+    assert not (tmp_path / "corpus.json").exists()
+
+
+def test_openai_without_a_key_is_refused_before_any_request(world20, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(SystemExit, match="no API key for https://api.openai.com/v1: put it in OPENAI_API_KEY"):
+        run_stage(world20, tmp_path / "corpus.json", "https://api.openai.com/v1")
+    assert not (tmp_path / "llm_cache.jsonl").exists() or not (tmp_path / "llm_cache.jsonl").read_text()
 
 
 def test_the_timeout_bounds_the_whole_request(world20, tmp_path):
