@@ -410,12 +410,16 @@ test-all: $(SETUP) ## every test, the toy world end to end and the slow checks t
 
 # the kit removes only what it made: a run directory holding its params/ (or nothing yet), toy worlds holding its marker
 clean: ## remove this run directory
-	@if [ -d $(RUN) ] && [ ! -d $(RUN)/params ] && [ -n "$$(ls -A $(RUN) | grep -v '^\.make\.lock$$')" ]; then \
+	@if [ -d $(RUN) ] && [ ! -d $(RUN)/params ] && [ -n "$$(ls -A $(RUN) | grep -v -e '^\.make\.lock$$' -e '^llm_cache\.jsonl$$')" ]; then \
 	    echo "RUN=$(RUN) holds files but no params/ (no stage of the kit finished there): not removed" >&2; exit 1; fi
 	@found=$$(find $(RUN) -maxdepth 3 \( -false $(foreach f,$(DATASET_FILES),-o -name $(f)) \) -print -quit 2>/dev/null); \
 	if [ -n "$$found" ]; then echo "RUN=$(RUN) holds a dataset ($$found), which no run writes: not removed" >&2; \
 	    exit 1; fi
-	rm -rf $(RUN)
+	@if [ -s $(RUN)/llm_cache.jsonl ]; then \
+	    find $(RUN) -mindepth 1 -maxdepth 1 ! -name llm_cache.jsonl -exec rm -rf {} +; \
+	    echo "removed $(RUN) but its llm_cache.jsonl ($$(wc -l < $(RUN)/llm_cache.jsonl) answers): asking again costs money" \
+	         "and, at temperature 0.7, gives other descriptors; remove it yourself to ask anew"; \
+	else echo "rm -rf $(RUN)"; rm -rf $(RUN); fi
 
 clean-toy: ## remove every toy world the kit made (data/toy*) and their runs
 	@for d in data/toy data/toy-seed*; do [ -e $$d/.made-by-hlc-kit ] || [ -e $$d/clip/toy-clip.json ] || continue; \

@@ -78,6 +78,14 @@ def test_a_run_never_holds_the_dataset_and_clean_never_removes_one(tmp_path):
     assert out.returncode != 0 and f"holds a dataset ({mine}/train.txt)" in out.stderr and snapshot(mine) == before
     (tmp_path / "run" / "params").mkdir(parents=True)
     assert make("clean", f"RUN={tmp_path}/run").returncode == 0 and not (tmp_path / "run").exists()
+    run = tmp_path / "run2"  # the LLM's answers are paid for and, at temperature 0.7, not asked the same twice
+    (run / "params").mkdir(parents=True)
+    (run / "corpus.json").write_text("{}")
+    (run / "llm_cache.jsonl").write_text('{"answer": "1. a"}\n{"answer": "1. b"}\n')
+    for _ in range(2):  # and a second clean keeps them too, without complaint
+        out = make("clean", f"RUN={run}")
+        assert out.returncode == 0 and "but its llm_cache.jsonl (2 answers)" in out.stdout, out.stdout + out.stderr
+        assert sorted(p.name for p in run.iterdir()) == ["llm_cache.jsonl"]
 
 
 def tiny_toy_clip(folder):
