@@ -143,6 +143,7 @@ LAUNCH = $(if $(GPUS),$(PY) -m torch.distributed.run --nproc_per_node=$(GPUS) $(
 # ---- python: a virtual environment from requirements.txt, unless PY points at your own interpreter ----
 VENV := .venv
 PY   ?= $(VENV)/bin/python
+PYTHON ?= python3
 SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
 
 # ---- one make at a time per RUN: the first takes $(RUN)/.make.lock for its whole life (runlock.py), a second is
@@ -389,7 +390,11 @@ toy-seeds: ## make tables and make compare for SEED=0, 1, 2, then their mean, sp
 	$(PY) make_tables.py --seeds $(SEED_RUNS) --out $(dir $(firstword $(SEED_RUNS)))toy-seeds.md
 
 $(VENV)/.installed: requirements.txt
-	python3 -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	    found=$$(command -v $(PYTHON) >/dev/null && $(PYTHON) --version 2>&1 || echo not found); \
+	    echo "the kit needs Python 3.11 or newer (its pinned numpy and torch): $(PYTHON) is $$found. Name another" \
+	         "with PYTHON=python3.11, or run in your own environment with PY=python (README, Quick start)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
 	touch $@
 
@@ -410,15 +415,16 @@ test-all: $(SETUP) ## every test, the toy world end to end and the slow checks t
 
 # the kit removes only what it made: a run directory holding its params/ (or nothing yet), toy worlds holding its marker
 clean: ## remove this run directory
-	@if [ -d $(RUN) ] && [ ! -d $(RUN)/params ] && [ -n "$$(ls -A $(RUN) | grep -v -e '^\.make\.lock$$' -e '^llm_cache\.jsonl$$')" ]; then \
+	@if [ -d $(RUN) ] && [ ! -d $(RUN)/params ] && \
+	    [ -n "$$(ls -A $(RUN) | grep -v -e '^\.make\.lock$$' -e '^llm_cache\.jsonl$$')" ]; then \
 	    echo "RUN=$(RUN) holds files but no params/ (no stage of the kit finished there): not removed" >&2; exit 1; fi
 	@found=$$(find $(RUN) -maxdepth 3 \( -false $(foreach f,$(DATASET_FILES),-o -name $(f)) \) -print -quit 2>/dev/null); \
 	if [ -n "$$found" ]; then echo "RUN=$(RUN) holds a dataset ($$found), which no run writes: not removed" >&2; \
 	    exit 1; fi
 	@if [ -s $(RUN)/llm_cache.jsonl ]; then \
 	    find $(RUN) -mindepth 1 -maxdepth 1 ! -name llm_cache.jsonl -exec rm -rf {} +; \
-	    echo "removed $(RUN) but its llm_cache.jsonl ($$(wc -l < $(RUN)/llm_cache.jsonl) answers): asking again costs money" \
-	         "and, at temperature 0.7, gives other descriptors; remove it yourself to ask anew"; \
+	    echo "removed $(RUN) but its llm_cache.jsonl ($$(wc -l < $(RUN)/llm_cache.jsonl) answers): asking again" \
+	         "costs money and, at temperature 0.7, gives other descriptors; remove it yourself to ask anew"; \
 	else echo "rm -rf $(RUN)"; rm -rf $(RUN); fi
 
 clean-toy: ## remove every toy world the kit made (data/toy*) and their runs

@@ -91,6 +91,20 @@ def test_an_old_make_is_stopped_with_the_fix():
     assert out.returncode != 0 and "needs GNU make 4.2 or newer" in out.stderr and "gmake" in out.stderr
 
 
+def test_an_old_python_is_stopped_before_the_environment_is_made(tmp_path):
+    """numpy 2.4 needs Python 3.11: an older python3 would make .venv and then fail in pip, naming no version."""
+    for name in ("Makefile", "requirements.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    old = tmp_path / "python3.9"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.9.18" || exit 1\n')
+    old.chmod(0o755)
+    for python, shown in ((old, "Python 3.9.18"), ("python3.99", "not found")):
+        out = subprocess.run(["make", "-C", str(tmp_path), "setup", f"PYTHON={python}"], capture_output=True, text=True)
+        assert out.returncode != 0 and f"needs Python 3.11 or newer (its pinned numpy and torch): {python} is {shown}" \
+            in out.stderr, out.stderr
+    assert not (tmp_path / ".venv").exists()
+
+
 def test_progress_in_a_log_is_a_few_lines(capsys):
     items = list(common.progress(range(200), "encode"))  # stderr is not a terminal under pytest
     lines = capsys.readouterr().err.strip().splitlines()
