@@ -143,7 +143,7 @@ LAUNCH = $(if $(GPUS),$(PY) -m torch.distributed.run --nproc_per_node=$(GPUS) $(
 # ---- python: a virtual environment from requirements.txt, unless PY points at your own interpreter ----
 VENV := .venv
 PY   ?= $(VENV)/bin/python
-PYTHON ?= python3
+VENV_PYTHON ?= python3
 SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
 
 # ---- one make at a time per RUN: the first takes $(RUN)/.make.lock for its whole life (runlock.py), a second is
@@ -390,11 +390,11 @@ toy-seeds: ## make tables and make compare for SEED=0, 1, 2, then their mean, sp
 	$(PY) make_tables.py --seeds $(SEED_RUNS) --out $(dir $(firstword $(SEED_RUNS)))toy-seeds.md
 
 $(VENV)/.installed: requirements.txt
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
-	    found=$$(command -v $(PYTHON) >/dev/null && $(PYTHON) --version 2>&1 || echo not found); \
-	    echo "the kit needs Python 3.11 or newer (its pinned numpy and torch): $(PYTHON) is $$found. Name another" \
-	         "with PYTHON=python3.11, or run in your own environment with PY=python (README, Quick start)" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	@$(VENV_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	    found=$$(command -v $(VENV_PYTHON) >/dev/null && $(VENV_PYTHON) --version 2>&1 || echo not found); \
+	    echo "the kit needs Python 3.11 or newer (its pinned numpy and torch): $(VENV_PYTHON) is $$found. Name another" \
+	         "with VENV_PYTHON=python3.11, or run in your own environment with PY=python (README, Quick start)" >&2; exit 1; }
+	$(VENV_PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
 	touch $@
 

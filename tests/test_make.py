@@ -99,7 +99,8 @@ def test_an_old_python_is_stopped_before_the_environment_is_made(tmp_path):
     old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.9.18" || exit 1\n')
     old.chmod(0o755)
     for python, shown in ((old, "Python 3.9.18"), ("python3.99", "not found")):
-        out = subprocess.run(["make", "-C", str(tmp_path), "setup", f"PYTHON={python}"], capture_output=True, text=True)
+        out = subprocess.run(["make", "-C", str(tmp_path), "setup", f"VENV_PYTHON={python}"], capture_output=True,
+                             text=True)
         assert out.returncode != 0 and f"needs Python 3.11 or newer (its pinned numpy and torch): {python} is {shown}" \
             in out.stderr, out.stderr
     assert not (tmp_path / ".venv").exists()
