@@ -660,6 +660,12 @@ def check_meta(meta, path, **expected):
     wrong = [f"{k}: file has {meta.get(k)!r}, this run needs {v!r}"
              for k, v in expected.items() if meta.get(k) != v]
     if wrong:
+        made = meta.get("args") or {}
+        same = ""
+        if {"model", "pretrained"} & {k for k in expected if meta.get(k) != expected[k]} and "model" in made:
+            # run by hand, a stage's default is the paper's CLIP: the toy's stages need the toy CLIP named
+            same = (f" Or give this stage the CLIP the file was made with: --model {made['model']} "
+                    f"--pretrained {made.get('pretrained')}.")
         raise SystemExit(f"{path} does not fit this run ({'; '.join(wrong)}). It was made by "
                          f"{meta.get('stage', 'another stage')} with other settings: rebuild it "
-                         "(make removes stale files) or point this stage at the right file.")
+                         f"(make removes stale files) or point this stage at the right file.{same}")

@@ -182,6 +182,11 @@ def test_a_weights_file_spelt_another_way_is_the_same_file(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match=r"text_features.pt does not fit this run \(pretrained: file has 'w.pt', this "
                                           r"run needs 'openai'\)"):
         common.check_meta(meta, "text_features.pt", model="m", pretrained="openai")
+    # a stage run by hand with the paper's CLIP by default, on features of the toy CLIP: the message says what to give
+    meta["args"] = {"model": "data/toy/clip/toy-clip.json", "pretrained": "data/toy/clip/toy-clip.safetensors"}
+    with pytest.raises(SystemExit, match=r"Or give this stage the CLIP the file was made with: --model data/toy/"
+                                          r"clip/toy-clip.json --pretrained data/toy/clip/toy-clip.safetensors"):
+        common.check_meta(meta, "text_features.pt", model="ViT-B-16-quickgelu", pretrained="openai")
 
 
 def test_a_second_run_on_the_same_run_directory_is_refused(made_run, tiny_world, tmp_path):
