@@ -11,6 +11,11 @@ ifneq ($(filter 3.% 4.0% 4.1%,$(MAKE_VERSION)),)
 $(error this Makefile needs GNU make 4.2 or newer; this is make $(MAKE_VERSION). On macOS: brew install make, then run \
   gmake; or use the conda environment (environment.yml), which brings its own make)
 endif
+# make splits file names at spaces, and every path the kit builds starts with its own folder's
+ifneq ($(word 2,$(CURDIR)),)
+$(error the kit's folder "$(CURDIR)" holds a space, which make cannot keep in a file name. Clone or move the kit to \
+  a path without spaces (a symbolic link does not do: make works in the real folder))
+endif
 
 # ---- knobs (override on the command line: make all DATASET=places_lt DATA_ROOT=/data/places365). A method's own
 #      settings (learning rate, batch, epochs) are not here: each script holds its recipes per dataset ----
@@ -19,7 +24,8 @@ SEED      ?= 0
 # a path is one folder however it is spelt: a trailing slash and a leading ./ are dropped before anything uses it
 tidy = $(patsubst ./%,%,$(patsubst %/,%,$(1)))
 given = $(filter command% environment%,$(origin $(1)))
-canon = $(or $(realpath $(1)),$(abspath $(1)))
+# (a link into a folder whose real path holds a space, the way round a space, is compared as the link itself)
+canon = $(if $(word 2,$(realpath $(1))),$(abspath $(1)),$(or $(realpath $(1)),$(abspath $(1))))
 RUN_GIVEN := $(call given,RUN)
 DATA_ROOT_GIVEN := $(call given,DATA_ROOT)
 ifneq ($(origin DATA_ROOT),undefined)

@@ -91,6 +91,29 @@ def test_an_old_make_is_stopped_with_the_fix():
     assert out.returncode != 0 and "needs GNU make 4.2 or newer" in out.stderr and "gmake" in out.stderr
 
 
+def test_a_kit_folder_with_a_space_is_stopped_with_the_fix(tmp_path):
+    """Before, make all there stopped on 'RUN=runs/toy is DATA_ROOT=data/toy or holds it'."""
+    kit = tmp_path / "My Projects" / "hlc"
+    kit.mkdir(parents=True)
+    shutil.copy(ROOT / "Makefile", kit / "Makefile")
+    for goal in ("all", "test"):
+        out = subprocess.run(["make", "-C", str(kit), "-n", goal], capture_output=True, text=True)
+        assert out.returncode != 0 and f'the kit\'s folder "{kit}" holds a space' in out.stderr, out.stderr
+        assert "path without spaces" in out.stderr
+
+
+def test_links_into_a_folder_with_a_space_are_the_way_round_it(tmp_path):
+    """The space error suggests a link; two links into one such folder were taken for one folder (realpath's words)."""
+    for name in ("data", "run"):
+        (tmp_path / "sp ace" / name).mkdir(parents=True)
+        (tmp_path / f"{name}_link").symlink_to(tmp_path / "sp ace" / name)
+    out = make("-n", "all", f"DATA_ROOT={tmp_path / 'data_link'}", f"RUN={tmp_path / 'run_link'}",
+               f"PY={sys.executable}")
+    assert out.returncode == 0 and "or holds it" not in out.stderr, out.stderr
+    out = make("-n", "all", f"DATA_ROOT={tmp_path / 'data_link'}", f"RUN={tmp_path / 'data_link'}")
+    assert out.returncode != 0 and "or holds it" in out.stderr
+
+
 def test_an_old_python_is_stopped_before_the_environment_is_made(tmp_path):
     """numpy 2.4 needs Python 3.11: an older python3 would make .venv and then fail in pip, naming no version."""
     for name in ("Makefile", "requirements.txt"):
