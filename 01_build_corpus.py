@@ -26,8 +26,6 @@ import llm
 
 # Wikipedia sections that carry no description of the class (VL-LTR drops them too)
 DROPPED_SECTIONS = {"external links", "references", "further reading", "bibliography", "see also", "notes"}
-# the benchmarks whose corpus in the paper includes VL-LTR's Wikipedia release
-PAPER_WIKI = ("imagenet_lt", "places_lt", "inat2018")
 
 
 # ---- corpus sources ----
@@ -323,7 +321,7 @@ def main(argv=None):
         sources["cupl_llm"] = asked["cupl"]
     if not sources:
         raise SystemExit("no corpus source: keep --templates on, or give --wiki or --cupl")
-    if args.dataset in PAPER_WIKI and "wiki" not in sources:
+    if basics.dataset_info(args.dataset).get("paper_wiki") and "wiki" not in sources:
         print(f"note: no Wikipedia text for {args.dataset} (no {args.data_root}/wiki folder, no --wiki): the paper's "
               "corpus has VL-LTR's Wikipedia release besides the templates, so this run is not the paper's recipe "
               "(docs/text.md)")

@@ -35,18 +35,21 @@ DATASETS = {
         # the original ImageNet names that VCD's and CuPL's files use where open_clip's list renamed the class;
         # an index, because open_clip's list repeats 'missile' (657, 744) and 'sunglasses' (836, 837)
         name_aliases={"eft": 27, "maillot": 638, "projectile": 744, "sunglass": 836},
+        paper_wiki=True,  # the paper's corpus includes VL-LTR's Wikipedia release for this benchmark
         source="the OLTR release (github.com/zhmiao/OpenLongTailRecognition-OLTR, ImageNet_LT_*.txt), "
                "paths relative to the ILSVRC2012 root (train/<wnid>/..., val/<wnid>/...)"),
     "places_lt": dict(
         num_classes=365, eval_split="test",
         splits={"train": "Places_LT_train.txt", "val": "Places_LT_val.txt", "test": "Places_LT_test.txt"},
         lines={"train": 62500, "val": 7300, "test": 36500},
+        paper_wiki=True,
         source="the OLTR release (Places_LT_*.txt), paths relative to the Places365-standard root"),
     "inat2018": dict(
         num_classes=8142, eval_split="val",
         splits={"train": "iNaturalist18_train.txt", "val": "iNaturalist18_val.txt"},
         json={"train": "train2018.json", "val": "val2018.json"},
         lines={"train": 437513, "val": 24426},
+        paper_wiki=True,
         source="the iNaturalist 2018 competition (train2018.json, val2018.json, categories.json) or the "
                "iNaturalist18_{train,val}.txt lists of the LT codebases (e.g. PaCo, RIDE)"),
     "cifar100_lt": dict(
@@ -657,12 +660,11 @@ def check_meta(meta, path, **expected):
     (pretrained) may be spelt another way (relative, absolute, a link): its content is checked by model_fingerprint."""
     if Path(str(expected.get("pretrained"))).is_file():
         expected = {k: v for k, v in expected.items() if k != "pretrained"}
-    wrong = [f"{k}: file has {meta.get(k)!r}, this run needs {v!r}"
-             for k, v in expected.items() if meta.get(k) != v]
-    if wrong:
-        made = meta.get("args") or {}
-        same = ""
-        if {"model", "pretrained"} & {k for k in expected if meta.get(k) != expected[k]} and "model" in made:
+    differ = [k for k, v in expected.items() if meta.get(k) != v]
+    if differ:
+        wrong = [f"{k}: file has {meta.get(k)!r}, this run needs {expected[k]!r}" for k in differ]
+        made, same = meta.get("args") or {}, ""
+        if {"model", "pretrained"} & set(differ) and "model" in made:
             # run by hand, a stage's default is the paper's CLIP: the toy's stages need the toy CLIP named
             same = (f" Or give this stage the CLIP the file was made with: --model {made['model']} "
                     f"--pretrained {made.get('pretrained')}.")
