@@ -91,7 +91,8 @@ def map_names_to_labels(keys, classnames, aliases, source):
     """({key: [labels]}, report). A key (or its alias: a class name or a class index) names one class; a name that
     several classes share (ImageNet's 'missile', 657 and 744) fills those of them that no other key of the file
     claimed, so VCD's 'projectile' (aliased to 744) leaves 'missile' to 657 alone, while CuPL's one 'missile' list
-    fills both, as in CuPL's own code; every such sharing is reported. A key that names no class stops the run."""
+    fills both, as in CuPL's own code; every such sharing is reported. A key that names no class stops the run,
+    unless every class has a key of its own (a file for more classes than the dataset's): then it is left out."""
     by_name, by_stem = {}, {}
     for label, name in enumerate(classnames):
         by_name.setdefault(normalise_name(name), []).append(label)
@@ -112,14 +113,29 @@ def map_names_to_labels(keys, classnames, aliases, source):
 
     resolved = {key: resolve(key) for key in keys}
     unmatched = [key for key, (labels, _) in resolved.items() if not labels]
-    if unmatched:
-        lines = []
-        for key in unmatched[:30]:
-            near = difflib.get_close_matches(normalise_name(key), list(by_name), n=3, cutoff=0.5)
-            lines.append(f"  {key!r}: nearest class names {near or 'none'}")
-        more = f"\n  ... and {len(unmatched) - 30} more" if len(unmatched) > 30 else ""
-        raise SystemExit(f"{source}: {len(unmatched)} names match no class name:\n" + "\n".join(lines) + more +
-                         "\nGive an alias map with --aliases: {\"name in the file\": \"class name\" or class index}.")
+    if unmatched and covers_every_class_alone(resolved, len(classnames)):
+        # a file for more classes than this dataset's (VCD's ImageNet file for a subset of ImageNet): every class has
+        # a key of its own, so the names left over are other classes', not this dataset's names misspelt
+        shown = ", ".join(repr(k) for k in unmatched[:5]) + (", ..." if len(unmatched) > 5 else "")
+        print(f"note: {source}: {len(unmatched)} of its {len(keys)} names are no class of this dataset and are left "
+              f"out ({shown}); every class has an entry of its own")
+        resolved = {key: value for key, value in resolved.items() if value[0]}
+    elif unmatched:
+        filled = {label for labels, _ in resolved.values() if labels for label in labels}
+        missing = [c for c in range(len(classnames)) if c not in filled]
+        if missing and len(unmatched) > len(missing):  # a file for more classes: name the classes it misses
+            left = {normalise_name(k): k for k in unmatched}
+            lines = [f"  class {c} {classnames[c]!r}: nearest names in the file {nearest(classnames[c], left)}"
+                     for c in missing[:30]]
+            head = (f"no entry for {len(missing)} of the {len(classnames)} classes "
+                    f"({len(unmatched)} names match no class)")
+            more = len(missing) - 30
+        else:
+            names = {n: n for n in by_name}
+            lines = [f"  {key!r}: nearest class names {nearest(key, names)}" for key in unmatched[:30]]
+            head, more = f"{len(unmatched)} names match no class name", len(unmatched) - 30
+        raise SystemExit(f"{source}: {head}:\n" + "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")
+                         + "\nGive an alias map with --aliases: {\"name in the file\": \"class name\" or class index}.")
     claimed = {label for labels, explicit in resolved.values() if explicit or len(labels) == 1 for label in labels}
     mapping, shared = {}, {}
     for key, (labels, explicit) in resolved.items():
@@ -130,10 +146,25 @@ def map_names_to_labels(keys, classnames, aliases, source):
         mapping[key] = labels
     filled = {label for labels in mapping.values() for label in labels}
     report = dict(keys=len(keys), classes_matched=len(filled), classes_without_entry=len(classnames) - len(filled),
+                  keys_left_out=unmatched,
                   shared_keys={k: v for k, v in shared.items()},
                   merged_classes=sorted({label for label in filled
                                          if sum(label in labels for labels in mapping.values()) > 1}))
     return mapping, report
+
+
+def nearest(name, candidates):
+    """Up to three of {normalised name: name shown} closest to name, for an error message ('none' if none is)."""
+    return [candidates[n] for n in difflib.get_close_matches(normalise_name(name), list(candidates), 3, 0.5)] or "none"
+
+
+def covers_every_class_alone(resolved, num_classes):
+    """Whether the keys that name a class fill every class, each class by a key that names it alone. Only then may
+    the names that fit no class be left out: a class with no entry, or one a shared name fills (the ImageNet
+    'missile' that 'projectile' should have taken), may be what a misspelt name was for."""
+    alone = [labels for labels, explicit in resolved.values() if labels and (explicit or len(labels) == 1)]
+    return {label for labels in alone for label in labels} == set(range(num_classes)) and \
+        len(alone) == sum(bool(labels) for labels, _ in resolved.values())
 
 
 def read_named_json(path, classnames, aliases, what="{class name: [sentences]} file"):

@@ -98,6 +98,26 @@ def test_descriptor_names_are_matched_by_name_and_aliases(tmp_path):
     assert report["classes_matched"] == 5 and report["keys"] == 5
 
 
+def test_a_file_for_more_classes_is_read_only_when_every_class_has_its_own_entry(tmp_path, capsys):
+    # a descriptor file written for a larger label set (VCD's ImageNet file for an ImageNet subset)
+    data = {"airfield": ["runways"], "bakery": ["bread"], "canal": ["water"], "dam": ["a wall"], "pier": ["posts"]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(data))
+    per_class, report = corpus_stage.read_named_json(path, ["bakery", "airfield"], {})
+    assert per_class == [["bread"], ["runways"]] and report["keys_left_out"] == ["canal", "dam", "pier"]
+    out = capsys.readouterr().out
+    assert "3 of its 5 names are no class of this dataset and are left out ('canal', 'dam', 'pier')" in out
+    # a class of the dataset without an entry: the extra names may hold its misspelt one, so the run stops, naming it
+    with pytest.raises(SystemExit) as e:
+        corpus_stage.read_named_json(path, ["bakery", "airfield (civil)", "damm"], {})
+    msg = str(e.value)
+    assert "no entry for 1 of the 3 classes (3 names match no class)" in msg
+    assert "class 2 'damm': nearest names in the file ['dam']" in msg and "--aliases" in msg
+    # a shared name that fills two classes may be what a leftover name was for: refused as before
+    with pytest.raises(SystemExit, match="1 names match no class name:\n  'projectile'"):
+        corpus_stage.map_names_to_labels(["missile", "projectile"], ["missile", "missile"], {}, "x.json")
+
+
 def test_a_descriptor_file_that_is_missing_a_folder_or_not_json_says_which_and_what(tiny_world, tmp_path):
     args = ["--dataset", "tiny", "--data-root", str(tiny_world), "--out", str(tmp_path / "run" / "corpus.json")]
     (tmp_path / "bad.json").write_text('{"cat": ["whiskers"],\n}')

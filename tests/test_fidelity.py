@@ -117,6 +117,18 @@ def test_vcd_imagenet_file_maps_onto_all_1000_classes():
     assert per_class[0] == data["tench"]
 
 
+def test_vcd_imagenet_file_serves_a_subset_of_imagenet():
+    # ImageNet-100 style: every tenth class; the file's other 900 names are left out, each class gets its own list
+    path = shared("descriptors_imagenet.json")
+    data = json.loads(path.read_text())
+    names = imagenet_names()[::10]
+    per_class, report = corpus_stage.read_named_json(path, names, {})
+    assert report["classes_matched"] == 100 and len(report["keys_left_out"]) == 900
+    assert per_class[0] == [s.strip() for s in data["tench"] if s.strip()]
+    with pytest.raises(SystemExit, match=r"class 0 'tench fish': nearest names in the file \['tench'"):
+        corpus_stage.read_named_json(path, ["tench fish"] + names[1:], {})
+
+
 def test_cupl_imagenet_file_maps_onto_all_1000_classes():
     path = shared("imagenet_prompts_base.json")
     data = {k: [s.strip() for s in v if s.strip()] for k, v in json.loads(path.read_text()).items()}
