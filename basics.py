@@ -245,14 +245,27 @@ def read_split(root, dataset, split, num_classes, check_files=True):
                   f"{repeated[0][1]} repeats {repeated[0][0]}); each counts as a sample")
     samples = [(os.path.join(root, rel.lstrip("/")), label, where) for rel, label, where in samples]
     if check_files:
-        for p, _, where in samples:
+        for i, (p, _, where) in enumerate(samples):
             try:
                 size = os.stat(p).st_size
             except FileNotFoundError:
-                raise FileNotFoundError(f"{where}: image not found: {p}") from None
+                raise FileNotFoundError(missing_images(path, root, samples, i)) from None
             if size == 0:
                 raise ValueError(f"{where}: image {p} is an empty (zero-byte) file")
     return samples
+
+
+def missing_images(path, root, samples, first):
+    """The message for a split whose image samples[first] is missing: how many of its images are missing too, and,
+    when none is found, that the file's paths are read from DATA_ROOT (a wrong root or a layout the file does not
+    name, such as Places365's train/airfield/ for OLTR's data_256/a/airfield/)."""
+    p, _, where = samples[first]
+    missing = 1 + sum(not os.path.exists(q) for q, _, _ in samples[first + 1:])
+    if first == 0 and missing == len(samples):
+        rel = os.path.relpath(p, root)
+        return (f"none of the {len(samples)} images {path} lists is in {root}: {where} names {rel}, looked for as "
+                f"{p}. The paths in a split file are read from DATA_ROOT: is {root} the folder they start from?")
+    return f"{where}: image not found: {p} (images missing from {path.name}: {missing} of {len(samples)})"
 
 
 LABEL = re.compile(r"-?[0-9]+")  # int() would also take '1_0' (as 10), ' 1' or '١'

@@ -45,12 +45,26 @@ def test_missing_and_unreadable_images(tiny_world, tmp_path):
     root = copy_world(tiny_world, tmp_path / "w")
     first = (root / "test.txt").read_text().splitlines()[2].split()[0]
     (root / first).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"test.txt:3: image not found: .*{first}"):
+    with pytest.raises(FileNotFoundError, match=rf"test.txt:3: image not found: .*{first} \(images missing from "
+                                                rf"test.txt: 1 of \d+\)"):
         common.read_split(root, "tiny", "test", 5)
     (root / first).write_bytes(b"this is not a png")
     samples = common.read_split(root, "tiny", "test", 5)
     with pytest.raises(ValueError, match=rf"test.txt:3: cannot read image .*{first}"):
         common.ImageList(samples, lambda im: im)[2]
+
+
+def test_a_split_none_of_whose_images_is_found_asks_about_the_root(tiny_world, tmp_path):
+    # the usual cause: DATA_ROOT one folder off, or images laid out otherwise than the split file's paths say
+    root = copy_world(tiny_world, tmp_path / "w")
+    listed = (root / "test.txt").read_text().splitlines()
+    top = listed[0].split("/")[0]
+    (root / top).rename(root / "elsewhere")
+    with pytest.raises(FileNotFoundError) as e:
+        common.read_split(root, "tiny", "test", 5)
+    msg = str(e.value)
+    assert f"none of the {len(listed)} images" in msg and f"test.txt:1 names {listed[0].rsplit(maxsplit=1)[0]}" in msg
+    assert "is " + str(root) + " the folder they start from?" in msg
 
 
 def test_wrong_line_count_for_known_dataset(tmp_path):
