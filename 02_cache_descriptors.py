@@ -16,6 +16,7 @@ ImageNet-LT is about 100k + 10k + 80k sentences through the ViT-B/16 text tower 
 gives the text encoder's sentences/s).
 """
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -57,6 +58,34 @@ def count_truncated(tokenizer, texts, tokens, context):
     return sum(len(tokenizer.encode(texts[j])) > context - 2 for j in full)
 
 
+def check_corpus(corpus, path):
+    """corpus.json as the file contract has it (stage 01 writes it; a researcher may write one by hand): classnames
+    [C], sentences and descriptors [C] lists of strings, meta with the dataset's name. Anything else stops here,
+    naming the key and the class, not as a KeyError, and not as a string read one character a sentence."""
+    if not isinstance(corpus, dict):
+        raise SystemExit(f"{path}: expected an object with classnames, sentences, descriptors and meta, "
+                         f"got {type(corpus).__name__}")
+    missing = [k for k in ("classnames", "sentences", "descriptors", "meta") if k not in corpus]
+    if missing:
+        raise SystemExit(f"{path}: no {', '.join(missing)}. A corpus file holds classnames [C], sentences [C][*], "
+                         "descriptors [C][<=M] and meta {\"dataset\": name} (stage 01 writes them; docs/outputs.md)")
+    names = corpus["classnames"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise SystemExit(f"{path}: classnames must be a non-empty list of strings")
+    for key in ("sentences", "descriptors") + (("descriptors_raw",) if "descriptors_raw" in corpus else ()):
+        lists = corpus[key]
+        if not isinstance(lists, list) or len(lists) != len(names):
+            size = len(lists) if isinstance(lists, list) else type(lists).__name__
+            raise SystemExit(f"{path}: {len(names)} class names but {key} holds {size} lists (one per class)")
+        for c, texts in enumerate(lists):
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise SystemExit(f"{path}: {key}[{c}] (class {names[c]!r}) must be a list of strings, "
+                                 f"got {json.dumps(texts)[:80]}")
+    if not isinstance(corpus["meta"], dict) or not isinstance(corpus["meta"].get("dataset"), str):
+        raise SystemExit(f"{path}: meta must hold the name of the dataset it is for, {{\"dataset\": name}}")
+    return corpus
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True, help="corpus.json from stage 01")
@@ -72,12 +101,9 @@ def main(argv=None):
     # ---- setup ----
     t0 = time.time()
     device = common.pick_device(args.device)
-    corpus = common.read_json(args.corpus)
+    corpus = check_corpus(common.read_json(args.corpus, "corpus file (--corpus)"), args.corpus)
     classnames, sentences, descriptors = corpus["classnames"], corpus["sentences"], corpus["descriptors"]
     num_classes = len(classnames)
-    if len(sentences) != num_classes or len(descriptors) != num_classes:
-        raise SystemExit(f"{args.corpus}: {num_classes} class names but {len(sentences)} sentence lists and "
-                         f"{len(descriptors)} descriptor lists")
 
     common.hold_run_lock(Path(args.out).parent, f"02_cache_descriptors.py -> {args.out}")
 

@@ -260,3 +260,22 @@ def test_a_number_out_of_range_is_refused_by_name_before_anything_loads(tmp_path
             main(["--dataset", "toy", "--data-root", str(tmp_path / "nowhere"), "--features", "none.pt",
                   "--out", str(out / "coarse.pt" if main is train.main else out), *flags])
         assert not out.exists()  # refused before the run folder is made or locked
+
+
+def test_a_corpus_file_made_by_hand_is_checked_against_the_contract(tmp_path):
+    # stage 01 swapped for one's own corpus.json: a slip stops stage 02 naming the key and class, before any encoding
+    features_stage = load_stage("02_cache_descriptors.py")
+    good = {"classnames": ["cat", "dog"], "sentences": [["A cat."], ["A dog."]],
+            "descriptors": [["whiskers"], ["a tail"]], "meta": {"dataset": "pets"}}
+    cases = [({k: v for k, v in good.items() if k != "meta"}, "no meta. A corpus file holds"),
+             (dict(good, sentences=["A cat.", ["A dog."]]),
+              "sentences[0] (class 'cat') must be a list of strings, got \"A cat.\""),
+             (dict(good, descriptors=[["whiskers"]]), "2 class names but descriptors holds 1 lists"),
+             (dict(good, meta={}), "meta must hold the name of the dataset")]
+    for corpus, message in cases:
+        path = tmp_path / "corpus.json"
+        path.write_text(json.dumps(corpus))
+        with pytest.raises(SystemExit) as e:
+            features_stage.main(["--corpus", str(path), "--out", str(tmp_path / "t.pt"), "--device", "cpu"])
+        assert message in str(e.value)
+    assert not (tmp_path / "t.pt").exists()
