@@ -80,7 +80,23 @@ def readable_name(folder):
 
 def read_text(path):
     """A text file as users make them: UTF-8, with or without a byte-order mark (Windows editors add one)."""
-    return Path(path).read_text(encoding="utf-8-sig")
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(not_utf8(path)) from None
+
+
+def not_utf8(path):
+    """The message for a text file that is not UTF-8 (a Latin-1 or GBK export): its first such line and byte."""
+    data = Path(path).read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    try:
+        data.decode("utf-8")
+        return f"{path}: not UTF-8 text"
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        return (f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8, e.g. "
+                f"iconv -f latin1 -t utf-8")
 
 
 def read_json(path, what="JSON file"):
@@ -272,6 +288,13 @@ LABEL = re.compile(r"-?[0-9]+")  # int() would also take '1_0' (as 10), ' 1' or 
 
 
 def _read_txt_split(path, num_classes):
+    try:
+        return _read_txt_lines(path, num_classes)
+    except UnicodeDecodeError:
+        raise ValueError(not_utf8(path)) from None
+
+
+def _read_txt_lines(path, num_classes):
     samples = []
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark would otherwise stick to line 1's path
         for lineno, line in enumerate(f, 1):

@@ -279,3 +279,17 @@ def test_a_corpus_file_made_by_hand_is_checked_against_the_contract(tmp_path):
             features_stage.main(["--corpus", str(path), "--out", str(tmp_path / "t.pt"), "--device", "cpu"])
         assert message in str(e.value)
     assert not (tmp_path / "t.pt").exists()
+
+
+def test_a_text_file_that_is_not_utf8_is_named_with_its_line(tiny_world, tmp_path):
+    # a Latin-1 export: before, "'utf-8' codec can't decode byte 0xe9", naming no file
+    root = copy_world(tiny_world, tmp_path / "w")
+    names = (root / "classnames.txt").read_text().splitlines()
+    (root / "classnames.txt").write_bytes("\n".join(names[:2] + ["café"] + names[3:]).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"classnames.txt:3: not UTF-8 text \(byte 0xe9\)"):
+        common.class_names("tiny", root)
+    lines = (root / "train.txt").read_text().splitlines()
+    lines[4] = "café/" + lines[4]
+    (root / "train.txt").write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"train.txt:5: not UTF-8 text"):
+        common.read_split(root, "tiny", "train", 5)
