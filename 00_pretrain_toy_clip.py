@@ -5,7 +5,8 @@ Reads   nothing (the catalogue is drawn from --seed: toyworld.py's colours, patt
 Writes  OUT/toy-clip.json (the open_clip model config), OUT/toy-clip.safetensors (the weights, compact: half
         precision, and only the token-embedding rows the catalogue's captions use; toyworld.expand_clip rebuilds the
         rest, with numpy alone) and OUT/toy-clip.sha256 (the weights file's digest, checked by stage 00 before it uses
-        them).
+        them). While it runs, OUT/last.pt every 200 steps: --resume continues an interrupted run from it, to the
+        same bytes as a run never interrupted; it is removed at the end.
 
     python 00_pretrain_toy_clip.py --out toy_clip          # make toy-clip (writes runs/toy-clip/ and compares)
 
@@ -74,6 +75,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="everything follows from this seed")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the weights repeat bit for bit with the same "
                                                           "count on the same kind of CPU)")
+    p.add_argument("--checkpoint-every", type=int, default=200,
+                   help="steps between writes of OUT/last.pt, from which an interrupted run continues (--resume)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT/last.pt (Make: RESUME=1)")
+    p.add_argument("--fresh", action="store_true", help="remove OUT/last.pt and start over (Make: FRESH=1)")
     p.add_argument("--compare", nargs=2, metavar=("NEW", "COMMITTED"),
                    help="instead of training: compare two weights files (digest, largest difference) and stop")
     args = p.parse_args(argv)
@@ -81,6 +86,8 @@ def main(argv=None):
         return compare(*args.compare)
     if not 0 <= args.logit_scale <= 100:
         p.error(f"--logit-scale {args.logit_scale:g}: give 0 (learn it) or a value in (0, 100], where the loss clamps it")
+    if args.checkpoint_every < 1:
+        p.error(f"--checkpoint-every {args.checkpoint_every}: give 1 or more")
 
     # ---- setup ----
     t0 = time.time()
@@ -116,9 +123,18 @@ def main(argv=None):
     rest = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "embedding" not in n) and q.requires_grad]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)], lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
+    # an interrupted run continues from its last checkpoint to the same bytes: model, optimizer and the draws' state
+    checkpoint = common.Checkpoint(out / "last.pt", common.make_meta("00_pretrain_toy_clip", args), args,
+                                   free={"out", "resume", "fresh", "checkpoint_every", "compare"}, facts=False)
+    state, first, losses = checkpoint.start(), 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        first, losses = state["epoch"], list(state["losses"])
     warmup = max(1, args.steps // 20)
-    t1, losses = time.time(), []
-    for step in range(args.steps):
+    t1 = time.time()
+    for step in range(first, args.steps):
         lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -139,8 +155,11 @@ def main(argv=None):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            checkpoint.save(dict(epoch=step + 1, epochs=args.steps, unit="step", model=model.state_dict(),
+                                 optimizer=opt.state_dict(), generator=gen.get_state(), losses=losses))
         if (step + 1) % 200 == 0 or step + 1 == args.steps:
-            rate = (step + 1) * args.batch_size / (time.time() - t1)
+            rate = (step + 1 - first) * args.batch_size / (time.time() - t1)
             print(f"step {step + 1}/{args.steps} loss {np.mean(losses[-200:]):.3f} lr {lr:.1e} "
                   f"scale {model.logit_scale.exp().item():.1f} {rate:.0f} pairs/s "
                   f"eta {(args.steps - step - 1) * args.batch_size / rate / 60:.1f} min", flush=True)
@@ -152,6 +171,7 @@ def main(argv=None):
     common.write_if_changed(path, data)
     digest = hashlib.sha256(data).hexdigest()
     common.atomic_write_text(out / "toy-clip.sha256", f"{digest}  toy-clip.safetensors\n")
+    checkpoint.finish()
     print(f"tiny CLIP: {args.steps} steps in {(time.time() - t0) / 60:.1f} min, final loss {np.mean(losses[-200:]):.3f}, "
           f"{path.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]} -> {out}")
 

@@ -278,8 +278,8 @@ $(DATA_ROOT)/.complete: | $(SETUP)
 	$(call record,data,$(DATA_KEY))
 
 TOY_CLIP_ARGS ?=
-toy-clip: $(SETUP) ## pretrain the toy world's tiny CLIP again (10 to 18 min on 2 cores) and compare it with toy_clip/
-	$(PY) 00_pretrain_toy_clip.py --out runs/toy-clip $(TOY_CLIP_ARGS)
+toy-clip: $(SETUP) ## pretrain the tiny CLIP again, compare with toy_clip/ (10 to 18 min on 2 cores; RESUME=1 continues)
+	$(PY) 00_pretrain_toy_clip.py --out runs/toy-clip $(RUN_FLAGS) $(TOY_CLIP_ARGS)
 	$(PY) 00_pretrain_toy_clip.py --compare runs/toy-clip/toy-clip.safetensors toy_clip/toy-clip.safetensors
 
 $(RUN)/corpus.json: 01_build_corpus.py llm.py basics.py $(NAME_FILES) $(TEXT_FILES) $(PREPARED) $(SETUP)

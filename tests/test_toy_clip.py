@@ -147,3 +147,39 @@ def test_a_fixed_logit_scale_stays_where_it_was_set(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "00_pretrain_toy_clip.py"), "--out", str(tmp_path / "d"),
                           "--logit-scale", "300"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "--logit-scale 300" in out.stderr and not (tmp_path / "d").exists()
+
+
+INTERRUPTED = """
+import runpy, sys, torch
+step, calls = torch.optim.AdamW.step, [0]
+def interrupted(self, *a, **k):  # Ctrl-C during optimizer step 25
+    calls[0] += 1
+    if calls[0] == 25:
+        raise KeyboardInterrupt
+    return step(self, *a, **k)
+torch.optim.AdamW.step = interrupted
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_an_interrupted_pretraining_resumes_to_the_same_bytes(tmp_path):
+    script = str(ROOT / "00_pretrain_toy_clip.py")
+    budget = ["--steps", "40", "--batch-size", "32", "--bank-per-class", "2", "--checkpoint-every", "10"]
+    run = lambda *a, wrap=(): subprocess.run([sys.executable, *wrap, script, *a], capture_output=True, text=True,
+                                             cwd=ROOT)
+    whole = run("--out", str(tmp_path / "whole"), *budget)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert not (tmp_path / "whole" / "last.pt").exists()
+    cut = run("--out", str(tmp_path / "cut"), *budget, wrap=("-c", INTERRUPTED))
+    assert cut.returncode == 130 and "step 20 of 40" in cut.stderr and (tmp_path / "cut" / "last.pt").exists()
+    again = run("--out", str(tmp_path / "cut"), *budget)  # neither --resume nor --fresh: refused, nothing lost
+    assert again.returncode == 1 and "RESUME=1 continues it" in again.stderr
+    other = run("--out", str(tmp_path / "cut"), *budget[:-2], "--lr", "1e-3", "--resume")
+    assert other.returncode == 1 and "--lr: 0.002" in other.stderr
+    resumed = run("--out", str(tmp_path / "cut"), *budget, "--resume")
+    assert resumed.returncode == 0 and "resuming step 20 of 40" in resumed.stdout, resumed.stderr[-2000:]
+    assert toyworld.clip_digest(tmp_path / "cut" / "toy-clip.safetensors") == \
+        toyworld.clip_digest(tmp_path / "whole" / "toy-clip.safetensors")
+    assert not (tmp_path / "cut" / "last.pt").exists()
