@@ -81,9 +81,10 @@ def main(argv=None):
         try:
             torchvision.datasets.CIFAR100(str(root), train=True, download=True)
         except OSError as e:  # offline, a proxy, a full disk: say where the files go instead
-            raise OSError(f"could not download CIFAR-100 into {root} ({e}). Copy torchvision's cifar-100-python/ "
-                          f"folder (train, test, meta; unpacked from cifar-100-python.tar.gz) to {source}, or name "
-                          "the folder holding it with CIFAR_ROOT=") from None
+            raise OSError(f"could not download CIFAR-100 into {root} ({e}). Put cifar-100-python.tar.gz (the "
+                          f"download itself) in {root}, where torchvision checks and unpacks it without the network, "
+                          f"or copy the cifar-100-python/ folder (train, test, meta) to {source}, or name the folder "
+                          "holding it with CIFAR_ROOT=") from None
     train_images, train_labels, test_images, test_labels, names = read_cifar(source)
     num_classes = len(names)
 

@@ -149,6 +149,29 @@ def _names_from_lines(path):
     return [line.strip() for line in lines]
 
 
+def _names_from_split_folders(root, dataset):
+    """Class names read off the training list's paths, where each names its class's folder as Places365's do
+    ('data_256/a/apartment_building/outdoor/00000001.jpg 8' -> 'apartment building outdoor'); None where the list is
+    missing, a label is absent, or two labels share a folder or one has two. The labels come from the list, so no
+    order of the folders is assumed."""
+    path = _split_path(root, dataset, "train")
+    if not path.exists():
+        return None
+    num_classes = dataset_info(dataset)["num_classes"]
+    folders = {}
+    for image, label, _ in _read_txt_lines(path, num_classes):
+        parts = Path(image).parent.parts
+        letter = next((i for i, part in enumerate(parts) if len(part) == 1 and part.isalpha()), None)
+        folder = "/".join(parts[letter + 1:] if letter is not None else parts[-1:])
+        if not folder or folders.setdefault(label, folder) != folder:
+            return None
+    if len(folders) != num_classes or len(set(folders.values())) != num_classes:  # one folder a class, and each its own
+        return None
+    warn_once(f"note: the Places-LT class names are read from the class folders that {path} names "
+              "(no classnames.txt or categories_places365.txt under the data root)")
+    return [readable_name(folders[c]) for c in range(num_classes)]
+
+
 def class_names(dataset, root):
     """Class names indexed by label. A classnames.txt under the root overrides the defaults."""
     root = Path(root)
@@ -162,11 +185,15 @@ def class_names(dataset, root):
         if cats.exists():  # '/a/airfield 0' per line
             rows = [ln.rsplit(maxsplit=1) for ln in read_text(cats).splitlines() if ln.strip()]
             names = [readable_name(r[0]) for r in sorted(rows, key=lambda r: int(r[1]))]
+        elif (names := _names_from_split_folders(root, dataset)) is not None:
+            pass
         elif (root / "train").is_dir():
             names = [readable_name(d.name) for d in sorted((root / "train").iterdir()) if d.is_dir()]
         else:
-            raise FileNotFoundError(f"{root}: need classnames.txt, categories_places365.txt or a train/ folder "
-                                    "of class folders to name the Places-LT classes")
+            raise FileNotFoundError(f"{root}: need classnames.txt, categories_places365.txt (Places365's file list "
+                                    "archive), a Places_LT_train.txt whose paths name each class's folder "
+                                    "(data_256/a/airfield/...), or a train/ folder of class folders to name the "
+                                    "Places-LT classes")
     elif dataset == "inat2018":
         cats = root / "categories.json"
         if not cats.exists():

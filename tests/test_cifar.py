@@ -84,6 +84,7 @@ def test_a_failed_download_says_where_the_files_go(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
     with pytest.raises(OSError, match=rf"could not download CIFAR-100 into {tmp_path} .*Name or service not known.*"
+                                      rf"cifar-100-python.tar.gz .* in {tmp_path}, .*"
                                       rf"cifar-100-python/ folder .* to {tmp_path}/cifar-100-python, or .*CIFAR_ROOT="):
         cifar.main(["--root", str(tmp_path)])
 

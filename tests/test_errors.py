@@ -208,6 +208,20 @@ def test_class_names_for_places_categories_file(tmp_path):
         common.DATASETS["places_lt"] = old
 
 
+def test_class_names_for_places_from_the_training_list(tmp_path, monkeypatch, capsys):
+    """Without categories_places365.txt, the names come from the folders OLTR's list names, by the list's labels (a
+    class of two levels, apartment_building/outdoor, included); a list that does not name them says what is needed."""
+    monkeypatch.setitem(common.DATASETS, "places_lt", dict(common.DATASETS["places_lt"], num_classes=3))
+    lst = tmp_path / "Places_LT_train.txt"
+    lst.write_text("data_256/a/apartment_building/outdoor/00000001.jpg 2\ndata_256/a/airfield/00000001.jpg 0\n"
+                   "data_256/a/airfield/00000002.jpg 0\ndata_256/b/bakery/shop/00000003.jpg 1\n")
+    assert common.class_names("places_lt", tmp_path) == ["airfield", "bakery shop", "apartment building outdoor"]
+    assert "read from the class folders that" in capsys.readouterr().err
+    lst.write_text("images/1.jpg 0\nimages/2.jpg 1\nimages/3.jpg 2\n")  # one folder for every class
+    with pytest.raises(FileNotFoundError, match="categories_places365.txt .*a Places_LT_train.txt whose paths name"):
+        common.class_names("places_lt", tmp_path)
+
+
 def test_weights_the_hub_cannot_give_say_how_to_bring_them(monkeypatch):
     import open_clip
 
