@@ -56,7 +56,8 @@ def read_wiki_file(path):
 def wiki_sentences(folder, num_classes):
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: Wikipedia folder not found (expected wiki/desc_<label>.txt files)")
+        raise FileNotFoundError(f"{folder}: Wikipedia folder not found{basics.missing_hint(folder)} (expected "
+                                "wiki/desc_<label>.txt files)")
     out, missing = [], []
     for c in range(num_classes):
         path = folder / f"desc_{c}.txt"
@@ -237,7 +238,7 @@ def read_key(args):
     if args.llm_key_file:
         path = Path(args.llm_key_file)
         if not path.is_file():
-            raise SystemExit(f"--llm-key-file {path}: not found")
+            raise SystemExit(f"--llm-key-file {path}: not found{basics.missing_hint(path)}")
         return path.read_text(encoding="utf-8-sig").strip()
     return os.environ.get(args.llm_key_env, "")
 

@@ -99,12 +99,30 @@ def not_utf8(path):
                 f"iconv -f latin1 -t utf-8")
 
 
+def missing_hint(path):
+    """For a path that is not there: which of its folders is missing, and the names beside it that are close (a typo in
+    DATA_ROOT or DESCRIPTORS); '' where the path's folder exists and nothing there is close."""
+    path = Path(path)
+    parts = [path]
+    while not parts[-1].parent.exists() and parts[-1].parent != parts[-1]:
+        parts.append(parts[-1].parent)
+    missing, folder = parts[-1], parts[-1].parent
+    try:
+        names = [entry.name for entry in folder.iterdir()]
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(missing.name, names, n=3, cutoff=0.75)
+    notes = [f"there is no folder {missing}"] if missing != path else []
+    notes += [f"did you mean {' or '.join(str(folder / n) for n in close)}?"] if close else []
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def read_json(path, what="JSON file"):
     """JSON from a user's file; a missing file says what it was to be, a syntax error names its line and column."""
     try:
         return json.loads(read_text(path))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found") from None
+        raise FileNotFoundError(f"{path}: {what} not found{missing_hint(path)}") from None
     except IsADirectoryError:
         raise IsADirectoryError(f"{path} is a folder, not a {what}") from None
     except json.JSONDecodeError as e:
@@ -252,6 +270,9 @@ def check_dataset(root, dataset, splits=("train", None)):
                 f"DATASET={close[0]}?") if close and dataset not in DATASETS else ""
         where = ("CIFAR_ROOT=<the folder holding cifar-100-python> (or that folder as DATA_ROOT)" if dataset == "cifar100_lt"
                  else f"DATA_ROOT=/path/to/{dataset} (the README's Quick start shows each dataset's folder)")
+        if not Path(root).is_dir():
+            raise SystemExit(f"DATA_ROOT={root}: no such folder{missing_hint(root)}. {label}'s {files} are looked "
+                             f"for there; pass {where}.{hint}")
         raise SystemExit(f"DATA_ROOT={root} holds no {label}: {files}{alt} not found there. They come from "
                          f"{info['source']}; pass {where}.{hint}")
 

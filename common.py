@@ -329,7 +329,7 @@ def resolve_model_name(model):
     if model.endswith(".json"):
         path = Path(model)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: model config not found")
+            raise FileNotFoundError(f"{path}: model config not found{missing_hint(path)}")
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():
@@ -353,7 +353,7 @@ def load_clip(model, pretrained, device="cpu", image_size=None):
     tag = None if pretrained in (None, "", "none") else pretrained
     if tag and not Path(tag).is_file():
         if Path(tag).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in tag:
-            raise FileNotFoundError(f"PRETRAINED={tag}: weights file not found")
+            raise FileNotFoundError(f"PRETRAINED={tag}: weights file not found{missing_hint(tag)}")
         tags = open_clip.list_pretrained_tags_by_model(name)
         if tag not in tags:
             raise ValueError(f"PRETRAINED={tag} is neither a file nor a weights tag of {name} (its tags: "

@@ -144,6 +144,22 @@ def test_a_descriptor_file_that_is_missing_a_folder_or_not_json_says_which_and_w
             corpus_stage.main(args + [option, str(given)])
 
 
+def test_a_path_with_a_typo_names_the_missing_folder_and_the_close_names_beside_it(tmp_path):
+    """DESCRIPTORS=.../descriptor_places365.json or DATA_ROOT=/data/plces365/: the message says which folder is not
+    there and what is, close to the name typed; a path with nothing close says only that it is missing."""
+    (tmp_path / "places365").mkdir()
+    (tmp_path / "descriptors_places365.json").write_text("{}")
+    close = tmp_path / "descriptors_places365.json"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"(did you mean {close}?)")):
+        common.read_json(tmp_path / "descriptor_places365.json", "descriptor file")
+    with pytest.raises(SystemExit, match=re.escape(f"DATA_ROOT={tmp_path / 'plces365' / 'x'}: no such folder (there is "
+                                                   f"no folder {tmp_path / 'plces365'}; did you mean "
+                                                   f"{tmp_path / 'places365'}?)")):
+        common.check_dataset(tmp_path / "plces365" / "x", "places_lt")
+    with pytest.raises(SystemExit, match=re.escape(f"DATA_ROOT={tmp_path / 'inat'}: no such folder. iNaturalist")):
+        common.check_dataset(tmp_path / "inat", "inat2018")
+
+
 def test_descriptor_keys_are_mapped_by_name_not_order(tiny_world, tmp_path):
     root = copy_world(tiny_world, tmp_path / "w")
     data = json.loads((root / "descriptors.json").read_text())
