@@ -271,7 +271,7 @@ def check_dataset(root, dataset, splits=("train", None)):
         where = ("CIFAR_ROOT=<the folder holding cifar-100-python> (or that folder as DATA_ROOT)" if dataset == "cifar100_lt"
                  else f"DATA_ROOT=/path/to/{dataset} (the README's Quick start shows each dataset's folder)")
         if not Path(root).is_dir():
-            raise SystemExit(f"DATA_ROOT={root}: no such folder{missing_hint(root)}. {label}'s {files} are looked "
+            raise SystemExit(f"DATA_ROOT={root}: no such folder{missing_hint(root)}. {label}'s {files}{alt} are looked "
                              f"for there; pass {where}.{hint}")
         raise SystemExit(f"DATA_ROOT={root} holds no {label}: {files}{alt} not found there. They come from "
                          f"{info['source']}; pass {where}.{hint}")
