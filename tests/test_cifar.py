@@ -89,6 +89,35 @@ def test_a_failed_download_says_where_the_files_go(tmp_path, monkeypatch):
         cifar.main(["--root", str(tmp_path)])
 
 
+def test_the_tarball_put_in_the_root_is_unpacked_without_the_network(tmp_path, monkeypatch):
+    """What the failed download's message promises: cifar-100-python.tar.gz in the root is checked by MD5 and unpacked
+    by torchvision with no network (the fake's digests stand in for the real files')."""
+    import hashlib
+    import tarfile
+    import urllib.request
+
+    import torchvision
+
+    src = fake_cifar(tmp_path / "src", train_per_class=5, test_per_class=1)
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(root / "cifar-100-python.tar.gz", "w:gz") as tar:
+        tar.add(src / "cifar-100-python", arcname="cifar-100-python")
+    md5 = lambda path: hashlib.md5(path.read_bytes()).hexdigest()  # noqa: E731
+    ds = torchvision.datasets.CIFAR100
+    monkeypatch.setattr(ds, "tgz_md5", md5(root / "cifar-100-python.tar.gz"))
+    monkeypatch.setattr(ds, "train_list", [["train", md5(src / "cifar-100-python" / "train")]])
+    monkeypatch.setattr(ds, "test_list", [["test", md5(src / "cifar-100-python" / "test")]])
+    monkeypatch.setattr(ds, "meta", dict(ds.meta, md5=md5(src / "cifar-100-python" / "meta")))
+
+    def offline(*args, **kw):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    cifar.main(["--root", str(root)])
+    assert (root / "cifar-100-python" / "meta").exists() and (root / "ir100" / "train.txt").exists()
+
+
 def test_make_all_on_cifar100_lt_previews_the_chain(cifar_root):
     out = subprocess.run(["make", "-C", str(ROOT), "-n", "all", "DATASET=cifar100_lt", f"CIFAR_ROOT={cifar_root}",
                           "IR=100", f"PY={sys.executable}", f"DESCRIPTORS={cifar_root}/d.json"],
