@@ -203,11 +203,11 @@ def class_names(dataset, root):
         if cats.exists():  # '/a/airfield 0' per line
             rows = [ln.rsplit(maxsplit=1) for ln in read_text(cats).splitlines() if ln.strip()]
             names = [readable_name(r[0]) for r in sorted(rows, key=lambda r: int(r[1]))]
-        elif (names := _names_from_split_folders(root, dataset)) is not None:
-            pass
-        elif (root / "train").is_dir():
-            names = [readable_name(d.name) for d in sorted((root / "train").iterdir()) if d.is_dir()]
         else:
+            names = _names_from_split_folders(root, dataset)
+        if names is None and (root / "train").is_dir():
+            names = [readable_name(d.name) for d in sorted((root / "train").iterdir()) if d.is_dir()]
+        if names is None:
             raise FileNotFoundError(f"{root}: need classnames.txt, categories_places365.txt (Places365's file list "
                                     "archive), a Places_LT_train.txt whose paths name each class's folder "
                                     "(data_256/a/airfield/...), or a train/ folder of class folders to name the "
