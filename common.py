@@ -422,23 +422,40 @@ def pick_device(name="auto"):
     return device
 
 
+def is_vit(visual):
+    """Whether an image tower is open_clip's own VisionTransformer, the one whose layers the kit's prompts, LIFT's
+    tuners and LT-DPT's prompts enter (not a ResNet CLIP's ModifiedResNet, nor a timm-backed tower)."""
+    return hasattr(getattr(visual, "transformer", None), "resblocks") and hasattr(visual, "conv1") \
+        and hasattr(visual, "_embeds")
+
+
+def vit_blocks(visual, what):
+    """The layers of open_clip's VisionTransformer; a refusal that names the method and the tower for any other."""
+    if not is_vit(visual):
+        raise ValueError(f"{what}: this CLIP's image tower is a {type(visual).__name__}, not the ViT built by "
+                         f"open_clip itself that it runs in; pick a ViT model such as MODEL=ViT-B-16-quickgelu "
+                         f"(open_clip's RN50-style and timm-backed towers have no such layers)")
+    if not getattr(visual.transformer, "batch_first", True):
+        raise ValueError(f"{what}: needs a batch-first open_clip VisionTransformer (open_clip >= 3)")
+    return visual.transformer.resblocks
+
+
 class PromptedVisual(nn.Module):
     """VPT-deep (paper Eq. 3) around a frozen open_clip VisionTransformer.
 
     Layer i < depth sees `num_tokens` learnable prompts spliced in after CLS (layer 0 inserts them,
     later layers overwrite the previous layer's prompt outputs); layers from `depth` on run without
-    them. With num_tokens = 0 this is exactly `visual(images)`.
+    them. With num_tokens = 0 this is exactly `visual(images)`, and any image tower will do.
     """
 
-    def __init__(self, visual, num_tokens=20, depth=12):
+    def __init__(self, visual, num_tokens=20, depth=12, what="visual prompts (VPT; --prompt-tokens 0 trains without)"):
         super().__init__()
         self.visual = visual
-        blocks = visual.transformer.resblocks
-        if not getattr(visual.transformer, "batch_first", True):
-            raise ValueError("PromptedVisual needs a batch-first open_clip VisionTransformer (open_clip >= 3)")
+        self.vit = bool(num_tokens) or is_vit(visual)  # no prompts: any image tower (a ResNet CLIP's too)
+        blocks = vit_blocks(visual, what) if self.vit else ()
         self.num_tokens, self.depth = num_tokens, min(depth, len(blocks)) if num_tokens else 0
-        width = visual.conv1.out_channels
-        patch = visual.conv1.kernel_size[0]
+        width = visual.conv1.out_channels if self.vit else 0
+        patch = visual.conv1.kernel_size[0] if self.vit else 1
         bound = math.sqrt(6.0 / (3 * patch * patch + width))  # VPT's init: +-0.0625 for ViT-B/16
         self.prompts = nn.Parameter(torch.empty(self.depth, num_tokens, width).uniform_(-bound, bound))
         self.grad_checkpointing = False
@@ -450,6 +467,8 @@ class PromptedVisual(nn.Module):
 
     def forward(self, images):
         v, n = self.visual, self.num_tokens
+        if not self.vit:
+            return v(images)
         x = v._embeds(images)  # (B, 1 + P, width), CLS first
         for i, block in enumerate(v.transformer.resblocks):
             if i < self.depth:

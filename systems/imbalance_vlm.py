@@ -268,6 +268,7 @@ def main(argv=None):
     clip, _, preprocess_val, model_name = common.load_clip(args.model, args.pretrained, device)
     common.drop_text_tower(clip)
     visual = clip.visual
+    common.vit_blocks(visual, "Imbalance-VLM's decoder (it reads the tower's patch tokens)")
     width = visual.conv1.out_channels
     decoders = {loss: Decoder(width, num_classes, args.depth, args.heads, args.mlp_ratio).to(device)
                 for loss in args.loss}

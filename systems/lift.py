@@ -113,7 +113,7 @@ class Lift(nn.Module):
     def __init__(self, visual, tuner, dim, vpt_len, classname_feats, scale):
         super().__init__()
         self.visual, self.tuner, self.scale = visual, tuner, scale
-        blocks = visual.transformer.resblocks
+        blocks = common.vit_blocks(visual, f"LIFT's {tuner} tuner")
         width = visual.conv1.out_channels
         self.adapters = nn.ModuleList(AdaptFormer(width, dim) for _ in blocks) if tuner == "adaptformer" else None
         self.loras = nn.ModuleList(nn.ModuleDict({"q": LoRA(width, dim), "v": LoRA(width, dim)}) for _ in blocks) \
@@ -198,7 +198,8 @@ def main(argv=None):
     # ---- model ----
     clip, _, preprocess_val, model_name = common.load_clip(args.model, args.pretrained, device)
     common.drop_text_tower(clip)
-    dim = args.adapter_dim or adapter_width(num_classes, len(clip.visual.transformer.resblocks))
+    layers = len(common.vit_blocks(clip.visual, f"LIFT's {args.tuner} tuner"))  # before any training starts
+    dim = args.adapter_dim or adapter_width(num_classes, layers)
     model = Lift(clip.visual, args.tuner, dim, args.vpt_len, text["classname"].float(), args.scale).to(device)
     params = model.trained()
     meta = frame.make_meta("systems.lift", args, classnames, samples, text, model_name, split, test)

@@ -111,7 +111,7 @@ class DecoupledPrompts(nn.Module):
     def __init__(self, visual, n_fg=10, n_bg=10, groups=20, top_k=2, bg_layers=6):
         super().__init__()
         self.visual = visual
-        blocks = visual.transformer.resblocks
+        blocks = common.vit_blocks(visual, "LT-DPT's prompts")
         width, patch = visual.conv1.out_channels, visual.conv1.kernel_size[0]
         self.layers, self.bg_from = len(blocks), len(blocks) - min(bg_layers, len(blocks))
         self.heads = blocks[0].attn.num_heads

@@ -275,7 +275,7 @@ def main(argv=None):
     common.drop_text_tower(clip)
     teacher = clip.visual if args.finetune == "prompts" else copy.deepcopy(clip.visual)  # frozen, no prompts
     student = common.PromptedVisual(clip.visual, args.prompt_tokens if args.finetune == "prompts" else 0,
-                                    args.prompt_depth).to(device)
+                                    args.prompt_depth, "VL-LTR's prompts (--finetune full trains without)").to(device)
     if args.finetune == "full":
         student.visual.requires_grad_(True)
     logit_scale = nn.Parameter(torch.tensor(math.log(text["logit_scale"]), device=device))  # s, learnable

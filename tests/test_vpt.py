@@ -62,3 +62,26 @@ def test_only_trainable_parts_get_gradients_and_clip_is_unchanged(clip):
     assert all(torch.equal(before[k], after[k]) for k in before)
     trainable = [n for n, p in vpt.named_parameters() if p.requires_grad]
     assert trainable == ["prompts"]
+
+
+@pytest.fixture(scope="module")
+def resnet_clip(tmp_path_factory):
+    """A tiny ResNet CLIP (open_clip's ModifiedResNet), as MODEL=RN50 builds it."""
+    config = dict(TINY_CLIP, vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 8})
+    path = tmp_path_factory.mktemp("cfg") / "tiny-rn.json"
+    path.write_text(json.dumps(config))
+    model, _, _, _ = common.load_clip(str(path), "none")
+    return model
+
+
+def test_a_resnet_tower_is_refused_for_prompts_by_name_and_runs_without_them(resnet_clip):
+    # before: AttributeError "'ModifiedResNet' object has no attribute 'transformer'", with a linear probe too
+    with pytest.raises(ValueError, match="ModifiedResNet.*MODEL=ViT-B-16-quickgelu"):
+        common.PromptedVisual(resnet_clip.visual, num_tokens=2, depth=12)
+    with pytest.raises(ValueError, match="^LIFT's lora tuner: .*ModifiedResNet"):
+        common.vit_blocks(resnet_clip.visual, "LIFT's lora tuner")
+    probe = common.PromptedVisual(resnet_clip.visual, num_tokens=0, depth=12)
+    assert probe.prompts.numel() == 0
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(probe(images), resnet_clip.encode_image(images))
