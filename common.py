@@ -495,6 +495,12 @@ def init_distributed(device_arg="auto"):
     import torch.distributed as dist
     local = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available() and device_arg in ("auto", "cuda"):
+        count = torch.cuda.device_count()
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if per_node > count:  # every process stops, before set_device's "invalid device ordinal" in some of them
+            raise ValueError(f"GPUS={per_node} starts {per_node} processes on this machine, one per GPU, but it has "
+                             f"{count} CUDA device(s) torch can see (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use GPUS={count}")
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:

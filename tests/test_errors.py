@@ -323,3 +323,15 @@ def test_a_text_file_that_is_not_utf8_is_named_with_its_line(tiny_world, tmp_pat
     (root / "train.txt").write_bytes("\n".join(lines).encode("latin-1"))
     with pytest.raises(ValueError, match=r"train.txt:5: not UTF-8 text"):
         common.read_split(root, "tiny", "train", 5)
+
+
+def test_more_processes_than_gpus_is_refused_by_count(monkeypatch):
+    # GPUS=4 on a 2-GPU machine: before, processes 2 and 3 died in set_device ("invalid device ordinal")
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(common.torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    for key, value in dict(WORLD_SIZE="4", LOCAL_WORLD_SIZE="4", LOCAL_RANK="0", RANK="0").items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=r"GPUS=4 starts 4 processes .* 2 CUDA device\(s\) .*=0,1\); use GPUS=2"):
+        common.init_distributed()
