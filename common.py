@@ -494,7 +494,14 @@ def init_distributed(device_arg="auto"):
         return 0, 1, pick_device(device_arg)
     import torch.distributed as dist
     local = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and device_arg in ("auto", "cuda"):
+    kind = "auto" if device_arg == "auto" else pick_device(device_arg.split(":")[0]).type  # CUDA refused where none
+    if kind not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device {device_arg} (DEVICE={device_arg}): under torchrun (GPUS=) the kit runs on cuda or "
+                         "cpu")
+    if kind == "cuda" and device_arg != "cuda":
+        warn_once(f"note: under torchrun each process takes the GPU of its LOCAL_RANK; the index of --device "
+                  f"{device_arg} is not used (CUDA_VISIBLE_DEVICES picks the GPUs)")
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         count = torch.cuda.device_count()
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if per_node > count:  # every process stops, before set_device's "invalid device ordinal" in some of them

@@ -335,3 +335,19 @@ def test_more_processes_than_gpus_is_refused_by_count(monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=r"GPUS=4 starts 4 processes .* 2 CUDA device\(s\) .*=0,1\); use GPUS=2"):
         common.init_distributed()
+
+
+def test_a_cuda_device_under_torchrun_is_not_a_silent_cpu_run(monkeypatch):
+    # before: --device cuda:0 (or cuda on a machine without CUDA) under torchrun fell through to CPU processes
+    import torch.distributed as dist
+    for key, value in dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", LOCAL_RANK="1", RANK="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        common.init_distributed("cuda")
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(common.torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    assert common.init_distributed("cuda:0") == (1, 2, torch.device("cuda", 1))
