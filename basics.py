@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from datastamp import image_path
+
 # ---------------------------------------------------------------------------------------------------
 # datasets (SPEC section 3)
 # ---------------------------------------------------------------------------------------------------
@@ -307,7 +309,7 @@ def read_split(root, dataset, split, num_classes, check_files=True):
     if repeated:
         warn_once(f"warning: {path}: {sum(len(w) - 1 for w in repeated)} lines repeat an image listed before (first: "
                   f"{repeated[0][1]} repeats {repeated[0][0]}); each counts as a sample")
-    samples = [(os.path.join(root, rel.lstrip("/")), label, where) for rel, label, where in samples]
+    samples = [(image_path(root, rel), label, where) for rel, label, where in samples]
     if check_files:
         for i, (p, _, where) in enumerate(samples):
             try:
@@ -328,7 +330,8 @@ def missing_images(path, root, samples, first):
     if first == 0 and missing == len(samples):
         rel = os.path.relpath(p, root)
         return (f"none of the {len(samples)} images {path} lists is in {root}: {where} names {rel}, looked for as "
-                f"{p}. The paths in a split file are read from DATA_ROOT: is {root} the folder they start from?")
+                f"{p}. The paths in a split file are read from DATA_ROOT (or are absolute): is {root} the folder "
+                f"they start from?")
     return f"{where}: image not found: {p} (images missing from {path.name}: {missing} of {len(samples)})"
 
 

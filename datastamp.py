@@ -24,6 +24,16 @@ def listed_images(path):
         return [line.strip().rsplit(maxsplit=1)[0] for line in f if len(line.split()) >= 2]
 
 
+def image_path(root, rel):
+    """Where a split file's image is: under the data root (a leading '/' read from the root too, as the kit always
+    did), or, for an absolute path that is not there, at that path when it exists (a list a user wrote with `find
+    /data/...`)."""
+    under = os.path.join(root, rel.lstrip("/"))
+    if os.path.isabs(rel) and not os.path.exists(under) and os.path.exists(rel):
+        return rel
+    return under
+
+
 def stamp(root, path):
     h = hashlib.sha1()
     try:
@@ -32,7 +42,7 @@ def stamp(root, path):
         return "unreadable-" + hashlib.sha1(str(e).encode()).hexdigest()[:8]
     for rel in images:
         try:
-            st = os.stat(os.path.join(root, rel.lstrip("/")))
+            st = os.stat(image_path(root, rel))
             h.update(f"{rel} {st.st_size} {st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{rel} missing\n".encode())

@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,6 +248,30 @@ def test_an_image_replaced_in_place_is_noticed(own_run):
             first.write_bytes(saved)
             os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         assert stages_to_run(args) == set()
+
+
+def test_a_split_file_of_absolute_paths_is_read_as_written(tiny_world, tmp_path):
+    # a list made with `find /data/...`: before, every path was read under DATA_ROOT, so none of its images was found
+    import datastamp
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    shutil.copy(tiny_world / "classnames.txt", lists)
+    rows = (tiny_world / "train.txt").read_text().split("\n")
+    (lists / "train.txt").write_text("\n".join(f"{tiny_world}/{r}" for r in rows if r) + "\n")
+    num_classes = len(common.class_names("tiny", lists))
+    samples = common.read_split(lists, "tiny", "train", num_classes)
+    assert [p for p, _, _ in samples] == [str(tiny_world / r.split()[0]) for r in rows if r]
+    first = Path(samples[0][0])
+    before = datastamp.stamp(str(lists), str(lists / "train.txt"))
+    saved, stat = first.read_bytes(), first.stat()
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(first)  # make notices an image replaced in place, as under the root
+    try:
+        assert datastamp.stamp(str(lists), str(lists / "train.txt")) != before
+    finally:
+        first.write_bytes(saved)
+        os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    rel = rows[0].split()[0]  # a leading '/' is still read from the root
+    assert datastamp.image_path(str(tiny_world), "/" + rel) == os.path.join(tiny_world, rel)
 
 
 def test_toy_seeds_gives_each_seed_its_own_folders(tmp_path):
