@@ -179,9 +179,13 @@ def share_cores(workers):
     threads next to a worker ran at 530 and two threads with no worker at 665. With as many workers as cores or more,
     the model keeps its threads: `make bench` (a heavier model, large JPEGs) ran its JPEG training at 58 to 109
     images/s with 2 workers and one model thread, at 92 to 160 with 2 workers and two threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     if workers < cores:
         torch.set_num_threads(min(torch.get_num_threads(), cores - workers))
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def image_loader(samples, transform, decode, device, seed=None, workers=0, batch_size=None, batch_sampler=None):
@@ -192,6 +196,11 @@ def image_loader(samples, transform, decode, device, seed=None, workers=0, batch
     cuda = kind == "cuda"
     if kind == "cpu" and workers:
         share_cores(workers)
+    if workers > available_cores():  # torch's warning, twice a loader, says it may be slow; here it was faster
+        import warnings
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        warn_once(f"note: {workers} image-loading workers on {available_cores()} cores (WORKERS=, --workers): "
+                  "JPEG decoding keeps ahead of the model with more workers than cores (docs/speed.md)")
     options = dict(num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0 and batch_sampler is not None,
                    prefetch_factor=4 if workers else None)
     if batch_sampler is not None:

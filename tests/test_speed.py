@@ -194,6 +194,24 @@ def test_cpu_loader_workers_leave_the_model_the_other_cores(image_files, monkeyp
     assert torch.get_num_threads() == 2  # three cores free, but never more threads than it had
 
 
+def test_more_workers_than_cores_are_said_once_without_torchs_warning(image_files, monkeypatch, capsys):
+    """The benchmarks' 8 workers on a 2-core machine were faster (docs/speed.md): torch's warning that they may be slow,
+    printed twice a loader, gives way to one note a process."""
+    import warnings
+
+    import basics
+    monkeypatch.setattr(basics, "_WARNED", set())
+    cores = common.available_cores()
+    small = lambda im: torch.from_numpy(np.asarray(im.resize((8, 8)))).clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            loader, _ = common.image_loader(image_files, small, "pil", "cpu", workers=cores + 1, batch_size=3)
+            next(iter(loader))
+    assert not [w for w in caught if "DataLoader will create" in str(w.message)]
+    assert capsys.readouterr().err.count(f"{cores + 1} image-loading workers on {cores} cores") == 1
+
+
 def test_the_scripts_that_need_no_torch_import_none():
     """Stage 01, the tables, the report and the toy's tuner start without torch, torchvision or open_clip (3 to 10 s
     of imports on a 2-core CPU, paid again by every such script `make tables` runs): they use basics.py alone. So
