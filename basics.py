@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datastamp import image_path
+from datastamp import flat_folder, image_path
 
 # ---------------------------------------------------------------------------------------------------
 # datasets (SPEC section 3)
@@ -309,7 +309,12 @@ def read_split(root, dataset, split, num_classes, check_files=True):
     if repeated:
         warn_once(f"warning: {path}: {sum(len(w) - 1 for w in repeated)} lines repeat an image listed before (first: "
                   f"{repeated[0][1]} repeats {repeated[0][0]}); each counts as a sample")
-    samples = [(image_path(root, rel), label, where) for rel, label, where in samples]
+    flat = flat_folder(root, [rel for rel, _, _ in samples])
+    if flat:
+        warn_once(f"note: {path} names its images in class folders ({samples[0][0]}), but they lie one folder up, as "
+                  f"in ImageNet's own val/ ({os.path.relpath(image_path(root, samples[0][0], flat), root)}); they "
+                  "are read from there")
+    samples = [(image_path(root, rel, flat), label, where) for rel, label, where in samples]
     if check_files:
         for i, (p, _, where) in enumerate(samples):
             try:

@@ -24,14 +24,28 @@ def listed_images(path):
         return [line.strip().rsplit(maxsplit=1)[0] for line in f if len(line.split()) >= 2]
 
 
-def image_path(root, rel):
+def image_path(root, rel, flat=False):
     """Where a split file's image is: under the data root (a leading '/' read from the root too, as the kit always
     did), or, for an absolute path that is not there, at that path when it exists (a list a user wrote with `find
-    /data/...`)."""
+    /data/...`). With `flat` (flat_folder), one folder up from where the file names it."""
     under = os.path.join(root, rel.lstrip("/"))
     if os.path.isabs(rel) and not os.path.exists(under) and os.path.exists(rel):
         return rel
-    return under
+    return one_up(under) if flat else under
+
+
+def one_up(path):
+    return os.path.join(os.path.dirname(os.path.dirname(path)), os.path.basename(path))
+
+
+def flat_folder(root, rels):
+    """Whether a split file's images lie one folder up from where it names them, read off its first image (missing
+    where named, there one folder up): ImageNet's own val/ holds its 50,000 images in one folder, where OLTR's
+    ImageNet_LT_val.txt and ImageNet_LT_test.txt name val/<wnid>/<file>. A whole file is read one way."""
+    if not rels:
+        return False
+    named = image_path(root, rels[0])
+    return not os.path.exists(named) and os.path.exists(one_up(named))
 
 
 def stamp(root, path):
@@ -40,9 +54,10 @@ def stamp(root, path):
         images = listed_images(path)
     except (OSError, ValueError) as e:  # the stage reports a broken split file, naming its line
         return "unreadable-" + hashlib.sha1(str(e).encode()).hexdigest()[:8]
+    flat = flat_folder(root, images)
     for rel in images:
         try:
-            st = os.stat(image_path(root, rel))
+            st = os.stat(image_path(root, rel, flat))
             h.update(f"{rel} {st.st_size} {st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{rel} missing\n".encode())

@@ -274,6 +274,26 @@ def test_a_split_file_of_absolute_paths_is_read_as_written(tiny_world, tmp_path)
     assert datastamp.image_path(str(tiny_world), "/" + rel) == os.path.join(tiny_world, rel)
 
 
+def test_images_one_folder_up_from_their_class_folders_are_found(tmp_path, monkeypatch, capsys):
+    # ImageNet's own val/ is flat, where OLTR's lists name val/<wnid>/<file>: before, none of the images was found
+    import basics
+    import datastamp
+    monkeypatch.setattr(basics, "_WARNED", set())
+    world = make_tiny_world(tmp_path / "world")
+    rows = [r.split() for r in (world / "test.txt").read_text().splitlines()]
+    (world / "test.txt").write_text("".join(f"images/c{y}/{Path(r).name} {y}\n" for r, y in rows))
+    num_classes = len(common.class_names("tiny", world))
+    samples = common.read_split(world, "tiny", "test", num_classes)
+    assert [p for p, _, _ in samples] == [os.path.join(world, r) for r, _ in rows]
+    assert "lie one folder up" in capsys.readouterr().err
+    before = datastamp.stamp(str(world), str(world / "test.txt"))
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(samples[-1][0])  # make notices an image replaced in place
+    assert datastamp.stamp(str(world), str(world / "test.txt")) != before
+    os.remove(samples[-1][0])  # a missing image is still named by its line
+    with pytest.raises(FileNotFoundError, match=f"test.txt:{len(rows)}: image not found"):
+        common.read_split(world, "tiny", "test", num_classes)
+
+
 def test_toy_seeds_gives_each_seed_its_own_folders(tmp_path):
     out = make("-n", "toy-seeds", f"RUN={tmp_path}/r", f"DATA_ROOT={tmp_path}/d", f"PY={sys.executable}")
     assert out.returncode == 0, out.stderr
