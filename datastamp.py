@@ -41,7 +41,8 @@ def one_up(path):
 def flat_folder(root, rels):
     """Whether a split file's images lie one folder up from where it names them, read off its first image (missing
     where named, there one folder up): ImageNet's own val/ holds its 50,000 images in one folder, where OLTR's
-    ImageNet_LT_val.txt and ImageNet_LT_test.txt name val/<wnid>/<file>. A whole file is read one way."""
+    ImageNet_LT_test.txt names val/<wnid>/<file> (its ImageNet_LT_val.txt names train/ images). A whole file is read
+    one way."""
     if not rels:
         return False
     named = image_path(root, rels[0])
