@@ -55,20 +55,39 @@ $(error DATA_ROOT=$(DATA_ROOT) holds files but no toy world, and DATASET is toy 
 endif
 endif
 else ifeq ($(DATASET),cifar100_lt)
-IR          ?= 100
-# CIFAR-100-LT is made from torchvision's cifar-100-python/: CIFAR_ROOT (or DATA_ROOT, as for the other datasets) names
-# the folder holding it, or that folder itself; the long-tailed splits go to CIFAR_ROOT/irIR
-ifneq ($(wildcard $(DATA_ROOT)/cifar-100-python/meta $(DATA_ROOT)/meta),)
-CIFAR_ROOT  := $(DATA_ROOT)
-override DATA_ROOT := $(CIFAR_ROOT)/ir$(IR)
+# CIFAR-100-LT is made from torchvision's cifar-100-python/: CIFAR_ROOT names the folder holding it (or to receive the
+# download), or that folder itself; the long-tailed splits go to CIFAR_ROOT/irIR, which is DATA_ROOT. DATA_ROOT given
+# alone, as for the other datasets, names either: an irN folder is the splits' (its parent CIFAR_ROOT, IR read from its
+# name), any other folder CIFAR_ROOT
+digitless = $(subst 9,,$(subst 8,,$(subst 7,,$(subst 6,,$(subst 5,,$(subst 4,,$(subst 3,,$(subst 2,,$(subst 1,,$(subst \
+            0,,$(1)))))))))))
+CIFAR_ROOT_GIVEN := $(call given,CIFAR_ROOT)
+ifneq ($(and $(DATA_ROOT_GIVEN),$(if $(CIFAR_ROOT_GIVEN),,yes)),)
+ROOT_IR := $(patsubst ir%,%,$(filter ir%,$(notdir $(DATA_ROOT))))
+ifneq ($(and $(ROOT_IR),$(if $(call digitless,$(ROOT_IR)),,yes)),)
+ifneq ($(and $(call given,IR),$(filter-out $(ROOT_IR),$(IR))),)
+$(error DATA_ROOT=$(DATA_ROOT) is where the splits of IR $(ROOT_IR) go, but IR=$(IR). Pass IR=$(ROOT_IR), or the \
+  folder holding cifar-100-python as DATA_ROOT (its ir$(IR) is made there))
 endif
+IR          := $(ROOT_IR)
+CIFAR_ROOT  := $(call tidy,$(dir $(DATA_ROOT)))
+else
+CIFAR_ROOT  := $(DATA_ROOT)
+endif
+endif
+IR          ?= 100
 CIFAR_ROOT  ?= data/cifar100_lt
 override CIFAR_ROOT := $(call tidy,$(CIFAR_ROOT))
 ifeq ($(notdir $(CIFAR_ROOT)),cifar-100-python)
 override CIFAR_ROOT := $(call tidy,$(dir $(CIFAR_ROOT)))
-override DATA_ROOT := $(CIFAR_ROOT)/ir$(IR)
 endif
-DATA_ROOT   ?= $(CIFAR_ROOT)/ir$(IR)
+ifneq ($(and $(DATA_ROOT_GIVEN),$(CIFAR_ROOT_GIVEN)),)
+ifneq ($(abspath $(DATA_ROOT)),$(abspath $(CIFAR_ROOT)/ir$(IR)))
+$(error DATA_ROOT=$(DATA_ROOT) and CIFAR_ROOT=$(CIFAR_ROOT) disagree: stage 00 writes the splits of IR $(IR) to \
+  $(CIFAR_ROOT)/ir$(IR). Give one of the two)
+endif
+endif
+override DATA_ROOT := $(CIFAR_ROOT)/ir$(IR)
 RUN         ?= runs/cifar100_lt-ir$(IR)
 PREPARED    := $(DATA_ROOT)/.complete
 else

@@ -145,6 +145,26 @@ def test_cifar_stage00_run_again_changes_nothing_and_takes_either_folder(tmp_pat
         common.check_dataset(tmp_path, "cifar100_lt")
 
 
+def test_cifar_data_root_names_the_source_or_the_splits_and_stage_00_writes_where_the_chain_reads(tmp_path):
+    """DATA_ROOT alone, as for the other datasets: a folder to download into (or holding the tarball the failed
+    download's message asks for) or an irN folder. Before, stage 00 went on writing into data/cifar100_lt while stage 01
+    read DATA_ROOT, so neither chain could run."""
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "cifar-100-python.tar.gz").write_bytes(b"")
+    for args, root, ir in (([f"DATA_ROOT={tmp_path}/new"], tmp_path / "new", 100),
+                           ([f"DATA_ROOT={tmp_path}/src/ir10/"], tmp_path / "src", 10),
+                           ([f"DATA_ROOT={tmp_path}/src/ir50", "IR=50"], tmp_path / "src", 50)):
+        out = make("-n", "all", "DATASET=cifar100_lt", f"PY={sys.executable}", f"RUN={tmp_path}/run", *args)
+        assert out.returncode == 0, out.stderr
+        assert f"00_make_cifar100_lt.py --root {root} --ir {ir}\n" in out.stdout, out.stdout[:1500]
+        assert f"--data-root {root}/ir{ir} " in out.stdout, out.stdout[:1500]
+    out = make("-n", "all", "DATASET=cifar100_lt", f"DATA_ROOT={tmp_path}/src/ir10", "IR=50", f"RUN={tmp_path}/run")
+    assert out.returncode != 0 and "is where the splits of IR 10 go, but IR=50. Pass IR=10" in out.stderr
+    out = make("-n", "all", "DATASET=cifar100_lt", f"DATA_ROOT={tmp_path}/new", f"CIFAR_ROOT={tmp_path}/src",
+               f"RUN={tmp_path}/run")
+    assert out.returncode != 0 and f"stage 00 writes the splits of IR 100 to {tmp_path}/src/ir100" in out.stderr
+
+
 # ---- 2 and 6. an interrupted training is never thrown away without a word, nor continued on another schedule ----
 
 def killed_after_first_checkpoint(monkeypatch):
