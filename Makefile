@@ -57,8 +57,9 @@ endif
 else ifeq ($(DATASET),cifar100_lt)
 # CIFAR-100-LT is made from torchvision's cifar-100-python/: CIFAR_ROOT names the folder holding it (or to receive the
 # download), or that folder itself; the long-tailed splits go to CIFAR_ROOT/irIR, which is DATA_ROOT. DATA_ROOT given
-# alone, as for the other datasets, names either: an irN folder is the splits' (its parent CIFAR_ROOT, IR read from its
-# name), any other folder CIFAR_ROOT
+# alone, as for the other datasets, is read as one of them: an irN folder is the splits' (its parent CIFAR_ROOT, IR read
+# from its name), a folder of another name holding train.txt and no cifar-100-python/ holds splits made before, any
+# other folder is CIFAR_ROOT
 digitless = $(subst 9,,$(subst 8,,$(subst 7,,$(subst 6,,$(subst 5,,$(subst 4,,$(subst 3,,$(subst 2,,$(subst 1,,$(subst \
             0,,$(1)))))))))))
 CIFAR_ROOT_GIVEN := $(call given,CIFAR_ROOT)
@@ -71,6 +72,15 @@ $(error DATA_ROOT=$(DATA_ROOT) is where the splits of IR $(ROOT_IR) go, but IR=$
 endif
 IR          := $(ROOT_IR)
 CIFAR_ROOT  := $(call tidy,$(dir $(DATA_ROOT)))
+else ifeq ($(if $(wildcard $(DATA_ROOT)/train.txt),$(if $(wildcard $(DATA_ROOT)/cifar-100-python),,made)),made)
+# splits made before, in a folder of another name: read as they are, stage 00 not run (IR names the RUN only)
+SPLITS_MADE := yes
+ROOT_IR := $(shell sed -n 's/.*"ir": *\([0-9][0-9]*\).*/\1/p' $(DATA_ROOT)/.complete 2>/dev/null)
+ifneq ($(and $(ROOT_IR),$(call given,IR),$(filter-out $(ROOT_IR),$(IR))),)
+$(error DATA_ROOT=$(DATA_ROOT) holds the splits of IR $(ROOT_IR) ($(DATA_ROOT)/.complete), but IR=$(IR). Pass \
+  IR=$(ROOT_IR), or leave IR out)
+endif
+IR          ?= $(or $(ROOT_IR),100)
 else
 CIFAR_ROOT  := $(DATA_ROOT)
 endif
@@ -87,9 +97,13 @@ $(error DATA_ROOT=$(DATA_ROOT) and CIFAR_ROOT=$(CIFAR_ROOT) disagree: stage 00 w
   $(CIFAR_ROOT)/ir$(IR). Give one of the two)
 endif
 endif
+ifeq ($(SPLITS_MADE),)
 override DATA_ROOT := $(CIFAR_ROOT)/ir$(IR)
-RUN         ?= runs/cifar100_lt-ir$(IR)
 PREPARED    := $(DATA_ROOT)/.complete
+else
+PREPARED    :=
+endif
+RUN         ?= runs/cifar100_lt-ir$(IR)
 else
 DATA_ROOT ?= data/$(DATASET)
 RUN       ?= runs/$(DATASET)

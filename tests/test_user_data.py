@@ -147,8 +147,8 @@ def test_cifar_stage00_run_again_changes_nothing_and_takes_either_folder(tmp_pat
 
 def test_cifar_data_root_names_the_source_or_the_splits_and_stage_00_writes_where_the_chain_reads(tmp_path):
     """DATA_ROOT alone, as for the other datasets: a folder to download into (or holding the tarball the failed
-    download's message asks for) or an irN folder. Before, stage 00 went on writing into data/cifar100_lt while stage 01
-    read DATA_ROOT, so neither chain could run."""
+    download's message asks for), an irN folder, or splits made before in a folder of another name. Before, stage 00
+    went on writing into data/cifar100_lt while stage 01 read DATA_ROOT, so neither chain could run."""
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "cifar-100-python.tar.gz").write_bytes(b"")
     for args, root, ir in (([f"DATA_ROOT={tmp_path}/new"], tmp_path / "new", 100),
@@ -158,6 +158,16 @@ def test_cifar_data_root_names_the_source_or_the_splits_and_stage_00_writes_wher
         assert out.returncode == 0, out.stderr
         assert f"00_make_cifar100_lt.py --root {root} --ir {ir}\n" in out.stdout, out.stdout[:1500]
         assert f"--data-root {root}/ir{ir} " in out.stdout, out.stdout[:1500]
+    mine = tmp_path / "mine"  # splits stage 00 made, moved to a folder of another name: read as they are
+    mine.mkdir()
+    for name, text in (("train.txt", "a.png 0\n"), ("test.txt", "b.png 0\n"), (".complete", '{\n "ir": 10,\n}\n')):
+        (mine / name).write_text(text)
+    out = make("-n", "all", "DATASET=cifar100_lt", f"PY={sys.executable}", f"DATA_ROOT={mine}")
+    assert out.returncode == 0, out.stderr
+    assert "00_make_cifar100_lt.py" not in out.stdout and f"--data-root {mine} " in out.stdout, out.stdout[:1500]
+    assert "runs/cifar100_lt-ir10/results.md" in out.stdout
+    out = make("-n", "all", "DATASET=cifar100_lt", f"DATA_ROOT={mine}", "IR=50")
+    assert out.returncode != 0 and "holds the splits of IR 10" in out.stderr
     out = make("-n", "all", "DATASET=cifar100_lt", f"DATA_ROOT={tmp_path}/src/ir10", "IR=50", f"RUN={tmp_path}/run")
     assert out.returncode != 0 and "is where the splits of IR 10 go, but IR=50. Pass IR=10" in out.stderr
     out = make("-n", "all", "DATASET=cifar100_lt", f"DATA_ROOT={tmp_path}/new", f"CIFAR_ROOT={tmp_path}/src",
