@@ -241,6 +241,10 @@ def main(argv=None):
     model = Coarse(clip.visual, args.prompt_tokens, args.prompt_depth,
                    classifier_start(text["classname"], args.cls_init, args.seed), text["desc_mask"].shape).to(device)
     model.vpt.grad_checkpointing = args.grad_checkpointing
+    layers = len(clip.visual.transformer.resblocks) if model.vpt.vit else 0
+    if 0 < model.vpt.depth < layers:  # ViT-L/14 has 24: the paper's 12 are all of ViT-B/16's, VPT-deep's every layer
+        say(f"note: prompts in the first {model.vpt.depth} of the image tower's {layers} layers "
+            f"(--prompt-depth {layers} puts them in every layer, as VPT-deep and the paper's ViT-B/16 do)")
     if args.finetune == "full":
         model.vpt.visual.requires_grad_(True)
     model.vpt.prompts.requires_grad_(model.vpt.prompts.numel() > 0)  # linear probe: nothing to train there

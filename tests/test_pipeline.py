@@ -163,7 +163,7 @@ def test_stage03_refuses_features_of_another_model(made_run, tiny_world, tmp_pat
         stage.main(train_args(tiny_world, tmp_path / "other_classes.pt", tmp_path / "c.pt", "--epochs", "1"))
 
 
-def test_text_encoder_runs_only_in_stage_02(made_run, tiny_world, tmp_path, monkeypatch):
+def test_text_encoder_runs_only_in_stage_02(made_run, tiny_world, tmp_path, monkeypatch, capsys):
     import open_clip
     calls = []
     real_autocast = common.image_autocast
@@ -179,11 +179,21 @@ def test_text_encoder_runs_only_in_stage_02(made_run, tiny_world, tmp_path, monk
     monkeypatch.setattr(common, "image_autocast", recording_autocast)
     train = load_stage("03_train_coarse.py")
     train.main(train_args(tiny_world, made_run / "text_features.pt", tmp_path / "coarse.pt", "--epochs", "1"))
+    assert "note: prompts in the first" not in capsys.readouterr().out  # 12 cover the tiny CLIP's 2 layers
     evaluate = load_stage("04_eval_hlc.py")
     evaluate.main(["--dataset", "tiny", "--data-root", str(tiny_world), "--features", str(made_run / "text_features.pt"),
                    "--coarse", str(tmp_path / "coarse.pt"), "--out", str(tmp_path / "results.json"), "--model",
                    f"{tiny_world}/tiny-clip.json", "--pretrained", "none", "--workers", "0", "--explain", "0"])
     assert calls and set(calls) == {"cpu"}  # every image-tower pass went through image_autocast
+
+
+def test_prompts_in_fewer_layers_than_the_tower_has_are_noted(made_run, tiny_world, tmp_path, capsys):
+    """The paper's 12 layers are all of ViT-B/16's; on ViT-L/14 (24) they would be half, which stage 03 says."""
+    load_stage("03_train_coarse.py").main(train_args(tiny_world, made_run / "text_features.pt", tmp_path / "c.pt",
+                                                     "--epochs", "1", "--prompt-depth", "1"))
+    assert "note: prompts in the first 1 of the image tower's 2 layers (--prompt-depth 2 puts them in every layer" \
+        in capsys.readouterr().out
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["prompts"].shape[0] == 1
 
 
 def test_precision_switch_decides_the_arithmetic():
