@@ -186,7 +186,7 @@ def test_paper_cells_name_their_source_and_illegible_cells_stay_empty():
             assert source and len(numbers) == 4, (table, source)
 
 
-def test_a_sentence_of_exactly_75_tokens_is_not_counted_as_truncated():
+def test_a_sentence_of_exactly_75_tokens_is_not_taken_for_truncated():
     import open_clip
     tokenizer = open_clip.get_tokenizer("ViT-B-16")  # 77 slots: start, 75 tokens, end
     texts = [" ".join(["a"] * 75), " ".join(["a"] * 76), "a photo of a dog."]
@@ -194,4 +194,4 @@ def test_a_sentence_of_exactly_75_tokens_is_not_counted_as_truncated():
     tokens = tokenizer(texts)
     assert int((tokens[:, -1] != 0).sum()) == 2  # the last slot is filled for both long ones: not the test
     stage = load_stage("02_cache_descriptors.py")
-    assert stage.count_truncated(tokenizer, texts, tokens, 77) == 1
+    assert stage.truncated(tokenizer, texts, tokens, 77).tolist() == [False, True, False]

@@ -187,6 +187,30 @@ def test_text_encoder_runs_only_in_stage_02(made_run, tiny_world, tmp_path, monk
     assert calls and set(calls) == {"cpu"}  # every image-tower pass went through image_autocast
 
 
+def test_stage02_encodes_each_distinct_sentence_once(tiny_world):
+    """Repeats, and sentences an earlier call encoded (the templates and descriptors stage 01 puts in the corpus),
+    are copied from where they were first encoded; the truncation flags follow the copies."""
+    import open_clip
+    stage = load_stage("02_cache_descriptors.py")
+    model, _, _, name = common.load_clip(str(tiny_world / "tiny-clip.json"), "none", "cpu")
+    tokenizer, seen = open_clip.get_tokenizer(name), []
+    encode = model.encode_text
+    model.encode_text = lambda tokens: seen.append(len(tokens)) or encode(tokens)
+    long = " ".join(["red"] * 40)  # the tiny CLIP holds 30 tokens
+    corpus = ["a red square", long, "a red square", "a blue square"]
+    feats, norms, cut, rows = stage.encode_texts(model, tokenizer, corpus, "cpu", 2)
+    assert seen == [2, 1] and rows == {"a red square": 0, long: 1, "a blue square": 3}
+    later = ["a blue square", "a green square", long, "a green square"]
+    again, again_norms, again_cut, _ = stage.encode_texts(model, tokenizer, later, "cpu", 2,
+                                                          known=(rows, (feats, norms, cut)))
+    assert seen == [2, 1, 1]  # only the green square is new
+    assert cut.tolist() == [False, True, False, False] and again_cut.tolist() == [False, False, True, False]
+    assert torch.equal(again[[0, 2]], feats[[3, 1]]) and torch.equal(again_norms[[0, 2]], norms[[3, 1]])
+    assert torch.equal(feats[2], feats[0]) and torch.equal(again[3], again[1])
+    alone = torch.cat([stage.encode_texts(model, tokenizer, [t], "cpu", 1)[0] for t in corpus + later])
+    assert torch.allclose(torch.cat([feats, again]), alone, atol=1e-6)  # a batch of one rounds a little differently
+
+
 def test_prompts_in_fewer_layers_than_the_tower_has_are_noted(made_run, tiny_world, tmp_path, capsys):
     """The paper's 12 layers are all of ViT-B/16's; on ViT-L/14 (24) they would be half, which stage 03 says."""
     load_stage("03_train_coarse.py").main(train_args(tiny_world, made_run / "text_features.pt", tmp_path / "c.pt",
