@@ -11,10 +11,9 @@ Writes  text_features.pt: corpus (N x d) + corpus_labels (N) + corpus_norm (N, e
     python 02_cache_descriptors.py --corpus runs/places_lt/corpus.json --out runs/places_lt/text_features.pt \
         --model ViT-B-16-quickgelu --pretrained openai
 
-Typical time: the toy world (3,600 corpus sentences, 360 descriptors, 2,880 prompts; 3,938 distinct, each encoded
-once) 4.1 to 4.3 s after the imports on a 2-core Zen 3 VM, where encoding every one took 5.8 to 6.0 s. ImageNet-LT is
-about 100k + 10k + 80k sentences for the ViT-B/16 text tower, fewer distinct (the prompts and descriptors the
-balanced corpus drew are encoded once; not yet timed on a GPU; `make bench` gives the text encoder's sentences/s).
+Each distinct sentence goes through the tower once (times on the toy world and at iNaturalist's size in
+docs/speed.md). ImageNet-LT is about 100k corpus sentences, 10k descriptors and 80k prompts for the ViT-B/16 text
+tower, fewer distinct (not yet timed on a GPU; `make bench` gives the text encoder's sentences/s).
 """
 import argparse
 import json
@@ -34,9 +33,9 @@ def encode_texts(model, tokenizer, sentences, device, batch_size, precision="aut
 
     Each distinct sentence goes through the tower once. A repeat is copied from its first row, and a sentence an
     earlier call encoded (`known`: its rows and its three tensors) from there: stage 01 puts the 80 templates and the
-    descriptors in the corpus too, so the class prompts and the descriptors are mostly copies. Encoded again, a
-    sentence would differ by the rounding of another batch at most (on the toy world's text, not at all: the same
-    text_features.pt bit for bit, 42 % fewer sentences through the tower). The features are written into one
+    descriptors in the corpus too, so many class prompts and descriptors are copies. Encoded again, a sentence would
+    differ by the rounding of another batch at most (on the toy world and at iNaturalist's size, not at all: the same
+    text_features.pt bit for bit, docs/speed.md). The features are written into one
     preallocated array (a list of batches then a concatenation would need twice the memory: 1.5M sentences at
     iNaturalist's size)."""
     known_rows, known_tensors = known or ({}, None)
@@ -67,8 +66,8 @@ def encode_texts(model, tokenizer, sentences, device, batch_size, precision="aut
         norms[rows] = f.norm(dim=-1).cpu()
         feats[rows] = F.normalize(f, dim=-1).cpu()
     for pairs, source in ((from_known, known_tensors), (repeats, (feats, norms, cut))):
-        if pairs:
-            rows, sources = torch.tensor(pairs).T
+        for i in range(0, len(pairs), 65536):  # in slices: one gather of every prompt's row would be 1.3 GB more
+            rows, sources = torch.tensor(pairs[i:i + 65536]).T
             for tensor, source_tensor in zip((feats, norms, cut), source):
                 tensor[rows] = source_tensor[sources]
     if cut.any():
