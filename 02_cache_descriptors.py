@@ -11,9 +11,10 @@ Writes  text_features.pt: corpus (N x d) + corpus_labels (N) + corpus_norm (N, e
     python 02_cache_descriptors.py --corpus runs/places_lt/corpus.json --out runs/places_lt/text_features.pt \
         --model ViT-B-16-quickgelu --pretrained openai
 
-Each distinct sentence goes through the tower once (times on the toy world and at iNaturalist's size in
-docs/speed.md). ImageNet-LT is about 100k corpus sentences, 10k descriptors and 80k prompts for the ViT-B/16 text
-tower, fewer distinct (not yet timed on a GPU; `make bench` gives the text encoder's sentences/s).
+Typical time: about 4 s on the toy world and 400 s at iNaturalist's size with a tiny text tower, on 2-core CPUs
+(docs/speed.md); each distinct sentence goes through the tower once. ImageNet-LT is about 100k corpus sentences, 10k
+descriptors and 80k prompts for the ViT-B/16 text tower, fewer distinct (not yet timed on a GPU; `make bench` gives
+the text encoder's sentences/s).
 """
 import argparse
 import json
