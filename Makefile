@@ -386,7 +386,10 @@ $(foreach s,$(SYSTEMS),$(call params_rule,system-$(s),$(SYSTEM_KEY),$(RUN)/syste
 .SECONDARY: $(foreach s,$(SYSTEMS),$(RUN)/systems/$(s)/results.json)
 ifneq ($(filter system,$(MAKECMDGOALS)),)
 ifeq ($(filter $(NAME),$(SYSTEMS)),)
-$(error NAME=$(NAME) is not a compared system; choose one of: $(SYSTEMS))
+SYSTEM_GUESS := $(shell python3 -c 'import difflib, sys; name = sys.argv[1].lower().replace("-", "_"); \
+  print(*difflib.get_close_matches(name, sys.argv[2:], 1, 0.5))' '$(NAME)' $(SYSTEMS) 2>/dev/null)
+$(error $(if $(NAME),NAME=$(NAME) is not a compared system$(if $(SYSTEM_GUESS), (did you mean NAME=$(SYSTEM_GUESS)?)),make \
+  system needs NAME); choose one of: $(SYSTEMS))
 endif
 endif
 

@@ -91,6 +91,15 @@ def test_an_old_make_is_stopped_with_the_fix():
     assert out.returncode != 0 and "needs GNU make 4.2 or newer" in out.stderr and "gmake" in out.stderr
 
 
+def test_a_system_name_with_a_typo_is_answered_with_the_close_one():
+    for name, said in (("balad", "NAME=balad is not a compared system (did you mean NAME=ballad?)"),
+                       ("Imbalance-VLM", "(did you mean NAME=imbalance_vlm?)"),
+                       ("resnet", "NAME=resnet is not a compared system; choose one of: ballad imbalance_vlm lift"),
+                       ("", "make system needs NAME; choose one of: ballad")):
+        out = make("-n", "system", f"NAME={name}")
+        assert out.returncode != 0 and said in out.stderr, out.stderr
+
+
 def test_a_kit_folder_with_a_space_is_stopped_with_the_fix(tmp_path):
     """Before, make all there stopped on 'RUN=runs/toy is DATA_ROOT=data/toy or holds it'."""
     kit = tmp_path / "My Projects" / "hlc"

@@ -187,11 +187,14 @@ def test_text_encoder_runs_only_in_stage_02(made_run, tiny_world, tmp_path, monk
     assert calls and set(calls) == {"cpu"}  # every image-tower pass went through image_autocast
 
 
-def test_stage02_encodes_each_distinct_sentence_once(tiny_world):
+@pytest.mark.parametrize("copy_rows", [None, 1])
+def test_stage02_encodes_each_distinct_sentence_once(tiny_world, copy_rows, monkeypatch):
     """Repeats, and sentences an earlier call encoded (the templates and descriptors stage 01 puts in the corpus),
-    are copied from where they were first encoded; the truncation flags follow the copies."""
+    are copied from where they were first encoded; the truncation flags follow the copies, in slices of any size."""
     import open_clip
     stage = load_stage("02_cache_descriptors.py")
+    if copy_rows:
+        monkeypatch.setattr(stage, "COPY_ROWS", copy_rows)
     model, _, _, name = common.load_clip(str(tiny_world / "tiny-clip.json"), "none", "cpu")
     tokenizer, seen = open_clip.get_tokenizer(name), []
     encode = model.encode_text
