@@ -39,9 +39,8 @@ def encode_texts(model, tokenizer, sentences, device, batch_size, precision="aut
     earlier call encoded (`known`: its rows and its three tensors) from there: stage 01 puts the 80 templates and the
     descriptors in the corpus too, so many class prompts and descriptors are copies. Encoded again, a sentence would
     differ by the rounding of another batch at most (on the toy world and at iNaturalist's size, not at all: the same
-    text_features.pt bit for bit, docs/speed.md). The features are written into one
-    preallocated array (a list of batches then a concatenation would need twice the memory: 1.5M sentences at
-    iNaturalist's size)."""
+    text_features.pt bit for bit, docs/speed.md). The features are written into one preallocated array (a list of
+    batches then a concatenation would need twice the memory: 1.5M sentences at iNaturalist's size)."""
     known_rows, known_tensors = known or ({}, None)
     first, todo, from_known, repeats = {}, [], [], []
     for j, s in enumerate(sentences):
