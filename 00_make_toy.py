@@ -122,7 +122,7 @@ def png_bytes(image):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/toy", help="folder to write the toy world into (one this stage made, or new)")
-    p.add_argument("--seed", type=int, default=0, help="everything follows from this seed")
+    p.add_argument("--seed", type=basics.seed_value, default=0, help="everything follows from this seed")
     p.add_argument("--clip", default="toy_clip/toy-clip.safetensors",
                    help="the tiny CLIP's compact weights (00_pretrain_toy_clip.py)")
     p.add_argument("--max-per-class", type=int, default=200, help="training images of the largest class")

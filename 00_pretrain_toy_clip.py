@@ -72,7 +72,7 @@ def main(argv=None):
                    help="fix CLIP's logit scale (inverse temperature) at this value, as real CLIP ends its training at "
                         "its clamp of 100; 0 learns it from open_clip's start (1 / 0.07, clamped at 100), as the "
                         "committed weights were made (they ended at 26.8)")
-    p.add_argument("--seed", type=int, default=0, help="everything follows from this seed")
+    p.add_argument("--seed", type=common.seed_value, default=0, help="everything follows from this seed")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the weights repeat bit for bit with the same "
                                                           "count on the same kind of CPU)")
     p.add_argument("--checkpoint-every", type=int, default=200,

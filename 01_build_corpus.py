@@ -326,7 +326,7 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print how many LLM requests this run would make, then stop")
     p.add_argument("--skip-data-check", action="store_true",
                    help="build the corpus without checking that DATA_ROOT holds the dataset's split files")
-    p.add_argument("--seed", type=int, default=0, help="seed for balancing")
+    p.add_argument("--seed", type=basics.seed_value, default=0, help="seed for balancing")
     args = p.parse_args(argv)
 
     # ---- setup: the data must be there before any LLM request or text encoding ----

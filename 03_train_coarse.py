@@ -191,7 +191,7 @@ def main(argv=None):
                    help="linear probe: run the frozen tower on augmented images every epoch instead of encoding "
                         "the training set once (evaluation transform, as CLIP's linear-probe protocol)")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (under torchrun: one GPU per process)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=common.seed_value, default=0, help="random seed")
     p.add_argument("--log-every", type=int, default=50, help="print a line every this many steps")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted training in last.pt next to --out; refused when a training setting "

@@ -213,7 +213,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--precision", choices=sorted(basics.PRECISIONS), default="auto",
                    help="image tower arithmetic: " + "; ".join(f"{k}: {v}" for k, v in basics.PRECISIONS.items()))
-    p.add_argument("--seed", type=int, default=0, help="seed for picking the explained images")
+    p.add_argument("--seed", type=basics.seed_value, default=0, help="seed for picking the explained images")
     p.add_argument("--check-args", action="store_true",
                    help="check the arguments and stop: make runs this before the training, so that a typo in "
                         "EVAL_ARGS is found then and not after it")

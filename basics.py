@@ -8,6 +8,7 @@ on a 2-core CPU, and `make tables` runs such scripts six times.
 
 Nothing here runs on import.
 """
+import argparse
 import contextlib
 import difflib
 import json
@@ -441,6 +442,18 @@ PRECISIONS = {
     "fp32": "float32 everywhere (on CUDA: slower, and the image features are not rounded)",
     "bf16": "bf16 autocast on any device (on a CPU: to measure what bf16 changes)",
 }
+
+
+SEEDS = 2 ** 32  # --seed takes 0 to SEEDS - 1, as numpy's legacy seeding does
+
+
+def seed_value(text):
+    """--seed's type: a whole number from 0 to SEEDS - 1. numpy refuses a negative seed, and derived seeds must fit
+    torch's 64 bits, so anything else would stop a run at its first random draw, perhaps a stage or an epoch in."""
+    value = int(text) if re.fullmatch(r"\s*\d+\s*", text) else -1
+    if not 0 <= value < SEEDS:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {SEEDS - 1}, got {text!r}")
+    return value
 
 
 def refuse_out_of_range(args, least=(), above=()):

@@ -96,7 +96,7 @@ def main(argv=None):
                    help="factors of each original lr")
     p.add_argument("--epochs", type=int, default=0, help="override every recipe's epochs (tests)")
     p.add_argument("--batch-size", type=int, default=0, help="override every recipe's batch (tests)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=basics.seed_value, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--workers", type=int, default=2, help="data loader workers")
     args = p.parse_args(argv)

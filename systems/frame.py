@@ -45,7 +45,7 @@ def add_run_args(parser, decode_modes=None, selection="last"):
     else:
         p.add_argument("--decode", choices=["pil"], default="pil", help="its training augmentation needs PIL decoding")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=common.seed_value, default=0, help="random seed")
     p.add_argument("--resume", action="store_true", help="skip finished phases and continue the interrupted one in "
                                                               "last.pt (Make: RESUME=1)")
     p.add_argument("--fresh", action="store_true", help="remove an interrupted run's last.pt and start over (Make: "

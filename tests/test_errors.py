@@ -351,3 +351,31 @@ def test_a_cuda_device_under_torchrun_is_not_a_silent_cpu_run(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend: None)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     assert common.init_distributed("cuda:0") == (1, 2, torch.device("cuda", 1))
+
+
+@pytest.mark.parametrize("script", ["00_make_toy.py", "00_pretrain_toy_clip.py", "01_build_corpus.py",
+                                    "03_train_coarse.py", "04_eval_hlc.py", "tune_toy.py", "systems/lift.py"])
+def test_a_seed_numpy_or_torch_would_refuse_is_refused_by_its_flag(script, capsys):
+    """SEED=-1 stopped stage 00 with numpy's bare "expected non-negative integer", and a real dataset's training at its
+    first mixup draw: every script's --seed takes 0 to 2**32 - 1 and names the value it refuses."""
+    main = load_stage(script).main
+    for bad in ("-1", "4294967296", "1e3"):
+        with pytest.raises(SystemExit) as e:
+            main(["--seed", bad])
+        assert e.value.code == 2
+        assert f"argument --seed: expected a whole number from 0 to 4294967295, got '{bad}'" in capsys.readouterr().err
+
+
+def test_a_large_seed_seeds_every_sample():
+    """SEED=20250101 (a date) stopped the training at its first batch, "Overflow when unpacking long long": a sample's
+    seed is taken modulo 2**64, which leaves a seed under 1.8 million where it was."""
+    common.seed_sample(20250101, 3, 12345)
+    first = torch.rand(4)
+    common.seed_sample(20250101, 3, 12345)
+    assert torch.equal(torch.rand(4), first)
+    common.seed_sample(20250101, 3, 12346)
+    assert not torch.equal(torch.rand(4), first)
+    common.seed_sample(1_000_000, 29, 999_999)
+    want = torch.rand(4)
+    torch.default_generator.manual_seed((1_000_000 * 1_000_003 + 29) * 10_000_019 + 999_999)
+    assert torch.equal(torch.rand(4), want)
