@@ -66,6 +66,7 @@ def main(argv=None):
     p.add_argument("--ir", type=int, default=100, help="imbalance ratio n_max / n_min (LIFT: 100, 50, 10)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing CIFAR-100")
     args = p.parse_args(argv)
+    basics.refuse_out_of_range(args, least=[("--ir", 1)])
 
     # ---- the source: torchvision's files, downloaded when missing ----
     t0 = time.time()

@@ -24,6 +24,9 @@ SEED      ?= 0
 # a path is one folder however it is spelt: a trailing slash and a leading ./ are dropped before anything uses it
 tidy = $(patsubst ./%,%,$(patsubst %/,%,$(1)))
 given = $(filter command% environment%,$(origin $(1)))
+# what is left of a value once its digits are taken out: empty for a whole number (and for an empty value)
+digitless = $(subst 9,,$(subst 8,,$(subst 7,,$(subst 6,,$(subst 5,,$(subst 4,,$(subst 3,,$(subst 2,,$(subst 1,,$(subst \
+            0,,$(1)))))))))))
 # (a link into a folder whose real path holds a space, the way round a space, is compared as the link itself)
 canon = $(if $(word 2,$(realpath $(1))),$(abspath $(1)),$(or $(realpath $(1)),$(abspath $(1))))
 RUN_GIVEN := $(call given,RUN)
@@ -60,8 +63,6 @@ else ifeq ($(DATASET),cifar100_lt)
 # alone, as for the other datasets, is read as one of them: an irN folder is the splits' (its parent CIFAR_ROOT, IR read
 # from its name), a folder of another name holding train.txt and no cifar-100-python/ holds splits made before, any
 # other folder is CIFAR_ROOT
-digitless = $(subst 9,,$(subst 8,,$(subst 7,,$(subst 6,,$(subst 5,,$(subst 4,,$(subst 3,,$(subst 2,,$(subst 1,,$(subst \
-            0,,$(1)))))))))))
 CIFAR_ROOT_GIVEN := $(call given,CIFAR_ROOT)
 ifneq ($(and $(DATA_ROOT_GIVEN),$(if $(CIFAR_ROOT_GIVEN),,yes)),)
 ROOT_IR := $(patsubst ir%,%,$(filter ir%,$(notdir $(DATA_ROOT))))
@@ -86,6 +87,9 @@ CIFAR_ROOT  := $(DATA_ROOT)
 endif
 endif
 IR          ?= 100
+ifneq ($(or $(call digitless,$(IR)),$(if $(subst 0,,$(IR)),,zero)),)
+$(error IR=$(IR): CIFAR-100-LT's imbalance ratio is a whole number from 1 (LIFT: 100, 50, 10))
+endif
 CIFAR_ROOT  ?= data/cifar100_lt
 override CIFAR_ROOT := $(call tidy,$(CIFAR_ROOT))
 ifeq ($(notdir $(CIFAR_ROOT)),cifar-100-python)
@@ -151,6 +155,13 @@ $(error SHOT_RULE=$(SHOT_RULE): the shot rule is lift (LIFT's, the default) or v
 endif
 ifneq ($(filter-out pil tensor device,$(DECODE)),)
 $(error DECODE=$(DECODE): images are decoded by pil (the default), tensor or device (docs/speed.md))
+endif
+ifneq ($(or $(call digitless,$(SEED)),$(if $(SEED),,empty)),)
+$(error SEED=$(SEED): the seed of every stage is a whole number from 0 to 4294967295)
+endif
+ifneq ($(if $(GPUS),$(or $(call digitless,$(GPUS)),$(if $(subst 0,,$(GPUS)),,zero))),)
+$(error GPUS=$(GPUS): the number of torchrun processes for stages 03-04, one per GPU, is a whole number from 1; leave \
+  GPUS out to run them as one process)
 endif
 ifneq ($(and $(RESUME),$(FRESH)),)
 $(error RESUME=1 continues an interrupted training, FRESH=1 starts it over: give one of them)

@@ -72,6 +72,9 @@ def test_make_data_writes_the_split_of_each_ratio(cifar_root, ratio):
 def test_a_missing_cifar_folder_says_so_without_downloading(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-100-python: CIFAR-100 not found"):
         cifar.main(["--root", str(tmp_path), "--no-download"])
+    with pytest.raises(SystemExit, match="--ir must be 1 or more, not 0"):  # before any download
+        cifar.main(["--root", str(tmp_path), "--ir", "0"])
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_failed_download_says_where_the_files_go(tmp_path, monkeypatch):
