@@ -159,9 +159,24 @@ endif
 ifneq ($(or $(call digitless,$(SEED)),$(if $(SEED),,empty)),)
 $(error SEED=$(SEED): the seed of every stage is a whole number from 0 to 4294967295)
 endif
+ifneq ($(filter 0%,$(filter-out 0,$(SEED))),)
+$(error SEED=$(SEED): write the seed without leading zeros; the toy world's and the runs' folders are named as it \
+  is written, so SEED=07 and SEED=7 would be two runs of one seed)
+endif
 ifneq ($(if $(GPUS),$(or $(call digitless,$(GPUS)),$(if $(subst 0,,$(GPUS)),,zero))),)
 $(error GPUS=$(GPUS): the number of torchrun processes for stages 03-04, one per GPU, is a whole number from 1; leave \
   GPUS out to run them as one process)
+endif
+ifneq ($(if $(EPOCHS),$(or $(call digitless,$(EPOCHS)),$(if $(subst 0,,$(EPOCHS)),,zero))),)
+$(error EPOCHS=$(EPOCHS): every script's epochs is a whole number from 1; leave EPOCHS out for each script's recipe)
+endif
+ifneq ($(or $(call digitless,$(WORKERS)),$(if $(WORKERS),,empty)),)
+$(error WORKERS=$(WORKERS): the number of image-loading processes is a whole number (0: load in the main process))
+endif
+# a device's kind: cuda:N is cuda when N is a number; whether this machine has it is the first stage's to say
+device_name = $(if $(filter cuda:%,$(1)),$(if $(call digitless,$(1:cuda:%=%)),,$(if $(1:cuda:%=%),cuda)),$(1))
+ifneq ($(or $(word 2,$(DEVICE)),$(if $(filter auto cpu mps cuda,$(call device_name,$(DEVICE))),,bad)),)
+$(error DEVICE=$(DEVICE): not a device name; use auto (a GPU when there is one), cpu, cuda or cuda:N)
 endif
 ifneq ($(and $(RESUME),$(FRESH)),)
 $(error RESUME=1 continues an interrupted training, FRESH=1 starts it over: give one of them)

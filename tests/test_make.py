@@ -100,20 +100,30 @@ def test_a_system_name_with_a_typo_is_answered_with_the_close_one():
         assert out.returncode != 0 and said in out.stderr, out.stderr
 
 
-def test_a_seed_gpu_count_or_ratio_that_is_no_whole_number_is_stopped_before_any_stage(tmp_path):
+def test_a_make_variable_no_stage_could_take_is_stopped_before_any_stage(tmp_path):
     """SEED=-1 reached stage 00 (numpy's bare "expected non-negative integer"), GPUS=0 ran stages 00-02 before
-    torchrun stopped on a bare AssertionError, and IR=0 would unpack CIFAR-100 before dividing by zero."""
+    torchrun stopped on a bare AssertionError, IR=0 would unpack CIFAR-100 before dividing by zero, and EPOCHS=ten or
+    DEVICE=gpu ran stage 01 (an LLM's corpus, maybe) and more before a stage's flag refused it; SEED=007 named its
+    folders toy-seed007 while every stage read seed 7."""
     where = [f"RUN={tmp_path / 'run'}", f"DATA_ROOT={tmp_path / 'data'}"]
     for setting, said in (("SEED=-1", "SEED=-1: the seed of every stage is a whole number from 0 to 4294967295"),
                           ("SEED=abc", "SEED=abc: the seed"), ("SEED=", "SEED=: the seed"),
+                          ("SEED=007", "SEED=007: write the seed without leading zeros"), ("SEED=00", "SEED=00: write"),
                           ("GPUS=0", "GPUS=0: the number of torchrun processes for stages 03-04, one per GPU, is a "
                                      "whole number from 1; leave GPUS out"),
                           ("GPUS=00", "GPUS=00: the number"), ("GPUS=two", "GPUS=two: the number"),
                           ("IR=0", "IR=0: CIFAR-100-LT's imbalance ratio is a whole number from 1"),
-                          ("IR=1e2", "IR=1e2: CIFAR-100-LT's")):
+                          ("IR=1e2", "IR=1e2: CIFAR-100-LT's"),
+                          ("EPOCHS=0", "EPOCHS=0: every script's epochs is a whole number from 1; leave EPOCHS out"),
+                          ("EPOCHS=ten", "EPOCHS=ten: every"),
+                          ("WORKERS=-1", "WORKERS=-1: the number of image-loading"), ("WORKERS=", "WORKERS=: the"),
+                          ("DEVICE=gpu", "DEVICE=gpu: not a device name; use auto (a GPU when there is one), cpu, cuda "
+                                         "or cuda:N"), ("DEVICE=cuda:", "DEVICE=cuda:: not"),
+                          ("DEVICE=cuda:one", "DEVICE=cuda:one: not"), ("DEVICE=", "DEVICE=: not")):
         out = make("-n", "all", setting, *where, *(("DATASET=cifar100_lt",) if setting.startswith("IR") else ()))
         assert out.returncode != 0 and said in out.stderr, (setting, out.stderr)
-    for settings in (("SEED=20250101",), ("GPUS=2",), ("GPUS=10", "SEED=0")):
+    for settings in (("SEED=20250101",), ("SEED=0",), ("SEED=10",), ("EPOCHS=2", "WORKERS=0"), ("DEVICE=cuda:1",),
+                     ("DEVICE=cpu", "EPOCHS="), ("GPUS=2",), ("GPUS=10", "SEED=0")):
         out = make("-n", "all", *settings, *where)
         assert out.returncode == 0, (settings, out.stderr)
     assert "--nproc_per_node=10 " in out.stdout and not list(tmp_path.iterdir())
