@@ -475,7 +475,7 @@ bench-scale: $(SETUP) ## stages 01-04 on a synthetic world of iNaturalist's size
 
 setup: $(SETUP) ## create the virtual environment (make all and make test do this themselves)
 
-test: $(SETUP) ## the tests that cover every path once (2.5 to 10 minutes on 2 cores, by machine)
+test: $(SETUP) ## the tests that cover every path once (minutes: the README's Tests)
 	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 test-all: $(SETUP) ## every test, the toy world end to end and the slow checks too (what CI runs)
