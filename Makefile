@@ -173,7 +173,8 @@ endif
 ifneq ($(or $(call digitless,$(WORKERS)),$(if $(WORKERS),,empty)),)
 $(error WORKERS=$(WORKERS): the number of image-loading processes is a whole number (0: load in the main process))
 endif
-# a device's kind: cuda:N is cuda when N is a number; whether this machine has it is the first stage's to say
+# a device's kind: cuda:N is cuda when N is a number (torch's mps passes too, untried); whether this machine has it
+# is the first stage's to say
 device_name = $(if $(filter cuda:%,$(1)),$(if $(call digitless,$(1:cuda:%=%)),,$(if $(1:cuda:%=%),cuda)),$(1))
 ifneq ($(or $(word 2,$(DEVICE)),$(if $(filter auto cpu mps cuda,$(call device_name,$(DEVICE))),,bad)),)
 $(error DEVICE=$(DEVICE): not a device name; use auto (a GPU when there is one), cpu, cuda or cuda:N)
