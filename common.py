@@ -683,10 +683,55 @@ def tensor_digest(*tensors):
     return h.hexdigest()[:16]
 
 
+# text_features.pt's tensors (docs/outputs.md): dtype and shape, over N corpus sentences, C classes, M descriptors a
+# class and the embedding width d
+TEXT_TENSORS = {"corpus": (torch.float32, "N d"), "corpus_norm": (torch.float32, "N"),
+                "corpus_labels": (torch.int64, "N"), "descriptors": (torch.float32, "C M d"),
+                "desc_mask": (torch.bool, "C M"), "classname": (torch.float32, "C d")}
+
+
+def check_text_features(text, path):
+    """Stage 02's file against its contract and its own meta, before anything computes with it: a file written by
+    another stage 02 or edited by hand stops here, naming the entry, not in a matrix product mid-training. Only shapes,
+    dtypes and the corpus labels are read (stage 04 maps the corpus features without reading them)."""
+    if not isinstance(text, dict):
+        raise ValueError(f"{path}: holds a {type(text).__name__}, not stage 02's dict of tensors (docs/outputs.md)")
+    missing = [k for k in (*TEXT_TENSORS, "descriptor_texts", "descriptor_raw", "logit_scale", "meta") if k not in text]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)}; stage 02's file holds {', '.join(TEXT_TENSORS)}, "
+                         "descriptor_texts, descriptor_raw, logit_scale and meta (docs/outputs.md)")
+    meta = text["meta"]
+    sizes = {"C": (meta.get("num_classes"), f"its meta's num_classes is {meta.get('num_classes')}"),
+             "d": (meta.get("embed_dim"), f"its meta's embed_dim is {meta.get('embed_dim')}")}
+    for key, (dtype, dims) in TEXT_TENSORS.items():
+        t, dims = text[key], dims.split()
+        if not torch.is_tensor(t) or t.dtype != dtype or t.dim() != len(dims):
+            what = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if torch.is_tensor(t) else f"a {type(t).__name__}"
+            raise ValueError(f"{path}: {key} is {what}; stage 02 writes a {dtype} tensor of shape ({', '.join(dims)}) "
+                             "(docs/outputs.md)")
+        for name, size in zip(dims, t.shape):
+            known, where = sizes.get(name, (None, None))
+            if known is None:
+                sizes[name] = (size, f"{key} has {size}")
+            elif size != known:
+                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, {size} along {name}, where {where}: its "
+                                 "entries do not belong together")
+    labels, classes = text["corpus_labels"], sizes["C"][0]
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
+        raise ValueError(f"{path}: corpus_labels run from {int(labels.min())} to {int(labels.max())}, outside [0, "
+                         f"{classes}) for its {classes} classes")
+    for key in ("descriptor_texts", "descriptor_raw"):
+        if len(text[key]) != classes:
+            raise ValueError(f"{path}: {key} lists {len(text[key])} classes, the tensors {classes}")
+
+
 def load_text_features(path, classnames, data_root, model, pretrained, mmap=False):
-    """text_features.pt from stage 02, checked against this run: class count, names, model and weights."""
+    """text_features.pt from stage 02, checked against this run: its entries, class count, names, model and weights."""
     text = load_checkpoint(path, "stage 02 (02_cache_descriptors.py)", mmap=mmap)
-    check_meta(text["meta"], path, num_classes=len(classnames), model=resolve_model_name(model), pretrained=pretrained)
+    meta = text.get("meta") if isinstance(text, dict) else None
+    if isinstance(meta, dict):  # a file made for another run is named as that first
+        check_meta(meta, path, num_classes=len(classnames), model=resolve_model_name(model), pretrained=pretrained)
+    check_text_features(text, path)
     check_provenance(path, text["meta"], {
         "classnames_digest": (names_digest(classnames), f"the class names of {data_root}"),
         "model_fingerprint": (model_fingerprint(model, pretrained), f"--model {model} --pretrained {pretrained}")})

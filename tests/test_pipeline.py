@@ -163,6 +163,41 @@ def test_stage03_refuses_features_of_another_model(made_run, tiny_world, tmp_pat
         stage.main(train_args(tiny_world, tmp_path / "other_classes.pt", tmp_path / "c.pt", "--epochs", "1"))
 
 
+def test_a_text_features_file_whose_entries_break_the_contract_is_refused_naming_the_entry(made_run, tiny_world,
+                                                                                          tmp_path):
+    """Before, a stage-02 file written by another program or edited by hand reached the training: a missing desc_mask
+    was a bare KeyError, descriptors of another width 'mat1 and mat2 shapes cannot be multiplied', and float16 corpus
+    features trained without a word, in half precision."""
+    stage = load_stage("03_train_coarse.py")
+    good = torch.load(made_run / "text_features.pt", weights_only=True)
+    cases = {"no desc_mask": ({"desc_mask": None}, r"no desc_mask; stage 02's file holds corpus, corpus_norm"),
+             "narrow": ({"descriptors": good["descriptors"][..., :16]},
+                        r"descriptors has shape \(5, \d+, 16\), 16 along d, where its meta's embed_dim is \d+"),
+             "fewer classes": ({"classname": good["classname"][:4]},
+                               r"classname has shape \(4, \d+\), 4 along C, where its meta's num_classes is 5"),
+             "half": ({"corpus": good["corpus"].half()},
+                      r"corpus is a torch.float16 tensor of shape .* stage 02 writes a torch.float32 tensor of shape "
+                      r"\(N, d\)"),
+             "labels": ({"corpus_labels": good["corpus_labels"] + 1},
+                        r"corpus_labels run from 1 to 5, outside \[0, 5\)"),
+             "mask of other M": ({"desc_mask": good["desc_mask"][:, :2]},
+                                 r"desc_mask has shape \(5, 2\), 2 along M, where descriptors has \d+: its entries"),
+             "texts": ({"descriptor_texts": good["descriptor_texts"][:3]}, r"descriptor_texts lists 3 classes, the "
+                                                                          r"tensors 5")}
+    for name, (change, said) in cases.items():
+        text = {**good, **change}
+        text = {k: v for k, v in text.items() if v is not None}
+        path = tmp_path / f"{name}.pt"
+        torch.save(text, path)
+        with pytest.raises(ValueError, match=f"{path}: {said}"):
+            stage.main(train_args(tiny_world, path, tmp_path / "c.pt", "--epochs", "1"))
+    torch.save([good["corpus"]], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="list.pt: holds a list, not stage 02's dict of tensors"):
+        stage.main(train_args(tiny_world, tmp_path / "list.pt", tmp_path / "c.pt", "--epochs", "1"))
+    assert not (tmp_path / "c.pt").exists()
+    common.check_text_features(good, made_run / "text_features.pt")  # stage 02's own file passes
+
+
 def test_text_encoder_runs_only_in_stage_02(made_run, tiny_world, tmp_path, monkeypatch, capsys):
     import open_clip
     calls = []
