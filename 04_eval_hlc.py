@@ -238,10 +238,13 @@ def main(argv=None):
     model_name = common.resolve_model_name(args.model)
     text = common.load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained, mmap=True)
     coarse = common.load_checkpoint(args.coarse, "stage 03 (03_train_coarse.py)")
-    common.check_meta(coarse["meta"], args.coarse, num_classes=num_classes, model=model_name, pretrained=args.pretrained)
     train = common.read_split(args.data_root, args.dataset, "train", num_classes, check_files=False)
-    facts = common.training_facts(classnames, train, args.data_root, text)  # the shot groups and prior come from coarse.pt
-    common.check_training_facts(args.coarse, coarse["meta"], facts, other=args.features)
+    if isinstance(coarse, dict) and isinstance(coarse.get("meta"), dict):  # made for another run: said as that first
+        common.check_meta(coarse["meta"], args.coarse, num_classes=num_classes, model=model_name,
+                          pretrained=args.pretrained)
+        facts = common.training_facts(classnames, train, args.data_root, text)  # shot groups, prior: from coarse.pt
+        common.check_training_facts(args.coarse, coarse["meta"], facts, other=args.features)
+    common.check_coarse(coarse, args.coarse, text)
 
     # ---- data ----
     split = args.split or common.dataset_info(args.dataset)["eval_split"]

@@ -701,6 +701,9 @@ def check_text_features(text, path):
         raise ValueError(f"{path}: no {', '.join(missing)}; stage 02's file holds {', '.join(TEXT_TENSORS)}, "
                          "descriptor_texts, descriptor_raw, logit_scale and meta (docs/outputs.md)")
     meta = text["meta"]
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its meta is a {type(meta).__name__}, not stage 02's dict of what the file was made "
+                         "from")
     sizes = {"C": (meta.get("num_classes"), f"its meta's num_classes is {meta.get('num_classes')}"),
              "d": (meta.get("embed_dim"), f"its meta's embed_dim is {meta.get('embed_dim')}")}
     for key, (dtype, dims) in TEXT_TENSORS.items():
@@ -720,9 +723,43 @@ def check_text_features(text, path):
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
         raise ValueError(f"{path}: corpus_labels run from {int(labels.min())} to {int(labels.max())}, outside [0, "
                          f"{classes}) for its {classes} classes")
+    empty = (~text["desc_mask"].any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{path}: desc_mask marks no descriptor for class(es) {empty[:10]}; stage 02 gives a class "
+                         "without one its class-name prompt as the one descriptor")
     for key in ("descriptor_texts", "descriptor_raw"):
         if len(text[key]) != classes:
             raise ValueError(f"{path}: {key} lists {len(text[key])} classes, the tensors {classes}")
+
+
+def check_coarse(coarse, path, text):
+    """coarse.pt (stage 03's, or one's own stage 03's) against its contract (docs/outputs.md) and the text features
+    it is evaluated with: the classifier (C x d) and descriptor weights (C x M) of their C, M and d, the class counts
+    (C), the prompts (depth x tokens x width) as their counts say, all float32 (the counts int64). Stage 04 reads its
+    meta first, so a file made from another run's inputs is named as that."""
+    if not isinstance(coarse, dict):
+        raise ValueError(f"{path}: holds a {type(coarse).__name__}, not stage 03's dict (docs/outputs.md)")
+    needed = ("prompts", "w_cls", "w_llm", "class_counts", "prompt_tokens", "prompt_depth", "scale", "meta")
+    missing = [k for k in needed if k not in coarse]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)}; stage 03's file holds {', '.join(needed)} "
+                         "(docs/outputs.md)")
+    if not isinstance(coarse["meta"], dict):
+        raise ValueError(f"{path}: its meta is a {type(coarse['meta']).__name__}, not stage 03's dict of what the "
+                         "model was made from")
+    classes, m, d = text["descriptors"].shape
+    tokens, depth = coarse["prompt_tokens"], coarse["prompt_depth"]
+    expected = {"w_cls": (torch.float32, "C, d", (classes, d)), "w_llm": (torch.float32, "C, M", (classes, m)),
+                "class_counts": (torch.int64, "C", (classes,)),
+                "prompts": (torch.float32, "prompt_depth, prompt_tokens, width", (depth, tokens, None))}
+    for key, (dtype, names, shape) in expected.items():
+        t = coarse[key]
+        if not (torch.is_tensor(t) and t.dtype == dtype and t.dim() == len(shape)
+                and all(want is None or got == want for got, want in zip(t.shape, shape))):
+            what = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if torch.is_tensor(t) else f"a {type(t).__name__}"
+            sizes = ", ".join("width" if n is None else str(n) for n in shape)
+            raise ValueError(f"{path}: {key} is {what}; stage 04 needs a {dtype} tensor of shape ({names}) = "
+                             f"({sizes}), with C = {classes}, M = {m} and d = {d} from the text features")
 
 
 def load_text_features(path, classnames, data_root, model, pretrained, mmap=False):

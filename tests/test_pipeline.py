@@ -182,6 +182,8 @@ def test_a_text_features_file_whose_entries_break_the_contract_is_refused_naming
                         r"corpus_labels run from 1 to 5, outside \[0, 5\)"),
              "mask of other M": ({"desc_mask": good["desc_mask"][:, :2]},
                                  r"desc_mask has shape \(5, 2\), 2 along M, where descriptors has \d+: its entries"),
+             "empty mask": ({"desc_mask": good["desc_mask"].clone().index_fill_(0, torch.tensor([3]), False)},
+                            r"desc_mask marks no descriptor for class\(es\) \[3\]"),
              "texts": ({"descriptor_texts": good["descriptor_texts"][:3]}, r"descriptor_texts lists 3 classes, the "
                                                                           r"tensors 5")}
     for name, (change, said) in cases.items():
@@ -196,6 +198,35 @@ def test_a_text_features_file_whose_entries_break_the_contract_is_refused_naming
         stage.main(train_args(tiny_world, tmp_path / "list.pt", tmp_path / "c.pt", "--epochs", "1"))
     assert not (tmp_path / "c.pt").exists()
     common.check_text_features(good, made_run / "text_features.pt")  # stage 02's own file passes
+
+
+def test_a_coarse_file_whose_entries_break_the_contract_is_refused_naming_the_entry(made_run, tiny_world, tmp_path):
+    """Before, stage 04 on a coarse.pt from one's own stage 03 (or edited by hand) stopped on a bare KeyError: 'w_llm',
+    or 'The size of tensor a (10) must match the size of tensor b (5)'; a float16 classifier evaluated without a word."""
+    stage = load_stage("04_eval_hlc.py")
+    good = torch.load(made_run / "coarse.pt", weights_only=True)
+    tokens, depth = good["prompt_tokens"], good["prompt_depth"]
+    cases = {"no w_llm": ({"w_llm": None}, r"no w_llm; stage 03's file holds prompts, w_cls, w_llm"),
+             "other M": ({"w_llm": good["w_llm"][:, :2]}, r"w_llm is a torch.float32 tensor of shape \(5, 2\); stage "
+                         r"04 needs a torch.float32 tensor of shape \(C, M\) = \(5, \d+\), with C = 5"),
+             "half": ({"w_cls": good["w_cls"].half()}, r"w_cls is a torch.float16 tensor"),
+             "counts": ({"class_counts": good["class_counts"][:4]}, r"class_counts is a torch.int64 tensor of shape "
+                                                                    r"\(4,\); stage 04 needs .* shape \(C\) = \(5\)"),
+             "prompts": ({"prompts": good["prompts"][:, :1]}, rf"prompts is .*; stage 04 needs a torch.float32 tensor "
+                                                              rf"of shape \(prompt_depth, prompt_tokens, width\) = "
+                                                              rf"\({depth}, {tokens}, width\)"),
+             "meta": ({"meta": "stage 03"}, r"its meta is a str, not stage 03's dict")}
+    out = tmp_path / "r" / "results.json"
+    for name, (change, said) in cases.items():
+        coarse = {k: v for k, v in {**good, **change}.items() if v is not None}
+        path = tmp_path / f"{name}.pt"
+        torch.save(coarse, path)
+        args = ["--dataset", "tiny", "--data-root", str(tiny_world), "--features", str(made_run / "text_features.pt"),
+                "--coarse", str(path), "--out", str(out), "--model", f"{tiny_world}/tiny-clip.json", "--pretrained",
+                "none", "--workers", "0", "--explain", "0"]
+        with pytest.raises(ValueError, match=f"{path}: {said}"):
+            stage.main(args)
+    assert not out.exists()
 
 
 def test_text_encoder_runs_only_in_stage_02(made_run, tiny_world, tmp_path, monkeypatch, capsys):
