@@ -512,6 +512,12 @@ def group_counts(dataset, counts):
     return np.asarray(fixed if fixed is not None else counts)
 
 
+def groups_line(report):
+    """'many 91.67 / med 80.83 / few 66.94' from an accuracy report; '-' for an empty group."""
+    return " / ".join(f"{short} " + ("-" if report[group] is None else f"{report[group]:.2f}")
+                      for group, short in (("many", "many"), ("medium", "med"), ("few", "few")))
+
+
 def accuracy_report(preds, labels, counts, rule="lift"):
     """{overall, many, medium, few} in percent. Overall is plain top-1; a group's accuracy is the mean
     of its classes' accuracies (classes without test images are left out; an empty group is None)."""

@@ -224,8 +224,7 @@ def main(argv=None):
     phases.done()  # the results are written: an interrupted run's last.pt goes
     v = results["variants"]
     print(f"BALLAD on {args.dataset} {split}: phase A {v['ballad_phase_a']['overall']:.2f}, with adapter "
-          f"{v['ballad']['overall']:.2f} (many {v['ballad']['many']} / med {v['ballad']['medium']} / few "
-          f"{v['ballad']['few']}) -> {out}")
+          f"{v['ballad']['overall']:.2f} ({common.groups_line(v['ballad'])}) -> {out}")
 
 
 if __name__ == "__main__":

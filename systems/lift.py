@@ -257,8 +257,8 @@ def main(argv=None):
                                   training=training)
     phases.done()  # the results are written: an interrupted run's last.pt goes
     v = results["variants"]
-    print(f"LIFT on {args.dataset} {split}: {v['lift']['overall']:.2f}, with TTE {v['lift_tte']['overall']:.2f} (many "
-          f"{v['lift_tte']['many']} / med {v['lift_tte']['medium']} / few {v['lift_tte']['few']}) -> {out}")
+    print(f"LIFT on {args.dataset} {split}: {v['lift']['overall']:.2f}, with TTE {v['lift_tte']['overall']:.2f} "
+          f"({common.groups_line(v['lift_tte'])}) -> {out}")
 
 
 if __name__ == "__main__":

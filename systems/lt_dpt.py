@@ -299,8 +299,7 @@ def main(argv=None):
                                   meta, titles={"lt_dpt": "decoupled prompts, GCL + DRW"}, training=training)
     r = results["variants"]["lt_dpt"]
     phases.done()  # the results are written: an interrupted run's last.pt goes
-    print(f"LT-DPT on {args.dataset} {split}: {r['overall']:.2f} (many {r['many']} / med {r['medium']} / few "
-          f"{r['few']}) -> {out}")
+    print(f"LT-DPT on {args.dataset} {split}: {r['overall']:.2f} ({common.groups_line(r)}) -> {out}")
 
 
 if __name__ == "__main__":

@@ -429,9 +429,8 @@ def main(argv=None):
         "vl_ltr_text": "language branch alone"}, training=training)
     phases.done()  # the results are written: an interrupted run's last.pt goes
     v = results["variants"]
-    print(f"VL-LTR on {args.dataset} {split}: LGR {v['vl_ltr_lgr']['overall']:.2f} (many {v['vl_ltr_lgr']['many']} / "
-          f"med {v['vl_ltr_lgr']['medium']} / few {v['vl_ltr_lgr']['few']}), image branch "
-          f"{v['vl_ltr_linear']['overall']:.2f} -> {out}")
+    print(f"VL-LTR on {args.dataset} {split}: LGR {v['vl_ltr_lgr']['overall']:.2f} "
+          f"({common.groups_line(v['vl_ltr_lgr'])}), image branch {v['vl_ltr_linear']['overall']:.2f} -> {out}")
 
 
 if __name__ == "__main__":

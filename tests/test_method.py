@@ -77,6 +77,10 @@ def test_accuracy_report_by_hand():
     preds = np.array([0, 0, 0, 1, 1, 0, 0])
     r = common.accuracy_report(preds, labels, counts)
     assert r == {"overall": round(100 * 4 / 7, 2), "many": 75.0, "medium": 50.0, "few": 0.0}
+    assert common.groups_line(r) == "many 75.00 / med 50.00 / few 0.00"  # the stages' summary line
+    # no class of 100 images or more: the many group is empty (stage 04 printed "many None / med 100.0")
+    r = common.accuracy_report(preds, labels, np.array([60, 50, 5]))
+    assert r["many"] is None and common.groups_line(r) == "many - / med 62.50 / few 0.00"
 
 
 def test_ties_in_top_k_go_to_the_lower_class_index():
