@@ -235,6 +235,10 @@ def main(argv=None):
         common.hold_run_lock(out.parent, f"04_eval_hlc.py -> {out}")
     classnames = common.class_names(args.dataset, args.data_root)
     num_classes = len(classnames)
+    if args.k >= num_classes and rank == 0:
+        print(f"note: K = {args.k} candidates cover all {num_classes} classes, so HLC chooses among every class by "
+              "the descriptors alone (the K sweep's 'all' row); a short list to re-rank needs --k under the class "
+              "count (Make: EVAL_ARGS=\"--k N\")", flush=True)
     model_name = common.resolve_model_name(args.model)
     text = common.load_text_features(args.features, classnames, args.data_root, args.model, args.pretrained, mmap=True)
     coarse = common.load_checkpoint(args.coarse, "stage 03 (03_train_coarse.py)")
@@ -340,7 +344,7 @@ def main(argv=None):
     v = results["variants"]
     print(f"{args.dataset} {split} ({len(samples)} images): zero-shot {v['zero_shot']['overall']:.2f}  "
           f"coarse {v['coarse']['overall']:.2f}  +LA {v['coarse_la']['overall']:.2f}  "
-          f"HLC {v['hlc']['overall']:.2f} (many {v['hlc']['many']} / med {v['hlc']['medium']} / few {v['hlc']['few']})"
+          f"HLC {v['hlc']['overall']:.2f} ({common.groups_line(v['hlc'])})"
           f"  in {time.time() - t0:.1f}s -> {out}")
     if world > 1:
         common.exit_process(0)

@@ -253,6 +253,23 @@ def test_text_encoder_runs_only_in_stage_02(made_run, tiny_world, tmp_path, monk
     assert calls and set(calls) == {"cpu"}  # every image-tower pass went through image_autocast
 
 
+def test_a_k_that_covers_every_class_is_said_to_leave_the_descriptors_alone(made_run, tiny_world, tmp_path,
+                                                                         capsys):
+    """With as many candidates as classes (K = 5 on a 5-class dataset of one's own) HLC is the descriptors' zero-shot
+    over every class; before, nothing said so, and HLC under the classifier with LA looked like a fault."""
+    evaluate = load_stage("04_eval_hlc.py")
+    for k, said in ((5, True), (3, False)):
+        evaluate.main(["--dataset", "tiny", "--data-root", str(tiny_world), "--features",
+                       str(made_run / "text_features.pt"), "--coarse", str(made_run / "coarse.pt"), "--out",
+                       str(tmp_path / f"k{k}" / "results.json"), "--model", f"{tiny_world}/tiny-clip.json",
+                       "--pretrained", "none", "--workers", "0", "--explain", "0", "--k", str(k)])
+        out = capsys.readouterr().out
+        assert ("note: K = 5 candidates cover all 5 classes, so HLC chooses among every class by the descriptors "
+                "alone" in out) is said, out
+    hlc, every = (json.loads((tmp_path / "k5" / "results.json").read_text())[key] for key in ("variants", "topk_sweep"))
+    assert hlc["hlc"] == every["all"]
+
+
 @pytest.mark.parametrize("copy_rows", [None, 1])
 def test_stage02_encodes_each_distinct_sentence_once(tiny_world, copy_rows, monkeypatch):
     """Repeats, and sentences an earlier call encoded (the templates and descriptors stage 01 puts in the corpus),
