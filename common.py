@@ -683,6 +683,38 @@ def tensor_digest(*tensors):
     return h.hexdigest()[:16]
 
 
+def check_tensors(path, entries, specs, sizes, writer):
+    """Each entry named in `specs` ({key: (dtype, "C M d")}) must be a tensor of that dtype whose sizes agree, name by
+    name, with `sizes` ({name: (size, where it comes from)}); a name not in `sizes` is fixed by the first tensor that
+    has it. The message names the file, the entry and what disagrees; `writer` is the stage that writes such a file."""
+    for key, (dtype, dims) in specs.items():
+        t, dims = entries[key], dims.split()
+        if not torch.is_tensor(t) or t.dtype != dtype or t.dim() != len(dims):
+            what = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if torch.is_tensor(t) else f"a {type(t).__name__}"
+            raise ValueError(f"{path}: {key} is {what}; {writer} writes a {dtype} tensor of shape ({', '.join(dims)}) "
+                             "(docs/outputs.md)")
+        for name, size in zip(dims, t.shape):
+            known, where = sizes.get(name, (None, None))
+            if known is None:
+                sizes[name] = (size, f"{key} has {size}")
+            elif size != known:
+                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, {size} along {name}, where {where}: its "
+                                 "entries do not belong together")
+
+
+def check_entries(path, entries, needed, writer, made_from):
+    """A stage's file is a dict holding every key in `needed`, its meta a dict; else a message naming what is not."""
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: holds a {type(entries).__name__}, not {writer}'s dict of tensors (docs/outputs.md)")
+    missing = [k for k in needed if k not in entries]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)}; {writer}'s file holds {', '.join(needed)} "
+                         "(docs/outputs.md)")
+    if not isinstance(entries["meta"], dict):
+        raise ValueError(f"{path}: its meta is a {type(entries['meta']).__name__}, not {writer}'s dict of what "
+                         f"{made_from} was made from")
+
+
 # text_features.pt's tensors (docs/outputs.md): dtype and shape, over N corpus sentences, C classes, M descriptors a
 # class and the embedding width d
 TEXT_TENSORS = {"corpus": (torch.float32, "N d"), "corpus_norm": (torch.float32, "N"),
@@ -693,32 +725,13 @@ TEXT_TENSORS = {"corpus": (torch.float32, "N d"), "corpus_norm": (torch.float32,
 def check_text_features(text, path):
     """Stage 02's file against its contract and its own meta, before anything computes with it: a file written by
     another stage 02 or edited by hand stops here, naming the entry, not in a matrix product mid-training. Only shapes,
-    dtypes and the corpus labels are read (stage 04 maps the corpus features without reading them)."""
-    if not isinstance(text, dict):
-        raise ValueError(f"{path}: holds a {type(text).__name__}, not stage 02's dict of tensors (docs/outputs.md)")
-    missing = [k for k in (*TEXT_TENSORS, "descriptor_texts", "descriptor_raw", "logit_scale", "meta") if k not in text]
-    if missing:
-        raise ValueError(f"{path}: no {', '.join(missing)}; stage 02's file holds {', '.join(TEXT_TENSORS)}, "
-                         "descriptor_texts, descriptor_raw, logit_scale and meta (docs/outputs.md)")
+    dtypes, the corpus labels and the mask are read (stage 04 maps the corpus features without reading them)."""
+    check_entries(path, text, (*TEXT_TENSORS, "descriptor_texts", "descriptor_raw", "logit_scale", "meta"), "stage 02",
+                  "the file")
     meta = text["meta"]
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: its meta is a {type(meta).__name__}, not stage 02's dict of what the file was made "
-                         "from")
     sizes = {"C": (meta.get("num_classes"), f"its meta's num_classes is {meta.get('num_classes')}"),
              "d": (meta.get("embed_dim"), f"its meta's embed_dim is {meta.get('embed_dim')}")}
-    for key, (dtype, dims) in TEXT_TENSORS.items():
-        t, dims = text[key], dims.split()
-        if not torch.is_tensor(t) or t.dtype != dtype or t.dim() != len(dims):
-            what = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if torch.is_tensor(t) else f"a {type(t).__name__}"
-            raise ValueError(f"{path}: {key} is {what}; stage 02 writes a {dtype} tensor of shape ({', '.join(dims)}) "
-                             "(docs/outputs.md)")
-        for name, size in zip(dims, t.shape):
-            known, where = sizes.get(name, (None, None))
-            if known is None:
-                sizes[name] = (size, f"{key} has {size}")
-            elif size != known:
-                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, {size} along {name}, where {where}: its "
-                                 "entries do not belong together")
+    check_tensors(path, text, TEXT_TENSORS, sizes, "stage 02")
     labels, classes = text["corpus_labels"], sizes["C"][0]
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
         raise ValueError(f"{path}: corpus_labels run from {int(labels.min())} to {int(labels.max())}, outside [0, "
@@ -732,34 +745,20 @@ def check_text_features(text, path):
             raise ValueError(f"{path}: {key} lists {len(text[key])} classes, the tensors {classes}")
 
 
+# coarse.pt's tensors, over the text features' C, M and d and the file's own prompt depth and tokens
+COARSE_TENSORS = {"prompts": (torch.float32, "prompt_depth prompt_tokens width"), "w_cls": (torch.float32, "C d"),
+                  "w_llm": (torch.float32, "C M"), "class_counts": (torch.int64, "C")}
+
+
 def check_coarse(coarse, path, text):
     """coarse.pt (stage 03's, or one's own stage 03's) against its contract (docs/outputs.md) and the text features
-    it is evaluated with: the classifier (C x d) and descriptor weights (C x M) of their C, M and d, the class counts
-    (C), the prompts (depth x tokens x width) as their counts say, all float32 (the counts int64). Stage 04 reads its
-    meta first, so a file made from another run's inputs is named as that."""
-    if not isinstance(coarse, dict):
-        raise ValueError(f"{path}: holds a {type(coarse).__name__}, not stage 03's dict (docs/outputs.md)")
-    needed = ("prompts", "w_cls", "w_llm", "class_counts", "prompt_tokens", "prompt_depth", "scale", "meta")
-    missing = [k for k in needed if k not in coarse]
-    if missing:
-        raise ValueError(f"{path}: no {', '.join(missing)}; stage 03's file holds {', '.join(needed)} "
-                         "(docs/outputs.md)")
-    if not isinstance(coarse["meta"], dict):
-        raise ValueError(f"{path}: its meta is a {type(coarse['meta']).__name__}, not stage 03's dict of what the "
-                         "model was made from")
-    classes, m, d = text["descriptors"].shape
-    tokens, depth = coarse["prompt_tokens"], coarse["prompt_depth"]
-    expected = {"w_cls": (torch.float32, "C, d", (classes, d)), "w_llm": (torch.float32, "C, M", (classes, m)),
-                "class_counts": (torch.int64, "C", (classes,)),
-                "prompts": (torch.float32, "prompt_depth, prompt_tokens, width", (depth, tokens, None))}
-    for key, (dtype, names, shape) in expected.items():
-        t = coarse[key]
-        if not (torch.is_tensor(t) and t.dtype == dtype and t.dim() == len(shape)
-                and all(want is None or got == want for got, want in zip(t.shape, shape))):
-            what = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if torch.is_tensor(t) else f"a {type(t).__name__}"
-            sizes = ", ".join("width" if n is None else str(n) for n in shape)
-            raise ValueError(f"{path}: {key} is {what}; stage 04 needs a {dtype} tensor of shape ({names}) = "
-                             f"({sizes}), with C = {classes}, M = {m} and d = {d} from the text features")
+    it is evaluated with. Stage 04 reads its meta first, so a file made from another run's inputs is named as that."""
+    check_entries(path, coarse, (*COARSE_TENSORS, "prompt_tokens", "prompt_depth", "scale", "meta"), "stage 03",
+                  "the model")
+    sizes = {name: (size, f"the text features' {name} is {size}")
+             for name, size in zip("CMd", text["descriptors"].shape)}
+    sizes.update({key: (coarse[key], f"its {key} is {coarse[key]}") for key in ("prompt_depth", "prompt_tokens")})
+    check_tensors(path, coarse, COARSE_TENSORS, sizes, "stage 03")
 
 
 def load_text_features(path, classnames, data_root, model, pretrained, mmap=False):
