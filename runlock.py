@@ -109,5 +109,16 @@ def acquire(run, make_pid, dataset):
     os._exit(0)
 
 
+def main(run, make_pid, dataset):
+    """acquire()'s answer; a RUN that cannot be a folder (a file of that name or on its path, no permission) is one
+    line naming the culprit, not a traceback inside make's error."""
+    try:
+        return acquire(run, make_pid, dataset)
+    except OSError as e:
+        file = next((p for p in reversed((run, *run.parents)) if p.exists() and not p.is_dir()), None)
+        why = (f"{file} is a file, not a folder" if file else f"{e.filename or run}: {(e.strerror or str(e)).lower()}")
+        return f"RUN={run} cannot be the run folder ({why}): name another folder with RUN="
+
+
 if __name__ == "__main__":
-    print(acquire(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]), flush=True)
+    print(main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]), flush=True)
