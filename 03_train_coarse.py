@@ -209,6 +209,7 @@ def main(argv=None):
         above=[("--lr", 0), ("--lr-scale", 0), ("--backbone-lr", 0), ("--scale", 0)])
     if args.cls_loss_weight == 0 and args.desc_loss_weight == 0:
         raise SystemExit("--cls-loss-weight 0 with --desc-loss-weight 0 leaves no loss to train")
+    common.check_folder_to_be(args.feature_cache, "feature cache folder (--feature-cache, FEATURE_CACHE=)")
 
     # ---- setup ----
     rank, world, device = common.init_distributed(args.device)

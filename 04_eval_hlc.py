@@ -219,6 +219,7 @@ def main(argv=None):
                         "EVAL_ARGS is found then and not after it")
     args = p.parse_args(argv)
     basics.refuse_out_of_range(args, least=[("--k", 1), ("--explain", 0), ("--batch-size", 1), ("--workers", 0)])
+    basics.check_folder_to_be(args.feature_cache, "feature cache folder (--feature-cache, FEATURE_CACHE=)")
     if args.check_args:
         return
     # torch, and common, which imports it, only now: make checks the arguments before each training, and

@@ -103,13 +103,18 @@ def not_utf8(path):
 
 
 def missing_hint(path):
-    """For a path that is not there: which of its folders is missing, and the names beside it that are close (a typo in
-    DATA_ROOT or DESCRIPTORS); '' where the path's folder exists and nothing there is close."""
+    """For a path that is not what was looked for: a file where a folder was meant or the other way round, a file on
+    its way, or which of its folders is missing and the names beside it that are close (a typo in DATA_ROOT or
+    DESCRIPTORS); '' where the path's folder exists and nothing there is close."""
     path = Path(path)
+    if path.exists():
+        return f" ({path} is a {'folder' if path.is_dir() else 'file'})"
     parts = [path]
     while not parts[-1].parent.exists() and parts[-1].parent != parts[-1]:
         parts.append(parts[-1].parent)
     missing, folder = parts[-1], parts[-1].parent
+    if not folder.is_dir():
+        return f" ({folder} is a file, not a folder)"
     try:
         names = [entry.name for entry in folder.iterdir()]
     except OSError:
@@ -118,6 +123,16 @@ def missing_hint(path):
     notes = [f"there is no folder {missing}"] if missing != path else []
     notes += [f"did you mean {' or '.join(str(folder / n) for n in close)}?"] if close else []
     return f" ({'; '.join(notes)})" if notes else ""
+
+
+def check_folder_to_be(folder, what):
+    """A folder a stage makes when it first writes there (a feature cache): a file in its place or on its path stops
+    the stage now, naming it, not after the work whose results were to go there."""
+    above = Path(folder)
+    while not above.exists() and above.parent != above:
+        above = above.parent
+    if folder and not above.is_dir():
+        raise SystemExit(f"{folder}: {what} cannot be made there, {above} is a file")
 
 
 def read_json(path, what="JSON file"):

@@ -343,8 +343,12 @@ def resolve_model_name(model):
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():
+        if os.sep in model or Path(model).exists():
+            raise ValueError(f"MODEL={model} is neither an open_clip model name nor a model-config .json file"
+                             f"{missing_hint(model)}")
         close = difflib.get_close_matches(model, open_clip.list_models(), n=5)
-        raise ValueError(f"unknown open_clip model {model!r}; close names: {', '.join(close)}")
+        raise ValueError(f"unknown open_clip model {model!r}; "
+                         + (f"close names: {', '.join(close)}" if close else "open_clip.list_models() names them"))
     return model
 
 

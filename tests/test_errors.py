@@ -160,6 +160,29 @@ def test_a_path_with_a_typo_names_the_missing_folder_and_the_close_names_beside_
         common.check_dataset(tmp_path / "inat", "inat2018")
 
 
+def test_a_file_where_a_folder_is_meant_is_named_as_a_file_before_the_work(tmp_path):
+    """DATA_ROOT, WIKI, MODEL or FEATURE_CACHE naming a file (or a path through one): the message says which file
+    is in the way, not "did you mean" the same path, and a feature cache is checked before the training, not when
+    stage 04 first writes there."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine\n")
+    with pytest.raises(SystemExit, match=re.escape(f"DATA_ROOT={mine}: no such folder ({mine} is a file).")) as e:
+        common.check_dataset(mine, "places_lt")
+    assert "did you mean" not in str(e.value)
+    with pytest.raises(SystemExit, match=re.escape(f"no such folder ({mine} is a file, not a folder).")):
+        common.check_dataset(mine / "places_lt", "places_lt")
+    with pytest.raises(ValueError, match=re.escape(f"MODEL={tmp_path} is neither an open_clip model name nor a "
+                                                   f"model-config .json file ({tmp_path} is a folder)")):
+        common.resolve_model_name(str(tmp_path))
+    stages = load_stage("03_train_coarse.py"), load_stage("04_eval_hlc.py")
+    for stage, more in zip(stages, ([], ["--coarse", "x.pt", "--check-args"])):
+        with pytest.raises(SystemExit, match=re.escape(f"{mine / 'cache'}: feature cache folder (--feature-cache, "
+                                                       f"FEATURE_CACHE=) cannot be made there, {mine} is a file")):
+            stage.main(["--dataset", "x", "--data-root", str(tmp_path / "nowhere"), "--features", "x.pt",
+                        "--out", str(tmp_path / "run" / "out"), "--feature-cache", str(mine / "cache"), *more])
+    assert mine.read_text() == "mine\n" and not (tmp_path / "run").exists()
+
+
 def test_descriptor_keys_are_mapped_by_name_not_order(tiny_world, tmp_path):
     root = copy_world(tiny_world, tmp_path / "w")
     data = json.loads((root / "descriptors.json").read_text())
