@@ -191,6 +191,10 @@ endif
 $(foreach v,DATA_ROOT RUN MODEL PRETRAINED DESCRIPTORS WIKI CUPL FEATURE_CACHE,$(if $(word 2,$($(v))),$(error \
   $(v)="$($(v))" holds a space, which make cannot keep in a file name (it would read two files). Use a path without \
   spaces, e.g. a symbolic link: ln -s "$($(v))" $(v:_ROOT=)_link)))
+# a RUN that is a file: every goal, make clean too, stops here, before anything is read from it or removed
+ifneq ($(and $(wildcard $(RUN)),$(if $(wildcard $(RUN)/.),,file)),)
+$(error RUN=$(RUN) is a file, not a run folder: name a folder with RUN=)
+endif
 # weights named as a file must be there before stage 01 runs (the toy world makes its own in stage 00)
 ifneq ($(DATASET),toy)
 ifneq ($(and $(filter %.pt %.pth %.bin %.safetensors %/%,$(PRETRAINED)),$(if $(wildcard $(PRETRAINED)),,missing)),)
@@ -298,8 +302,8 @@ RUN_FLAGS   := $(if $(RESUME),--resume) $(if $(FRESH),--fresh)
 same = $(and $(findstring x$(1)x,x$(2)x),$(findstring x$(2)x,x$(1)x))
 # $(1): the params file's name (one per output), $(2): the settings, $(3): the output they make, $(4): the stamps of
 # the images it reads (one word per split file, datastamp.py)
-params_rule = $(eval $(3): $(if $(call same,$(strip $(2) $(if $(4),images $(4))),$(strip $(file \
-              <$(RUN)/params/$(1)))),,FORCE))
+params_rule = $(eval $(3): $(if $(call same,$(strip $(2) $(if $(4),images $(4))),$(strip $(if \
+              $(wildcard $(RUN)/params/$(1)),$(file <$(RUN)/params/$(1))))),,FORCE))
 # $(3): the split files whose images the output read, stamped again now (stage 00 may have rewritten them)
 record = @{ mkdir -p $(RUN)/params && printf '%s%s\n' '$(subst ','\'',$(strip $(2)))' "$(if $(3), images \
          $$(python3 datastamp.py $(DATA_ROOT) $(3)))" > $(RUN)/params/$(1); } || \

@@ -484,8 +484,13 @@ def test_a_run_folder_made_for_nothing_is_removed_again_and_one_made_by_you_is_k
 def test_a_run_that_cannot_be_a_folder_is_one_line_naming_the_file_in_the_way(tmp_path):
     mine = tmp_path / "results.txt"  # RUN= a file of the user's, or a path through one
     mine.write_text("my notes\n")
-    for run in (mine, mine / "toy"):
-        out = make("corpus", f"RUN={run}", f"PY={sys.executable}")
-        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
-        assert f"RUN={run} cannot be the run folder ({mine} is a file, not a folder)" in out.stderr, out.stderr
+    for goal in ("corpus", "clean", "help"):
+        out = make(goal, f"RUN={mine}", f"PY={sys.executable}")
+        assert out.returncode != 0 and f"RUN={mine} is a file, not a run folder" in out.stderr, out.stderr
+    out = make("corpus", f"RUN={mine / 'toy'}", f"PY={sys.executable}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert f"RUN={mine / 'toy'} cannot be the run folder ({mine} is a file, not a folder)" in out.stderr, out.stderr
+    for goal in ("clean", "help"):  # nothing there to remove or read
+        out = make(goal, f"RUN={mine / 'toy'}", f"PY={sys.executable}")
+        assert out.returncode == 0, out.stderr
     assert mine.read_text() == "my notes\n"
