@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -123,8 +124,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/toy", help="folder to write the toy world into (one this stage made, or new)")
     p.add_argument("--seed", type=basics.seed_value, default=0, help="everything follows from this seed")
-    p.add_argument("--clip", default="toy_clip/toy-clip.safetensors",
-                   help="the tiny CLIP's compact weights (00_pretrain_toy_clip.py)")
+    p.add_argument("--clip", default=str(Path(__file__).resolve().parent / "toy_clip" / "toy-clip.safetensors"),
+                   help="the tiny CLIP's compact weights (00_pretrain_toy_clip.py; default: the kit's own, in toy_clip/, "
+                        "wherever the script is run from)")
     p.add_argument("--max-per-class", type=int, default=200, help="training images of the largest class")
     p.add_argument("--imbalance", type=float, default=100.0, help="largest / smallest class size in train")
     p.add_argument("--val-per-class", type=int, default=10, help="balanced validation images per class")

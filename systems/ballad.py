@@ -38,14 +38,17 @@ overall (BALLAD Table 1); iNaturalist 2018 ResNet-50 only (74.2). Toy world: doc
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from systems import frame
+if not __package__:  # run as python systems/ballad.py: the kit's modules are in the folder above
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from systems import frame  # noqa: E402
 
 RECIPES = {
     # code: config/ImageNet_LT/clip_A_rn50.yaml (phase A) and clip_B_rn50.yaml (phase B)

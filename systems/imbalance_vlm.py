@@ -44,14 +44,18 @@ Published (ViT-B/16, overall only, IVLM Table 4): ImageNet-LT 68.14 (one stage) 
 import argparse
 import copy
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from systems import frame
+if not __package__:  # run as python systems/imbalance_vlm.py: the kit's modules are in the folder above
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from systems import frame  # noqa: E402
 
 RECIPES = {
     # code: scripts/config_generator_imb_clip.py (num_train_iter 8192, num_warmup_iter 512, num_eval_iter 256,

@@ -34,14 +34,18 @@ Published (CLIP ViT-B/16, overall, LIFT as listed by Papers with Code; whether w
 """
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from systems import frame
+if not __package__:  # run as python systems/lift.py: the kit's modules are in the folder above
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from systems import frame  # noqa: E402
 
 RECIPES = {
     # code: configs/model/clip_vit_b16.yaml (num_epochs 10, batch_size 128, lr 0.01), utils/config.py (scale 25),

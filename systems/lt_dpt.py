@@ -41,14 +41,18 @@ comparable with CLIP on ImageNet-LT, whose pre-training overlaps ImageNet-21k. T
 """
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from systems import frame
+if not __package__:  # run as python systems/lt_dpt.py: the kit's modules are in the folder above
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from systems import frame  # noqa: E402
 
 RECIPES = {
     # paper Sec. 5.3: SGD lr 0.005, batch 128; CIFAR-100-LT, ImageNet-LT, iNaturalist 70 epochs, DRW in the last 10

@@ -51,14 +51,18 @@ iNaturalist 2018 81.6 / 78.0 / 74.4 / 76.8 (81.0 overall at 384 px). Toy world: 
 import argparse
 import copy
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from systems import frame
+if not __package__:  # run as python systems/vl_ltr.py: the kit's modules are in the folder above
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from systems import frame  # noqa: E402
 
 RECIPES = {
     # code: configs/imagelt/pretrain/pretrain_vit16.py (CVLP) and configs/imagelt/finetune/finetune_vit16.py (LGR), 8

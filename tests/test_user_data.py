@@ -404,3 +404,18 @@ def test_an_edited_model_config_misses_the_feature_cache(tiny_world, tmp_path):
     before = key()
     config.write_text(config.read_text().replace('"quick_gelu": true', '"quick_gelu": false'))
     assert key() != before
+
+
+def test_the_scripts_run_by_path_from_any_folder(tmp_path):
+    """One stage or system run by hand from another folder (python /kit/systems/lift.py, python /kit/00_make_toy.py):
+    each finds the kit's modules and the committed toy CLIP beside itself, not in the current folder."""
+    systems = sorted(p for p in (ROOT / "systems").glob("*.py") if p.stem not in ("__init__", "frame"))
+    runs = {script.name: subprocess.Popen([sys.executable, str(script), "--help"], cwd=tmp_path, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in systems}
+    for name, run in runs.items():  # side by side: each spends its seconds importing torch
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0 and "usage:" in out, f"{name}: {err[-1000:]}"
+    small = ["--max-per-class", "3", "--imbalance", "2", "--val-per-class", "1", "--test-per-class", "1"]
+    out = subprocess.run([sys.executable, str(ROOT / "00_make_toy.py"), "--out", "toy", *small], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and (tmp_path / "toy" / "clip" / "toy-clip.safetensors").exists(), out.stderr[-1000:]
