@@ -220,7 +220,6 @@ def run_bench(args, tmp):
             Path(model_name).write_text(json.dumps(TINY))
     name_gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16.items() if k in name_gpu), 0.0)
-    torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- model (random weights: speed does not depend on them) ----
     torch.manual_seed(0)
