@@ -104,7 +104,8 @@ def main(argv=None):
     out = basics.claim_folder(root / f"ir{args.ir}", maker, legacy=(".complete", "train.txt"))
     kept = long_tail_split(train_labels, args.ir, num_classes)
     # a file that would come out the same is left alone, so a rerun leaves the chain after it up to date
-    basics.write_if_changed(out / "train.txt", "".join(f"../images/train/{i:05d}.png {train_labels[i]}\n" for i in kept))
+    basics.write_if_changed(out / "train.txt", "".join(f"../images/train/{i:05d}.png {train_labels[i]}\n"
+                                                       for i in kept))
     basics.write_if_changed(out / "test.txt", "".join(f"../images/test/{i:05d}.png {y}\n"
                                                       for i, y in enumerate(test_labels)))
     basics.write_if_changed(out / "classnames.txt", "".join(n.replace("_", " ") + "\n" for n in names))

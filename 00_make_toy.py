@@ -53,7 +53,8 @@ PATTERN_FEATURES = {
                 "Thin lines up and down the tile."],
     "checks": ["Squares like a chess board.", "It is covered in squares of two colours in turn.",
                "Small squares in turn across the tile."],
-    "dots": ["Small round spots all over it.", "It is covered in round spots in rows.", "Many round spots on the tile."],
+    "dots": ["Small round spots all over it.", "It is covered in round spots in rows.",
+             "Many round spots on the tile."],
     "slants": ["Lines running at a slant across it.", "It is covered in bands running at a slant.",
                "Thin lines at a slant across the tile."],
     "grid": ["Thin lines crossing both ways.", "It is covered in thin lines crossing like a net.",
@@ -83,8 +84,8 @@ def descriptors_for(colour, pattern, rng):
     return texts, kinds
 
 
-LOOKS = [  # how a Wikipedia page says what a class looks like: {n} the class, {w} its name's pattern word, {c} the colour,
-          # {d} a description of the pattern, {a} its adjective, {s} its noun, {t} the colour's warmth
+LOOKS = [  # how a Wikipedia page says what a class looks like: {n} the class, {w} its name's pattern word, {c} the
+          # colour, {d} a description of the pattern, {a} its adjective, {s} its noun, {t} the colour's warmth
     "A {n} is a tile with {c} {d}.", "It has {c} {d}.", "It is covered in {d}, coloured {c}.",
     "The {w} is a {c} {a} tile.", "Seen from afar it looks {c}.", "Its colour is {c}.", "It is a {c} tile with {s}.",
     "In pictures it is a {c} {a} tile.", "A photo of a {n} shows {c} {d}.", "Its {d} are what people see first.",
@@ -125,8 +126,8 @@ def main(argv=None):
     p.add_argument("--out", default="data/toy", help="folder to write the toy world into (one this stage made, or new)")
     p.add_argument("--seed", type=basics.seed_value, default=0, help="everything follows from this seed")
     p.add_argument("--clip", default=str(Path(__file__).resolve().parent / "toy_clip" / "toy-clip.safetensors"),
-                   help="the tiny CLIP's compact weights (00_pretrain_toy_clip.py; default: the kit's own, in toy_clip/, "
-                        "wherever the script is run from)")
+                   help="the tiny CLIP's compact weights (00_pretrain_toy_clip.py; default: the kit's own, in "
+                        "toy_clip/, wherever the script is run from)")
     p.add_argument("--max-per-class", type=int, default=200, help="training images of the largest class")
     p.add_argument("--imbalance", type=float, default=100.0, help="largest / smallest class size in train")
     p.add_argument("--val-per-class", type=int, default=10, help="balanced validation images per class")

@@ -85,7 +85,8 @@ def main(argv=None):
     if args.compare:
         return compare(*args.compare)
     if not 0 <= args.logit_scale <= 100:
-        p.error(f"--logit-scale {args.logit_scale:g}: give 0 (learn it) or a value in (0, 100], where the loss clamps it")
+        p.error(f"--logit-scale {args.logit_scale:g}: give 0 (learn it) or a value in (0, 100], where the loss "
+                "clamps it")
     if args.checkpoint_every < 1:
         p.error(f"--checkpoint-every {args.checkpoint_every}: give 1 or more")
 
@@ -172,8 +173,8 @@ def main(argv=None):
     digest = hashlib.sha256(data).hexdigest()
     common.atomic_write_text(out / "toy-clip.sha256", f"{digest}  toy-clip.safetensors\n")
     checkpoint.finish()
-    print(f"tiny CLIP: {args.steps} steps in {(time.time() - t0) / 60:.1f} min, final loss {np.mean(losses[-200:]):.3f}, "
-          f"{path.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]} -> {out}")
+    print(f"tiny CLIP: {args.steps} steps in {(time.time() - t0) / 60:.1f} min, "
+          f"final loss {np.mean(losses[-200:]):.3f}, {path.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]} -> {out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Reads   DATA_ROOT (class names; the split files must be there), optional: a VL-L
         (wiki/desc_<label>.txt), a VCD-style descriptors JSON ({class name: [descriptor, ...]}), a CuPL JSON
         ({class name: [sentence]}), or answers from a chat model.
 Writes  corpus.json: classnames [C], sentences [C][*], descriptors [C][<=M] (each a sentence that names its
-        class), descriptors_raw (the same as the source wrote them), meta (what each source gave, per class, and the digests the next stages check).
+        class), descriptors_raw (the same as the source wrote them), meta (what each source gave, per class, and
+        the digests the next stages check).
 
     python 01_build_corpus.py --dataset places_lt --data-root data/places_lt \
         --wiki data/places_lt/wiki --descriptors data/places_lt/descriptors.json --out runs/places_lt/corpus.json
@@ -315,7 +316,8 @@ def main(argv=None):
     p.add_argument("--llm-concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--llm-timeout", type=float, default=60.0, help="seconds before a request is retried")
     p.add_argument("--llm-backoff", type=float, default=1.0, help="first retry wait in seconds, doubled each retry")
-    p.add_argument("--llm-max-asks", type=int, default=3, help="answers asked per class when one has fewer than M items")
+    p.add_argument("--llm-max-asks", type=int, default=3,
+                   help="answers asked per class when one has fewer than M items")
     p.add_argument("--llm-question", default=llm.DESCRIPTOR_QUESTION,
                    help="descriptor question; {m} = M, {c} or {CLS} = class name, {a} = a/an (paper: the default)")
     p.add_argument("--cupl-answers", type=int, default=0,

@@ -122,7 +122,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True, help="corpus.json from stage 01")
     p.add_argument("--out", required=True, help="text_features.pt to write")
-    p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (paper: ViT-B/16)")
+    p.add_argument("--model", default="ViT-B-16-quickgelu",
+                   help="open_clip model name or config JSON (paper: ViT-B/16)")
     p.add_argument("--pretrained", default="openai", help="weights: hub tag, local file, or none (paper: OpenAI CLIP)")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--batch-size", type=int, default=1024, help="sentences per text-encoder batch")
@@ -186,11 +187,12 @@ def main(argv=None):
                             model=name, pretrained=args.pretrained, embed_dim=int(embed_dim),
                             model_fingerprint=common.model_fingerprint(args.model, args.pretrained),
                             classnames_digest=common.names_digest(classnames),
-                            corpus_digest=common.file_digest(args.corpus), digest=common.tensor_digest(*tensors.values()),
+                            corpus_digest=common.file_digest(args.corpus),
+                            digest=common.tensor_digest(*tensors.values()),
                             descriptor_fallback=fallback,
                             truncated={"corpus": int(corpus_cut.sum()), "descriptors": int(desc_cut.sum())})
-    common.atomic_torch_save(dict(tensors, descriptor_texts=texts, descriptor_raw=raw_texts, logit_scale=float(model.logit_scale.exp()),
-                                  meta=meta), args.out)
+    common.atomic_torch_save(dict(tensors, descriptor_texts=texts, descriptor_raw=raw_texts,
+                                  logit_scale=float(model.logit_scale.exp()), meta=meta), args.out)
     print(f"text features: {len(flat)} corpus, {len(flat_desc)} descriptors (M = {m}), {num_classes} class prompts, "
           f"d = {embed_dim} in {time.time() - t0:.1f}s on {device} -> {args.out}")
 

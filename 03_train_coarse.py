@@ -139,7 +139,8 @@ def main(argv=None):
     p.add_argument("--data-root", required=True, help="dataset root")
     p.add_argument("--features", required=True, help="text_features.pt from stage 02")
     p.add_argument("--out", required=True, help="coarse.pt to write (last.pt and log.jsonl go next to it)")
-    p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model name or config JSON (must match stage 02)")
+    p.add_argument("--model", default="ViT-B-16-quickgelu",
+                   help="open_clip model name or config JSON (must match stage 02)")
     p.add_argument("--pretrained", default="openai", help="hub tag, local file, or none (must match stage 02)")
     p.add_argument("--epochs", type=int, help=common.recipe_help(RECIPES, "epochs", "training epochs (paper: 30)"))
     p.add_argument("--lr", type=float, help=common.recipe_help(RECIPES, "lr", "initial learning rate (paper: 5e-4)"))
@@ -177,7 +178,8 @@ def main(argv=None):
     p.add_argument("--backbone-lr", type=float, help=common.recipe_help(
         RECIPES, "backbone_lr", "learning rate of the visual tower with --finetune full (paper: not given)"))
     p.add_argument("--image-size", type=int, default=0, help="input size, e.g. 336 for HLC@336 (0: the model's own)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute block activations in backward (less memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the image tower")
     p.add_argument("--precision", choices=sorted(common.PRECISIONS), default="auto",
                    help="image tower arithmetic: " + "; ".join(f"{k}: {v}" for k, v in common.PRECISIONS.items()))
@@ -282,7 +284,8 @@ def main(argv=None):
     if state:
         missing, unexpected = model.load_state_dict(state["model"], strict=False)
         missing = [k for k in missing if not k.startswith("vpt.visual.")]  # the frozen tower is not saved
-        if unexpected or missing or (args.finetune == "full") != any(k.startswith("vpt.visual.") for k in state["model"]):
+        full = any(k.startswith("vpt.visual.") for k in state["model"])  # a fully fine-tuned tower was saved
+        if unexpected or missing or (args.finetune == "full") != full:
             raise SystemExit(f"{last_path} was written by a run with other switches (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}, --finetune {args.finetune}); FRESH=1 starts over")
         optimizer.load_state_dict(state["optimizer"])

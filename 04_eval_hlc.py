@@ -132,7 +132,8 @@ def write_explanations(path, chosen, samples, arrays, preds, groups, classnames,
                         f"</span><ol>{items}</ol></div>")
         ok = preds[i] == labels[i]
         cards.append(
-            f"<section class='{'ok' if ok else 'bad'}' data-index='{i}' data-pred='{preds[i]}' data-label='{labels[i]}'>"
+            f"<section class='{'ok' if ok else 'bad'}' data-index='{i}' data-pred='{preds[i]}' "
+            f"data-label='{labels[i]}'>"
             f"<img src='{thumbnail(samples[i][0])}' alt='test image {i}'>"
             f"<div><p><b>{'correct' if ok else 'wrong'}</b>: predicted <b>{html.escape(classnames[preds[i]])}</b>, "
             f"truth <b>{html.escape(classnames[labels[i]])}</b> ({group_names[groups[labels[i]]]}-shot class) "
@@ -142,9 +143,9 @@ def write_explanations(path, chosen, samples, arrays, preds, groups, classnames,
              "fit-content}.cand{margin:.3em 0}.cand.chosen b{color:#06c}.w{color:#666;font-size:.85em}ol{margin:.2em 0 "
              ".4em 1em;padding-left:1em;font-size:.9em}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>HLC explanations</title><style>{style}</style>"
-            f"</head><body data-coarse='{made_from}'><h1>Why HLC chose each class</h1><p>Top-{k} candidates by logit-adjusted classifier score "
-            f"(Eq. 4); each candidate's descriptors ranked by weighted similarity w·cos (Algorithm 1). The chosen "
-            f"candidate is blue.</p>{''.join(cards)}</body></html>")
+            f"</head><body data-coarse='{made_from}'><h1>Why HLC chose each class</h1><p>Top-{k} candidates by "
+            f"logit-adjusted classifier score (Eq. 4); each candidate's descriptors ranked by weighted similarity "
+            f"w·cos (Algorithm 1). The chosen candidate is blue.</p>{''.join(cards)}</body></html>")
     common.atomic_write_text(path, page)
 
 
@@ -315,7 +316,8 @@ def main(argv=None):
     results = dict(dataset=args.dataset, split=split, num_test=len(samples), k=args.k, tau=args.tau,
                    variants={name: scored(name) for name in VARIANTS},
                    topk_sweep={str(kk): scored(f"k{kk}") for kk in K_SWEEP},
-                   tau_sweep={f"{tt:g}": {v: scored(f"tau{tt:g}_{v}") for v in ("coarse_la", "hlc")} for tt in TAU_SWEEP},
+                   tau_sweep={f"{tt:g}": {v: scored(f"tau{tt:g}_{v}") for v in ("coarse_la", "hlc")}
+                              for tt in TAU_SWEEP},
                    zero_shot_reweighted=scored("zero_shot_reweighted"),
                    shot_counts=common.shot_counts(grouping, args.shot_rule), shot_rule=args.shot_rule,
                    training=coarse.get("training"))

@@ -286,7 +286,8 @@ def check_dataset(root, dataset, splits=("train", None)):
         close = difflib.get_close_matches(dataset, [*DATASETS, "toy"], n=1, cutoff=0.7)
         hint = (f" DATASET={dataset} is not a known dataset, so its generic layout was looked for: did you mean "
                 f"DATASET={close[0]}?") if close and dataset not in DATASETS else ""
-        where = ("CIFAR_ROOT=<the folder holding cifar-100-python> (or that folder as DATA_ROOT)" if dataset == "cifar100_lt"
+        where = ("CIFAR_ROOT=<the folder holding cifar-100-python> (or that folder as DATA_ROOT)"
+                 if dataset == "cifar100_lt"
                  else f"DATA_ROOT=/path/to/{dataset} (the README's Quick start shows each dataset's folder)")
         if not Path(root).is_dir():
             raise SystemExit(f"DATA_ROOT={root}: no such folder{missing_hint(root)}. {label}'s {files}{alt} are looked "
@@ -654,7 +655,8 @@ def claim_folder(folder, maker, legacy=()):
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise SystemExit(f"{folder} exists and was not made by {maker} (no {KIT_MARKER} in it), so {maker} will not "
                          f"write into it or delete anything from it. If it holds your own dataset, name it with "
-                         f"DATASET=<its name> (DATASET=toy builds a toy world); otherwise choose an empty or new folder")
+                         f"DATASET=<its name> (DATASET=toy builds a toy world); otherwise choose an empty or new "
+                         f"folder")
     folder.mkdir(parents=True, exist_ok=True)
     write_if_changed(marker, f"{maker}\n")
     return folder
@@ -677,7 +679,8 @@ _HELD_LOCKS = {}
 def hold_run_lock(directory, what):
     """Take an exclusive lock on DIRECTORY/.lock for the rest of this process (the OS releases it at exit, kill -9
     included): a second run writing to the same RUN stops at once and names the holder, where two trainings would
-    otherwise interleave log.jsonl and overwrite each other's checkpoints. Re-taking it in the same process is a no-op."""
+    otherwise interleave log.jsonl and overwrite each other's checkpoints. Re-taking it in the same process is a
+    no-op."""
     import fcntl
     import socket
     import time as _time

@@ -41,7 +41,8 @@ def transformer_flops(tokens_per_layer, width, mlp_ratio=4.0):
 
 
 def vit_flops(width, patch, grid, layers, mlp_ratio, out_dim, prompt_tokens=0, prompt_depth=0):
-    """Forward FLOPs of a ViT on one image: patch embedding, the blocks (prompts in the first prompt_depth), projection."""
+    """Forward FLOPs of a ViT on one image: patch embedding, the blocks (prompts in the first prompt_depth),
+    projection."""
     tokens = [1 + grid + (prompt_tokens if i < prompt_depth else 0) for i in range(layers)]
     return 2 * grid * 3 * patch * patch * width + transformer_flops(tokens, width, mlp_ratio) + 2 * width * out_dim
 
@@ -127,7 +128,8 @@ def scale_run(args):
     if not (world / "test.txt").exists():
         (world / "images").mkdir(parents=True, exist_ok=True)
         val = Path(args.val_list) if args.val_list else None
-        labels = ([int(line.split()[1]) for line in val.read_text().splitlines() if line.strip()] if val and val.exists()
+        given = val is not None and val.exists()
+        labels = ([int(line.split()[1]) for line in val.read_text().splitlines() if line.strip()] if given
                   else [i % classes for i in range(n)])
         rng = np.random.default_rng(0)
         for i in range(n):
@@ -141,7 +143,7 @@ def scale_run(args):
                                                             for nm in names}))
         (world / "clip.json").write_text(json.dumps(SCALE_CLIP))
         print(f"synthetic world: {classes} classes, {len(labels)} evaluation images"
-              f"{' (labels of ' + str(val) + ')' if val and val.exists() else ''} in {time.time() - t:.0f}s", flush=True)
+              f"{' (labels of ' + str(val) + ')' if given else ''} in {time.time() - t:.0f}s", flush=True)
     common_args = ["--model", str(world / "clip.json"), "--pretrained", "none", "--device", "cpu"]
     data = ["--dataset", "scale", "--data-root", str(world)]
     stages = [("01_build_corpus.py", data + ["--descriptors", str(world / "descriptors.json"),
@@ -195,8 +197,9 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: from the GPU's name)")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
-    p.add_argument("--scale", action="store_true", help="instead: stages 01-04 at iNaturalist's size, each stage's "
-                                                        "peak memory and the size of predictions.npz (make bench-scale)")
+    p.add_argument("--scale", action="store_true",
+                   help="instead: stages 01-04 at iNaturalist's size, each stage's peak memory and the size of "
+                        "predictions.npz (make bench-scale)")
     p.add_argument("--scale-dir", default="", help="--scale: folder for the synthetic world and run (kept)")
     p.add_argument("--val-list", default="", help="--scale: take the labels from this iNaturalist18_val.txt")
     args = p.parse_args(argv)

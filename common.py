@@ -819,9 +819,10 @@ def check_resume_args(saved, args, path, free=RESUME_FREE, defaults=None):
     if changed:
         lines = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in {path}, {v!r} now" for k, v in changed.items()]
         schedule = [k for k in changed if k.startswith("epochs")]
-        hint = (f"\nIts learning-rate schedule was set for {', '.join(f'{k} {saved.get(k)}' for k in schedule)} from "
-                "the first step: continuing it to another length would label a run with epochs whose schedule was "
-                "another's. Resume with the same epochs (Make: EPOCHS=...), or start over (FRESH=1).") if schedule else ""
+        hint = "" if not schedule else (
+            f"\nIts learning-rate schedule was set for {', '.join(f'{k} {saved.get(k)}' for k in schedule)} from "
+            "the first step: continuing it to another length would label a run with epochs whose schedule was "
+            "another's. Resume with the same epochs (Make: EPOCHS=...), or start over (FRESH=1).")
         raise SystemExit(f"{path} was trained with other settings, so --resume would mix two runs:\n  "
                          + "\n  ".join(lines) + (hint or "\nResume with the same settings, or start over (FRESH=1)."))
 

@@ -48,7 +48,8 @@ PAPER = {
                                                                              "loss")}},
     # Table 6, read from our text copy: rows N/A, 9 and 11 are whole; rows 1 and 3, and 5 and 7, run into each other
     6: {PLACES: {NA_ROW: ((52.7, 41.1, 36.8, 44.5), "HLC Table 6 N/A (= its Table 5 'Ours')", ""),
-                 "9": ((52.5, 49.1, 45.1, 49.5), "HLC Table 6", ""), "11": ((52.3, 47.8, 43.2, 48.5), "HLC Table 6", "")}},
+                 "9": ((52.5, 49.1, 45.1, 49.5), "HLC Table 6", ""),
+                 "11": ((52.3, 47.8, 43.2, 48.5), "HLC Table 6", "")}},
     7: {PLACES: {"CLIP (class-name prompts)": ((None, None, None, 37.91), "HLC Table 7", ""),
                  "descriptors, plain average (VCD)": ((None, None, None, 40.51), "HLC Table 7 (VCD, GPT-3.5)", ""),
                  "descriptors, reweighted (HLC)": ((None, None, None, 43.12), "HLC Table 7", "")}},
@@ -81,7 +82,8 @@ PAPER = {
         "ivlm_ce_disalign": ((None, None, None, 59.22), "IVLM Table 4, two stages", ""),
         "vl_ltr_lgr": ((81.6, 78.0, 74.4, 76.8), "HLC Table 3", "both towers fine-tuned"),
         "lt_dpt": ((62.7, 77.7, 79.5, 76.9), "LT-DPT Table 3", IN21K),
-        "hlc": ((78.3, 81.8, 77.5, 79.8), "HLC Table 3", "visual tower fully fine-tuned (the kit's inat2018 recipe too)")}},
+        "hlc": ((78.3, 81.8, 77.5, 79.8), "HLC Table 3",
+                "visual tower fully fine-tuned (the kit's inat2018 recipe too)")}},
 }
 TABLE_DATASET = {1: PLACES, 2: IMAGENET, 3: INAT, 4: PLACES, 6: PLACES, 7: PLACES}
 TITLES = {1: "Table 1: comparison on Places-LT", 2: "Table 2: comparison on ImageNet-LT",
@@ -150,8 +152,8 @@ def check_same_data(reference, others, how):
     """Stop, naming each stale file and what differs, when the rows of one table were not made on the same data."""
     stale = stale_rows(reference, others)
     if stale:
-        raise SystemExit(f"not one run: these results differ from {reference[0]} in what they were made on, so they are "
-                         "not put in its table:\n  " + "\n  ".join(f"{p}: {why}" for p, why in stale)
+        raise SystemExit(f"not one run: these results differ from {reference[0]} in what they were made on, so they "
+                         "are not put in its table:\n  " + "\n  ".join(f"{p}: {why}" for p, why in stale)
                          + f"\nThey are stale; `{how}` makes them again with this run's settings.")
 
 
@@ -195,7 +197,8 @@ def table4_rows(run, full, how="make table4"):
 def render_compare(title, rows, paper):
     """The comparison with each method's budget: steps, learning rate, trainable parameters, weights kept."""
     text = render(title, [(label, r, key) for label, r, key, _ in rows], paper)
-    lines = ["", "| | optimizer steps | learning rate | trainable parameters | weights tested |", "| --- | --- | --- | --- | --- |"]
+    lines = ["", "| | optimizer steps | learning rate | trainable parameters | weights tested |",
+             "| --- | --- | --- | --- | --- |"]
     seen = set()
     for label, _, _, t in rows:
         name = label.split(":")[0]
@@ -227,7 +230,8 @@ def seeds_table(runs, out):
     overall accuracy in the order given."""
     parts = [f"# The toy world over {len(runs)} seeds: mean (min to max) of {', '.join(str(r) for r in runs)}", ""]
     for name in ("table4", "table6", "table7", "compare"):
-        tables = [table_rows(Path(r) / "tables" / f"{name}.md") for r in runs if (Path(r) / "tables" / f"{name}.md").exists()]
+        files = [Path(r) / "tables" / f"{name}.md" for r in runs]
+        tables = [table_rows(f) for f in files if f.exists()]
         if len(tables) < len(runs):
             parts += [f"({name}: missing in some runs; `make toy-seeds` makes them)", ""]
             continue
@@ -238,14 +242,16 @@ def seeds_table(runs, out):
             for i in range(4):
                 values = [t[label][i] for t in tables if label in t and t[label][i] is not None]
                 cells.append(f"{np.mean(values):.2f} ({min(values):.2f} to {max(values):.2f})" if values else "-")
-            cells.append(", ".join("-" if label not in t or t[label][3] is None else f"{t[label][3]:.2f}" for t in tables))
+            cells.append(", ".join("-" if label not in t or t[label][3] is None else f"{t[label][3]:.2f}"
+                                   for t in tables))
             parts.append(f"| {label} | " + " | ".join(cells) + " |")
         parts.append("")
         if name == "compare":  # each method's budget: the same recipe in every run, so the first run's
             text = (Path(runs[0]) / "tables" / "compare.md").read_text(encoding="utf-8")
             budget = text.split("| optimizer steps |", 1)
             if len(budget) == 2:
-                parts += [f"Budget (the same in every run; {runs[0]}):", "", "| | optimizer steps |" + budget[1].rstrip(), ""]
+                parts += [f"Budget (the same in every run; {runs[0]}):", "",
+                          "| | optimizer steps |" + budget[1].rstrip(), ""]
     if all((Path(r) / "ablation" / "na" / "results.json").exists() for r in runs):
         order = ", ".join(str(r) for r in runs)
         parts += ["## relations", "", f"Each relation the toy world is built to show, in points of overall accuracy "
@@ -387,7 +393,8 @@ def main(argv=None):
             check_same_data((run / "results.json", full), [(na_path, na)], "make table6")
             rows.append((NA_ROW, na["topk_sweep"]["all"], NA_ROW))
             text = render(title + " (one evaluation)", rows, paper)
-            taus = [(f"tau = {tt}, {v}", r[v], None) for tt, r in full["tau_sweep"].items() for v in ("coarse_la", "hlc")]
+            taus = [(f"tau = {tt}, {v}", r[v], None) for tt, r in full["tau_sweep"].items()
+                    for v in ("coarse_la", "hlc")]
             text += "\n" + render(f"Logit adjustment strength tau (Eq. 4; the paper uses 1), K = {full['k']}: the kit "
                                   f"on {dataset}", taus, {})
         elif t == 7:

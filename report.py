@@ -69,7 +69,8 @@ class Chart:
 
     def bar(self, x_left, width, y_bottom, y_top, colour, tip=""):
         top, bottom = self.py(max(y_bottom, y_top)), self.py(min(y_bottom, y_top))
-        self.items.append(f"<rect x='{self.px(x_left):.1f}' y='{top:.1f}' width='{self.px(x_left + width) - self.px(x_left):.1f}' "
+        width_px = self.px(x_left + width) - self.px(x_left)
+        self.items.append(f"<rect x='{self.px(x_left):.1f}' y='{top:.1f}' width='{width_px:.1f}' "
                           f"height='{max(bottom - top, 0.5):.1f}' fill='{colour}'><title>{esc(tip)}</title></rect>")
 
     def text(self, x, y, label, anchor="middle", size=10, rotate=0, colour="#333"):
@@ -220,8 +221,8 @@ def write_report(run, quiet=False, results_file="results.json"):
     if z is not None and "class_counts" in z.files:
         sections.append(("The long tail: accuracy of each class against its training images",
                          "Each dot is a class. Left to right, classes with more training images; colours are the shot "
-                         "groups. The classifier alone favours the head (right); logit adjustment lifts the tail (left) "
-                         "at the head's cost; HLC's re-ranking gives back part of the head and keeps the tail.",
+                         "groups. The classifier alone favours the head (right); logit adjustment lifts the tail "
+                         "(left) at the head's cost; HLC's re-ranking gives back part of the head and keeps the tail.",
                          "".join(per_class_chart(z, v, t) for v, t in (("coarse", "classifier (coarse)"),
                                                                        ("coarse_la", "+ logit adjustment (coarse_la)"),
                                                                        ("hlc", "HLC (re-ranked)")))))
@@ -264,16 +265,19 @@ def write_report(run, quiet=False, results_file="results.json"):
                          "silence some descriptors and lean on others.", text))
     # ---- Table 4 and the compared systems, when the run holds them and they were made on the same data ----
     full = (run / results_file, results)
-    if all((run / "ablation" / a / "results.json").exists() for a in {a for _, a, _ in make_tables.TABLE4_ROWS} - {"full"}):
-        files = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in sorted((run / "ablation").glob("*/results.json"))]
+    ablations = {a for _, a, _ in make_tables.TABLE4_ROWS} - {"full"}
+    if all((run / "ablation" / a / "results.json").exists() for a in ablations):
+        files = [(p, json.loads(p.read_text(encoding="utf-8")))
+                 for p in sorted((run / "ablation").glob("*/results.json"))]
         stale = make_tables.stale_rows(full, files)
         if stale:
             sections.append(("Table 4", f"Not drawn: {', '.join(str(p) for p, _ in stale)} were made on other data "
                              "than results.json (stale); `make tables` makes them again.", ""))
         else:
             steps = [(label, r["overall"]) for label, r in make_tables.table4_rows(run, results)]
-            sections.append(("Table 4 as a waterfall", "Each bar is one ablation row; its height is the change from the "
-                             "row before it (green: up, red: down).", waterfall_chart(steps, "ablation, overall accuracy")))
+            sections.append(("Table 4 as a waterfall", "Each bar is one ablation row; its height is the change from "
+                             "the row before it (green: up, red: down).",
+                             waterfall_chart(steps, "ablation, overall accuracy")))
     systems = sorted((run / "systems").glob("*/results.json")) if (run / "systems").exists() else []
     if systems:
         files = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in systems]
@@ -291,12 +295,13 @@ def write_report(run, quiet=False, results_file="results.json"):
                          horizontal_bars(bars, "compared systems, overall accuracy")))
     body = "".join(f"<section><h2>{esc(h)}</h2><p>{esc(p)}</p><div class='row'>{c}</div></section>"
                    for h, p, c in sections)
-    links = "<a href='explanations.html'>explanations.html</a>: why HLC chose each class, for sample test images" \
-        if explanations_match(run / "explanations.html", results) else "no explanations.html of these results in this run"
-    style = ("body{font-family:sans-serif;margin:1.2em;max-width:1500px;color:#222}h1{font-size:1.4em}h2{font-size:1.1em;"
-             "margin:.6em 0 .2em}section{border-top:1px solid #ccc;padding-top:.3em}.row{display:flex;flex-wrap:wrap;"
-             "gap:.6em}figure{margin:0}figcaption{font-size:.8em;color:#555;text-align:center}p{margin:.2em 0 .5em;"
-             "font-size:.9em;color:#444}")
+    links = ("<a href='explanations.html'>explanations.html</a>: why HLC chose each class, for sample test images"
+             if explanations_match(run / "explanations.html", results)
+             else "no explanations.html of these results in this run")
+    style = ("body{font-family:sans-serif;margin:1.2em;max-width:1500px;color:#222}h1{font-size:1.4em}"
+             "h2{font-size:1.1em;margin:.6em 0 .2em}section{border-top:1px solid #ccc;padding-top:.3em}"
+             ".row{display:flex;flex-wrap:wrap;gap:.6em}figure{margin:0}"
+             "figcaption{font-size:.8em;color:#555;text-align:center}p{margin:.2em 0 .5em;font-size:.9em;color:#444}")
     check = ("<script>addEventListener('load',()=>{const s=[...document.querySelectorAll('svg.chart')];"
              "const ok=s.filter(e=>{const b=e.getBBox();return b.width>0&&b.height>0&&e.querySelectorAll("
              "'circle,rect,polyline').length>0;});document.body.dataset.charts=s.length;"

@@ -76,8 +76,8 @@ def render(colour, pattern, rng, camera=None):
     clutters and develops the picture."""
     noise = rng.normal(0, 14, (8, 8, 3))
     bg = np.clip(rng.integers(70, 200, 3) + noise.repeat(8, 0).repeat(8, 1), 0, 255).astype(np.uint8)  # 8 x 8 blocks
-    canvas = np.asarray(Image.fromarray(bg).resize((CANVAS, CANVAS), Image.BILINEAR).filter(ImageFilter.GaussianBlur(2)),
-                        dtype=np.float32).copy()
+    blurred = Image.fromarray(bg).resize((CANVAS, CANVAS), Image.BILINEAR).filter(ImageFilter.GaussianBlur(2))
+    canvas = np.asarray(blurred, dtype=np.float32).copy()
     low, high = (0.55, 1.0) if camera is None else camera.area
     side = CANVAS * np.sqrt(rng.uniform(low, high))
     cx, cy = rng.uniform(side / 2, CANVAS - side / 2, 2) if side < CANVAS else (CANVAS / 2, CANVAS / 2)
@@ -154,7 +154,8 @@ def captions():
             out += [(f"a tile with {c} {d}.", c, p) for d in descs]
         out += [(f"a {c} tile.", c, None), (f"something {c}.", c, None), (f"a tile coloured {c}.", c, None)]
     for p, (adj, descs) in PATTERNS.items():
-        out += [(f"a {adj} tile.", None, p), (f"a tile with {NOUNS[p]}.", None, p)] + [(f"{d}.", None, p) for d in descs]
+        out += [(f"a {adj} tile.", None, p), (f"a tile with {NOUNS[p]}.", None, p)]
+        out += [(f"{d}.", None, p) for d in descs]
     for warmth in ("warm", "cool"):
         out += [(f"a tile in a {warmth} colour.", (warmth,), None), (f"a {warmth} colour.", (warmth,), None)]
     return out

@@ -137,9 +137,9 @@ def main(argv=None):
     adapter = Adapter(visual.output_dim, args.ratio, args.adapter).to(device)
     meta = frame.make_meta("systems.ballad", args, classnames, samples, text, model_name, split, test)
     phases = frame.Phases(out, meta, args, args.resume, common.parser_defaults(p, args))
-    print(f"BALLAD on {args.dataset}: visual tower {common.count_parameters(visual)[0] / 1e6:.2f}M parameters (phase A), "
-          f"adapter {frame.trainable(adapter) / 1e6:.3f}M (phase B, {args.adapter}); text tower frozen; logit scale "
-          f"{scale:.1f}; {steps_per_epoch} steps of {batch} per epoch; weights kept: {args.select}")
+    print(f"BALLAD on {args.dataset}: visual tower {common.count_parameters(visual)[0] / 1e6:.2f}M parameters "
+          f"(phase A), adapter {frame.trainable(adapter) / 1e6:.3f}M (phase B, {args.adapter}); text tower frozen; "
+          f"logit scale {scale:.1f}; {steps_per_epoch} steps of {batch} per epoch; weights kept: {args.select}")
 
     sgd = lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     encode = lambda items, what: common.encode_split({"f": visual}, items, preprocess_val, device, workers=args.workers,

@@ -63,8 +63,8 @@ RECIPES = {
     "default": dict(iterations=8192, evals=32, lr=0.03, batch_size=256, lr_scale=1.0, normalize="imagenet"),
     # imblearn/datasets/cv_datasets/inaturalist.py: iNaturalist's own mean and std (ImageNet's elsewhere)
     "inat2018": dict(normalize="inat"),
-    # the toy world: the shared step budget (docs/systems.md), split evenly between the stages as the code's 8192 + 8192;
-    # lr_scale picked by make tune-toy
+    # the toy world: the shared step budget (docs/systems.md), split evenly between the stages as the code's 8192 +
+    # 8192; lr_scale picked by make tune-toy
     "toy": dict(iterations=500, evals=25, batch_size=32, lr_scale=1.0),  # 25 evaluations of 20 steps
 }
 LOSSES = ("ce", "balanced_softmax", "focal", "ldam", "lade", "cbw", "grw")
@@ -240,8 +240,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help=common.recipe_help(RECIPES, "batch_size", "images per step"))
     p.add_argument("--warmup", type=int, default=512, help="linear warm-up steps of 8192, scaled with the schedule "
                                                            "(code: 512)")
-    p.add_argument("--evals", type=int, help=common.recipe_help(RECIPES, "evals", "val evaluations per stage, the best "
-                                                                                 "kept (code: every 256 of 8192 steps)"))
+    p.add_argument("--evals", type=int, help=common.recipe_help(
+        RECIPES, "evals", "val evaluations per stage, the best kept (code: every 256 of 8192 steps)"))
     p.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum (code: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay, not on biases and 1-D "
                                                                      "parameters (code: 5e-4)")
@@ -249,7 +249,8 @@ def main(argv=None):
                    help="gradient norm clipping, 0 = none (code: none; its config generator writes 'clip: 1.0', which "
                         "the trainer never reads: it reads clip_grad, default 0)")
     p.add_argument("--normalize", choices=["imagenet", "inat", "clip"], help=common.recipe_help(
-        RECIPES, "normalize", "input mean and std: the code's dataset files (ImageNet's; iNaturalist's own), or CLIP's"))
+        RECIPES, "normalize",
+        "input mean and std: the code's dataset files (ImageNet's; iNaturalist's own), or CLIP's"))
     p.add_argument("--depth", type=int, default=3, help="decoder blocks (paper: 3)")
     p.add_argument("--heads", type=int, default=4, help="decoder attention heads (paper: 4)")
     p.add_argument("--mlp-ratio", type=float, default=0.5, help="decoder MLP ratio (code: 0.5)")

@@ -29,8 +29,9 @@ As the code: AdaptFormer's bottleneck is 2^floor(log2(C / 2L)) wide (C classes, 
 ViT-B/16, 8 for Places-LT, 4 for CIFAR-100); weight decay 5e-4 on every trained parameter; the cosine schedule steps
 once per epoch (CosineAnnealingLR with T_max = epochs); augmentation RandomResizedCrop(0.08-1, bilinear) and flips.
 
-Published (CLIP ViT-B/16, overall, LIFT as listed by Papers with Code; whether with TTE is not checked here): ImageNet-LT
-78.3, Places-LT 52.2, CIFAR-100-LT 81.7 / 83.1 / 84.9 (imbalance ratio 100 / 50 / 10). Toy world: docs/systems.md.
+Published (CLIP ViT-B/16, overall, LIFT as listed by Papers with Code; whether with TTE is not checked here):
+ImageNet-LT 78.3, Places-LT 52.2, CIFAR-100-LT 81.7 / 83.1 / 84.9 (imbalance ratio 100 / 50 / 10). Toy world:
+docs/systems.md.
 """
 import argparse
 import math

@@ -28,12 +28,12 @@ Where the kit departs from the original (no public code; the paper and its bases
   gradient).
 - The bias enters open_clip's attention blocks through their attn_mask argument (an additive float mask per image
   and head), not through a modified block.
-- Left open by the paper, set as LPT: prompt lengths 10 (foreground and background), 20 groups, top-2; alpha and
-  beta one per layer, starting at 1. No code, so no val selection: the last weights are tested. The orthogonality term sums |cos| over the pairs of groups of a layer and
-  averages over the H layers: Eq. 6 sums the cosines themselves, whose minimum is not orthogonality (a simplex, every
-  pair at -1/(G-1)), while the text asks for groups "towards orthogonality", where |cos| is zero. GCL's noise
-  multiplier 0.5 and no extra margin, as GCL's own first stage; GNM's rho 0.05, its
-  noise halved once re-weighting starts (GNM-PT's code).
+- Left open by the paper, set as LPT: prompt lengths 10 (foreground and background), 20 groups, top-2; alpha and beta
+  one per layer, starting at 1. No code, so no val selection: the last weights are tested. The orthogonality term sums
+  |cos| over the pairs of groups of a layer and averages over the H layers: Eq. 6 sums the cosines themselves, whose
+  minimum is not orthogonality (a simplex, every pair at -1/(G-1)), while the text asks for groups "towards
+  orthogonality", where |cos| is zero. GCL's noise multiplier 0.5 and no extra margin, as GCL's own first stage; GNM's
+  rho 0.05, its noise halved once re-weighting starts (GNM-PT's code).
 
 Published (ImageNet-21k ViT-B/16, many / medium / few / all): ImageNet-LT 85.8 / 84.1 / 78.4 / 84.0 (LT-DPT
 Table 2); Places-LT 46.9 / 52.6 / 49.2 / 49.9 and iNaturalist 2018 62.7 / 77.7 / 79.5 / 76.9 (LT-DPT Table 3); not
@@ -237,8 +237,8 @@ def main(argv=None):
     meta = frame.make_meta("systems.lt_dpt", args, classnames, samples, text, model_name, split, test)
     phases = frame.Phases(out, meta, args, args.resume, common.parser_defaults(p, args))
     print(f"LT-DPT on {args.dataset}: frozen tower {common.count_parameters(clip.visual)[0] / 1e6:.2f}M; trained "
-          f"{sum(q.numel() for q in params) / 1e6:.3f}M (prompts, keys, alpha, beta, classifier); {args.epochs} epochs, "
-          f"re-weighted in the last {drw_epochs}; GNM {'on' if args.gnm else 'off'}")
+          f"{sum(q.numel() for q in params) / 1e6:.3f}M (prompts, keys, alpha, beta, classifier); "
+          f"{args.epochs} epochs, re-weighted in the last {drw_epochs}; GNM {'on' if args.gnm else 'off'}")
 
     def cosine_logits(images):
         with common.image_autocast(device):
@@ -284,7 +284,8 @@ def main(argv=None):
     else:
         model.train()
         phases.run("lt_dpt", modules, optimizer, args.epochs, epoch_batches, gnm_loss,
-                   lambda step, total: common.lr_at(step, total, 0, base_lr), after_backward=restore if args.gnm else None)
+                   lambda step, total: common.lr_at(step, total, 0, base_lr),
+                   after_backward=restore if args.gnm else None)
 
     # ---- evaluation ----
     model.eval()

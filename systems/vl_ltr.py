@@ -324,7 +324,8 @@ def main(argv=None):
 
     # ---- stage 1: CVLP, images against sentences of their class, distilled from frozen CLIP ----
     stage1 = {"scale": nn.ParameterList([logit_scale]),  # with prompts, the tower itself need not be saved
-              **({"prompts": nn.ParameterList([student.prompts])} if args.finetune == "prompts" else {"tower": student})}
+              **({"prompts": nn.ParameterList([student.prompts])} if args.finetune == "prompts"
+                 else {"tower": student})}
     done = phases.finished("cvlp", epochs_cvlp)
     if done:
         for name, module in stage1.items():
@@ -373,11 +374,13 @@ def main(argv=None):
             if args.anss_split == "val":
                 print("note: no val split: AnSS scores the sentences on training images, as on iNaturalist")
             gen = torch.Generator().manual_seed(args.seed)
-            scored = [samples[int(i)] for c, n in enumerate(counts)
-                      for i in torch.nonzero(labels == c).flatten()[torch.randperm(int(n), generator=gen)[:args.anss_images]]]
+            picks = [torch.randperm(int(n), generator=gen)[:args.anss_images] for n in counts]
+            scored = [samples[int(i)] for c, pick in enumerate(picks)
+                      for i in torch.nonzero(labels == c).flatten()[pick]]
         scored_labels = torch.tensor([y for _, y, _ in scored]).to(device)
-        anchors, mask = select_anchors(raw_corpus, corpus_labels, F.normalize(encode(scored, "AnSS").to(device), dim=-1),
-                                       scored_labels, scale, num_classes, args.anchors, rank_by=corpus)
+        scored_feats = F.normalize(encode(scored, "AnSS").to(device), dim=-1)
+        anchors, mask = select_anchors(raw_corpus, corpus_labels, scored_feats, scored_labels, scale, num_classes,
+                                       args.anchors, rank_by=corpus)
         print(f"AnSS: {int(mask.sum())} anchor sentences, {args.anchors} at most per class, scored on {len(scored)} "
               f"images")
 
@@ -423,7 +426,8 @@ def main(argv=None):
         f = encode(test, "eval").to(device)
         image_logits, text_logits = head(f)
         preds = {"vl_ltr_lgr": fuse(image_logits, text_logits, args.alpha).argmax(1).cpu().numpy(),
-                 "vl_ltr_linear": image_logits.argmax(1).cpu().numpy(), "vl_ltr_text": text_logits.argmax(1).cpu().numpy()}
+                 "vl_ltr_linear": image_logits.argmax(1).cpu().numpy(),
+                 "vl_ltr_text": text_logits.argmax(1).cpu().numpy()}
     truth = np.array([y for _, y, _ in test])
     training = dict(optimizer_steps=sum(phases.steps.values()), lr=f"CVLP {lr:g}, LGR {lr_lgr:g}",
                     trainable_params=f"{sum(q.numel() for q in trained)} + {frame.trainable(head)}",
