@@ -215,6 +215,18 @@ VENV := .venv
 PY   ?= $(VENV)/bin/python
 VENV_PYTHON ?= python3
 SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
+# your own interpreter (PY=python): the packages the stages import are looked for (not imported: 50 ms) before any
+# stage runs, so a conda environment not activated is one line here, not a traceback from the first stage
+ifeq ($(SETUP),)
+ifneq ($(filter-out help clean clean-toy setup,$(or $(MAKECMDGOALS),all)),)
+PY_MISSING := $(shell $(PY) -c "import importlib.util as u; print(', '.join(m for m in ('numpy', 'PIL', 'torch', \
+  'torchvision', 'open_clip', 'tqdm') if u.find_spec(m) is None))" 2>/dev/null || echo -)
+ifneq ($(PY_MISSING),)
+$(error PY=$(PY) $(if $(filter -,$(PY_MISSING)),could not be run,has no $(PY_MISSING)): install requirements.txt \
+  into that environment (pip install -r requirements.txt), or leave PY out and make builds .venv from it)
+endif
+endif
+endif
 
 # ---- one make at a time per RUN: the first takes $(RUN)/.make.lock for its whole life (runlock.py), a second is
 #      refused at once, as is a RUN holding another dataset's outputs. Previews (-n, -q) take nothing ----

@@ -167,6 +167,18 @@ def test_an_old_python_is_stopped_before_the_environment_is_made(tmp_path):
     assert not (tmp_path / ".venv").exists()
 
 
+def test_an_own_interpreter_without_the_packages_is_one_line_before_any_stage(tmp_path):
+    """PY=python in a conda environment not activated: the packages it lacks are named before any folder is made."""
+    bare = f"{sys.executable} -S"  # the kit's own interpreter without its site-packages
+    out = make("corpus", f"PY={bare}", f"RUN={tmp_path / 'run'}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert f"PY={bare} has no numpy, PIL, torch, torchvision, open_clip, tqdm: install requirements.txt" in out.stderr
+    out = make("corpus", f"PY={tmp_path / 'nowhere' / 'python'}", f"RUN={tmp_path / 'run'}")
+    assert out.returncode != 0 and f"PY={tmp_path / 'nowhere' / 'python'} could not be run" in out.stderr
+    assert not (tmp_path / "run").exists()
+    assert make("help", f"PY={bare}").returncode == 0  # nothing to run: nothing looked for
+
+
 def test_progress_in_a_log_is_a_few_lines(capsys):
     items = list(common.progress(range(200), "encode"))  # stderr is not a terminal under pytest
     lines = capsys.readouterr().err.strip().splitlines()
