@@ -17,6 +17,22 @@ $(error the kit's folder "$(CURDIR)" holds a space, which make cannot keep in a 
   a path without spaces (a symbolic link does not do: make works in the real folder))
 endif
 
+# a variable typed wrong (EPOCH=1, DATSET=..., gpus=4) would be taken silently and the run go on with the default:
+# one given on the command line that the Makefile never reads, and close to one it does, is refused naming both
+# (others, such as CUDA_VISIBLE_DEVICES=1, pass on to the stages' environment as make passes them)
+MAKEFILE_TEXT := $(file <$(firstword $(MAKEFILE_LIST)))
+UNREAD := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(if $(findstring \
+            $$($(v)),$(MAKEFILE_TEXT)),,$(v))))
+ifneq ($(UNREAD),)
+MISTYPED := $(shell python3 -c 'import difflib, re, sys; known = set(re.findall(r"\$$\(([A-Z_]+)\)", \
+  open(sys.argv[1]).read())); print(" ".join(f"{v}:{m[0]}" for v in sys.argv[2:] \
+  for m in [difflib.get_close_matches(v.upper(), known, 1, 0.8)] if m))' $(firstword $(MAKEFILE_LIST)) $(UNREAD))
+ifneq ($(MISTYPED),)
+$(error $(foreach m,$(MISTYPED),$(word 1,$(subst :, ,$(m)))=$($(word 1,$(subst :, ,$(m)))) is not a variable of \
+  the kit, did you mean $(word 2,$(subst :, ,$(m)))?) (make help lists them))
+endif
+endif
+
 # ---- knobs (override on the command line: make all DATASET=places_lt DATA_ROOT=/data/places365). A method's own
 #      settings (learning rate, batch, epochs) are not here: each script holds its recipes per dataset ----
 DATASET   ?= toy

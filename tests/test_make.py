@@ -167,6 +167,17 @@ def test_an_old_python_is_stopped_before_the_environment_is_made(tmp_path):
     assert not (tmp_path / ".venv").exists()
 
 
+def test_a_mistyped_variable_is_refused_naming_the_one_meant_and_others_pass_to_the_stages(tmp_path):
+    """EPOCH=1 or gpus=4 would be taken silently and the run go on with its defaults (hours of the full recipe on a
+    benchmark); a variable the Makefile does not read and that is close to none of its own (CUDA_VISIBLE_DEVICES)
+    passes on to the stages' environment, as make passes every command-line variable."""
+    out = make("-n", "all", f"RUN={tmp_path / 'run'}", "EPOCH=1", "gpus=4", f"PY={sys.executable}")
+    assert out.returncode != 0 and "EPOCH=1 is not a variable of the kit, did you mean EPOCHS?" in out.stderr
+    assert "gpus=4 is not a variable of the kit, did you mean GPUS?" in out.stderr, out.stderr
+    out = make("-n", "all", f"RUN={tmp_path / 'run'}", "EPOCHS=1", "CUDA_VISIBLE_DEVICES=0", f"PY={sys.executable}")
+    assert out.returncode == 0 and "03_train_coarse.py" in out.stdout, out.stderr
+
+
 def test_an_own_interpreter_without_the_packages_is_one_line_before_any_stage(tmp_path):
     """PY=python in a conda environment not activated: the packages it lacks are named before any folder is made."""
     bare = f"{sys.executable} -S"  # the kit's own interpreter without its site-packages

@@ -55,11 +55,13 @@ def test_stage00_never_writes_into_a_folder_it_did_not_make(tmp_path):
 def test_a_forgotten_dataset_is_an_error_not_a_toy_world(tmp_path):
     mine = users_folder(tmp_path)
     before = snapshot(mine)
-    for args, env in (([f"DATA_ROOT={mine}"], None), (["DATSET=places_lt", f"DATA_ROOT={mine}"], None),
-                      ([], dict(os.environ, DATA_ROOT=str(mine)))):  # a misspelt name, a DATA_ROOT the shell exported
+    said = f"DATA_ROOT={mine} holds files but no toy world", "set DATASET"
+    misspelt = ("DATSET=places_lt is not a variable of the kit, did you mean DATASET?",)
+    for args, env, says in (([f"DATA_ROOT={mine}"], None, said),
+                            (["DATSET=places_lt", f"DATA_ROOT={mine}"], None, misspelt),  # stopped when make starts
+                            ([], dict(os.environ, DATA_ROOT=str(mine)), said)):  # a DATA_ROOT the shell exported
         out = make("all", f"RUN={tmp_path / 'run'}", f"PY={sys.executable}", *args, env=env)
-        assert out.returncode != 0 and f"DATA_ROOT={mine} holds files but no toy world" in out.stderr, out.stderr
-        assert "set DATASET" in out.stderr
+        assert out.returncode != 0 and all(s in out.stderr for s in says), out.stderr
     assert snapshot(mine) == before
     out = make("-n", "clean", f"RUN={mine}")  # and clean only removes a run directory
     assert out.returncode == 0
