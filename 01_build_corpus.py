@@ -378,17 +378,24 @@ def main(argv=None):
         raise SystemExit("no descriptor source: give --descriptors FILE.json (VCD-style {class name: [descriptors]}, "
                          "e.g. from 'Visual Classification via Description' or CuPL; Make: DESCRIPTORS=FILE.json), "
                          "or ask an LLM with --llm-model NAME (Make: LLM_MODEL=NAME; key in OPENAI_API_KEY)")
-    descriptors, kept_raw, short = [], [], []
+    descriptors, kept_raw, short, over = [], [], [], []
     for c, name in enumerate(classnames):
-        kept = list(dict.fromkeys(raw[c]))[:args.num_descriptors]  # drop repeats, keep order
+        unique = list(dict.fromkeys(raw[c]))  # drop repeats, keep order
+        kept = unique[:args.num_descriptors]
         if len(kept) < args.num_descriptors:
             short.append((name, len(kept)))
+        if len(unique) > args.num_descriptors:
+            over.append((name, len(unique)))
         descriptors.append([descriptor_sentence(name, d) if args.descriptor_text == "vcd" else d for d in kept])
         kept_raw.append(kept)
     without = [classnames[c] for c, d in enumerate(descriptors) if not d]
     if short:
         print(f"note: {len(short)} classes have fewer than {args.num_descriptors} descriptors: "
               + ", ".join(f"{n} ({k})" for n, k in short[:10]) + (" ..." if len(short) > 10 else ""))
+    if over:  # e.g. VCD's ImageNet file has 11 for teddy bear
+        print(f"note: {len(over)} classes have more than {args.num_descriptors} descriptors, and their first "
+              f"{args.num_descriptors} are kept (M = {args.num_descriptors}, --num-descriptors): "
+              + ", ".join(f"{n} ({k})" for n, k in over[:10]) + (" ..." if len(over) > 10 else ""))
     if without:  # e.g. VCD's Places365 file has an empty list for corn_field
         print(f"note: {len(without)} classes have no descriptor and are scored by their class-name prompt "
               f"(stage 02): {', '.join(without[:10])}")
@@ -409,6 +416,7 @@ def main(argv=None):
                             classnames_digest=basics.names_digest(classnames), sources=summary,
                             per_class_sentences=per_class, balanced_to=args.per_class or None, files=files,
                             classes_short_of_descriptors=[n for n, _ in short], classes_without_descriptors=without,
+                            classes_cut_to_m_descriptors=[n for n, _ in over],
                             descriptor_text=args.descriptor_text, llm=llm_meta)
     basics.atomic_write_json(args.out, dict(classnames=classnames, sentences=merged, descriptors=descriptors,
                                             descriptors_raw=kept_raw, meta=meta))

@@ -196,6 +196,24 @@ def test_descriptor_keys_are_mapped_by_name_not_order(tiny_world, tmp_path):
         assert descs == [f"{name}, which has this sentence is only for the {name}"]
 
 
+def test_descriptors_beyond_m_are_cut_saying_so(tiny_world, tmp_path, capsys):
+    """VCD's ImageNet file has 11 phrases for teddy bear: the first M = 10 distinct ones are kept, and the note and
+    corpus.json's meta name the classes cut."""
+    root = copy_world(tiny_world, tmp_path / "w")
+    names = list(json.loads((root / "descriptors.json").read_text()))
+    many = {k: [f"part {i} of the {k}" for i in range(12 if j == 0 else 3)] + ["part 0 of the " + k]
+            for j, k in enumerate(names)}
+    (root / "descriptors.json").write_text(json.dumps(many))
+    corpus_stage.main(["--dataset", "tiny", "--data-root", str(root), "--descriptors", str(root / "descriptors.json"),
+                       "--out", str(tmp_path / "corpus.json")])
+    assert (f"note: 1 classes have more than 10 descriptors, and their first 10 are kept (M = 10, --num-descriptors): "
+            f"{names[0]} (12)") in capsys.readouterr().out
+    corpus = json.loads((tmp_path / "corpus.json").read_text())
+    assert corpus["descriptors_raw"][0] == [f"part {i} of the {names[0]}" for i in range(10)]
+    assert corpus["descriptors_raw"][1] == [f"part {i} of the {names[1]}" for i in range(3)]  # a repeat is dropped
+    assert corpus["meta"]["classes_cut_to_m_descriptors"] == [names[0]]
+
+
 def test_stage01_without_descriptor_source_says_how(tiny_world, tmp_path):
     with pytest.raises(SystemExit, match="--descriptors"):
         corpus_stage.main(["--dataset", "tiny", "--data-root", str(tiny_world), "--out", str(tmp_path / "c.json")])
