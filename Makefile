@@ -172,7 +172,7 @@ endif
 ifneq ($(filter-out pil tensor device,$(DECODE)),)
 $(error DECODE=$(DECODE): images are decoded by pil (the default), tensor or device (docs/speed.md))
 endif
-ifneq ($(or $(call digitless,$(SEED)),$(if $(SEED),,empty)),)
+ifneq ($(or $(call digitless,$(SEED)),$(if $(SEED),$(shell [ $(SEED) -le 4294967295 ] 2>/dev/null || echo big),empty)),)
 $(error SEED=$(SEED): the seed of every stage is a whole number from 0 to 4294967295)
 endif
 ifneq ($(filter 0%,$(filter-out 0,$(SEED))),)

@@ -108,6 +108,8 @@ def test_a_make_variable_no_stage_could_take_is_stopped_before_any_stage(tmp_pat
     where = [f"RUN={tmp_path / 'run'}", f"DATA_ROOT={tmp_path / 'data'}"]
     for setting, said in (("SEED=-1", "SEED=-1: the seed of every stage is a whole number from 0 to 4294967295"),
                           ("SEED=abc", "SEED=abc: the seed"), ("SEED=", "SEED=: the seed"),
+                          ("SEED=4294967296", "SEED=4294967296: the seed"),
+                          ("SEED=123456789012345678901234", "SEED=123456789012345678901234: the seed"),
                           ("SEED=007", "SEED=007: write the seed without leading zeros"), ("SEED=00", "SEED=00: write"),
                           ("GPUS=0", "GPUS=0: the number of torchrun processes for stages 03-04, one per GPU, is a "
                                      "whole number from 1; leave GPUS out"),
@@ -122,8 +124,8 @@ def test_a_make_variable_no_stage_could_take_is_stopped_before_any_stage(tmp_pat
                           ("DEVICE=cuda:one", "DEVICE=cuda:one: not"), ("DEVICE=", "DEVICE=: not")):
         out = make("-n", "all", setting, *where, *(("DATASET=cifar100_lt",) if setting.startswith("IR") else ()))
         assert out.returncode != 0 and said in out.stderr, (setting, out.stderr)
-    for settings in (("SEED=20250101",), ("SEED=0",), ("SEED=10",), ("EPOCHS=2", "WORKERS=0"), ("DEVICE=cuda:1",),
-                     ("DEVICE=cpu", "EPOCHS="), ("GPUS=2",), ("GPUS=10", "SEED=0")):
+    for settings in (("SEED=20250101",), ("SEED=0",), ("SEED=10",), ("SEED=4294967295",), ("EPOCHS=2", "WORKERS=0"),
+                     ("DEVICE=cuda:1",), ("DEVICE=cpu", "EPOCHS="), ("GPUS=2",), ("GPUS=10", "SEED=0")):
         out = make("-n", "all", *settings, *where)
         assert out.returncode == 0, (settings, out.stderr)
     assert "--nproc_per_node=10 " in out.stdout and not list(tmp_path.iterdir())
