@@ -106,6 +106,10 @@ IR          ?= 100
 ifneq ($(or $(call digitless,$(IR)),$(if $(subst 0,,$(IR)),,zero)),)
 $(error IR=$(IR): CIFAR-100-LT's imbalance ratio is a whole number from 1 (LIFT: 100, 50, 10))
 endif
+ifneq ($(filter 0%,$(IR)),)
+$(error IR=$(IR): write it without leading zeros; the splits' folder is named as it is written (ir$(IR)), so IR=0100 \
+  and IR=100 would be two copies of one ratio)
+endif
 CIFAR_ROOT  ?= data/cifar100_lt
 override CIFAR_ROOT := $(call tidy,$(CIFAR_ROOT))
 ifeq ($(notdir $(CIFAR_ROOT)),cifar-100-python)
@@ -185,6 +189,10 @@ $(error GPUS=$(GPUS): the number of torchrun processes for stages 03-04, one per
 endif
 ifneq ($(if $(EPOCHS),$(or $(call digitless,$(EPOCHS)),$(if $(subst 0,,$(EPOCHS)),,zero))),)
 $(error EPOCHS=$(EPOCHS): every script's epochs is a whole number from 1; leave EPOCHS out for each script's recipe)
+endif
+ifneq ($(filter 0%,$(EPOCHS)),)
+$(error EPOCHS=$(EPOCHS): write it without leading zeros; the runs record it as written, so EPOCHS=010 would train \
+  again what EPOCHS=10 trained)
 endif
 ifneq ($(or $(call digitless,$(WORKERS)),$(if $(WORKERS),,empty)),)
 $(error WORKERS=$(WORKERS): the number of image-loading processes is a whole number (0: load in the main process))
