@@ -656,7 +656,7 @@ def claim_folder(folder, maker, legacy=()):
         raise SystemExit(f"{folder} exists and was not made by {maker} (no {KIT_MARKER} in it), so {maker} will not "
                          f"write into it or delete anything from it. If it holds your own dataset, name it with "
                          f"DATASET=<its name> (DATASET=toy builds a toy world); otherwise choose an empty or new "
-                         f"folder")
+                         "folder")
     folder.mkdir(parents=True, exist_ok=True)
     write_if_changed(marker, f"{maker}\n")
     return folder
