@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if not __package__:  # run as python systems/lift.py: the kit's modules are in the folder above
+if not __package__:  # run by path (python systems/<name>.py): the kit's modules are in the folder above
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from systems import frame  # noqa: E402
