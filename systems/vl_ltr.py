@@ -132,7 +132,9 @@ def select_anchors(corpus, corpus_labels, images, image_labels, scale, num_class
         rows = rows[torch.as_tensor(np.sort(first), device=rows.device)]
         if len(rows) == 0:
             continue
-        score = anss_scores(rank_by[rows], torch.full((len(rows),), c), images, image_labels, scale)
+        # scored where the images are (a GPU), the class's labels made there too
+        score = anss_scores(rank_by[rows].to(images.device), torch.full((len(rows),), c, device=images.device),
+                            images, image_labels, scale)
         best = rows[score.cpu().argsort()[:keep].to(rows.device)]
         anchors[c, :len(best)], mask[c, :len(best)] = corpus[best].cpu(), True
     return anchors, mask

@@ -263,6 +263,25 @@ def test_anss_keeps_the_sentences_that_pick_out_their_class():
     assert torch.equal(anchors[0], sentences[[0, 2]]) and mask.tolist() == [[True, True], [True, False]]
 
 
+
+def test_anss_scores_each_class_on_the_device_of_the_images(monkeypatch):
+    """On a GPU the labels of a class's sentences were made on the CPU and met the images' labels on the GPU: the
+    comparison fails there, never on a CPU. The meta device stands in for the GPU (it checks devices, holds no values):
+    the real scorer runs on it, and a stand-in ranking of the CPU's sentences is returned."""
+    images, image_labels = torch.eye(2)[[0, 0, 1, 1]], torch.tensor([0, 0, 1, 1])
+    sentences, labels = torch.eye(2)[[0, 1, 1]], torch.tensor([0, 0, 1])
+    devices, real = [], vl_ltr.anss_scores
+
+    def scores_on_meta(s, s_labels, i, i_labels, scale):
+        devices.append({t.device.type for t in (s, s_labels, i, i_labels)})
+        assert real(s, s_labels, i, i_labels, scale).shape == (len(s),)
+        return torch.arange(len(s), dtype=torch.float32)
+
+    monkeypatch.setattr(vl_ltr, "anss_scores", scores_on_meta)
+    anchors, mask = vl_ltr.select_anchors(sentences, labels, images.to("meta"), image_labels.to("meta"), 10.0, 2, 2)
+    assert devices == [{"meta"}, {"meta"}] and mask.tolist() == [[True, True], [True, False]]
+    assert anchors.device.type == "cpu" and torch.equal(anchors[0], sentences[:2])
+
 def test_lgr_language_branch_equals_the_explicit_gather():
     torch.manual_seed(0)
     anchors = F_normalize(torch.randn(3, 4, 8))
