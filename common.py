@@ -359,6 +359,9 @@ def load_clip(model, pretrained, device="cpu", image_size=None):
     other than the model's builds it at that size; open_clip interpolates the pretrained positional embedding.
     """
     name = resolve_model_name(model)
+    # float32 is float32 on a GPU too: cuDNN convolutions (a ViT's patch embedding, all of a ResNet tower) default to
+    # TF32 on Ampere and later GPUs, matmuls do not. bf16 autocast (--precision auto on CUDA) is not affected
+    torch.backends.cudnn.allow_tf32 = False
     open_clip = import_open_clip()
     if "timm_model_name" in (open_clip.get_model_config(name) or {}).get("vision_cfg", {}) \
             and open_clip.timm_model.timm is None:  # a timm-backed tower: its adapter is run again, now with timm

@@ -317,6 +317,14 @@ def test_precision_switch_decides_the_arithmetic():
         assert (a @ b).dtype == torch.float32
 
 
+def test_a_loaded_clip_leaves_float32_convolutions_float32_on_a_gpu(tiny_world, monkeypatch):
+    """cuDNN convolutions are TF32 by default on Ampere and later GPUs, so --precision fp32 would not be float32 in a
+    ViT's patch embedding or anywhere in a ResNet tower. A CPU cannot show the arithmetic; the switch is checked."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default, put back after the test
+    common.load_clip(f"{tiny_world}/tiny-clip.json", "none")
+    assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+
+
 # ---- the paper's tables and the explanations page ----
 
 @pytest.fixture(scope="module")
