@@ -263,7 +263,6 @@ def test_anss_keeps_the_sentences_that_pick_out_their_class():
     assert torch.equal(anchors[0], sentences[[0, 2]]) and mask.tolist() == [[True, True], [True, False]]
 
 
-
 def test_anss_scores_each_class_on_the_device_of_the_images(monkeypatch):
     """On a GPU the labels of a class's sentences were made on the CPU and met the images' labels on the GPU: the
     comparison fails there, never on a CPU. The meta device stands in for the GPU (it checks devices, holds no values):
@@ -281,6 +280,7 @@ def test_anss_scores_each_class_on_the_device_of_the_images(monkeypatch):
     anchors, mask = vl_ltr.select_anchors(sentences, labels, images.to("meta"), image_labels.to("meta"), 10.0, 2, 2)
     assert devices == [{"meta"}, {"meta"}] and mask.tolist() == [[True, True], [True, False]]
     assert anchors.device.type == "cpu" and torch.equal(anchors[0], sentences[:2])
+
 
 def test_lgr_language_branch_equals_the_explicit_gather():
     torch.manual_seed(0)
