@@ -271,6 +271,9 @@ def ask_llm(args, classnames):
     asked = llm.generate(classnames, client, cache, args.num_descriptors, args.cupl_answers, args.llm_concurrency,
                          args.llm_max_asks, args.llm_question)
     print(f"llm: {asked['requests']} requests, {asked['stats']['cached']} answers from the cache")
+    if asked["stats"]["thinking"]:
+        print(f"note: {asked['stats']['thinking']} answers held a reasoning model's <think> block: only the text "
+              f"after it was read (the cache keeps the whole answer)")
     if asked["failures"]:
         listed = "\n  ".join(asked["failures"][:10]) + ("\n  ..." if len(asked["failures"]) > 10 else "")
         message = (f"{len(asked['failures'])} classes got no usable answer from {args.llm_model}:\n  {listed}\n"

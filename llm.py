@@ -73,6 +73,21 @@ def parse_list(text):
     return [item for item in items if item]
 
 
+THINKING = re.compile(r"<think>.*?</think>", re.S | re.I)
+
+
+def visible_text(answer):
+    """An answer without a reasoning model's thinking. Local servers (vLLM, llama.cpp, Ollama) may leave the
+    <think>...</think> of models such as DeepSeek-R1 or Qwen3 in the content, and its numbered steps would be read as
+    descriptors. Text before a closing tag with no opening one is thinking too (some chat templates put the opening
+    tag in the prompt); an opening tag never closed (an answer cut off while thinking) leaves nothing of it."""
+    text = THINKING.sub("", answer)
+    end = text.lower().rfind("</think>")
+    text = text[end + len("</think>"):] if end >= 0 else text
+    start = text.lower().find("<think>")
+    return text[:start] if start >= 0 else text
+
+
 def split_sentences(text):
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.replace("\n", " ")) if len(s.strip()) > 3]
 
@@ -180,6 +195,10 @@ class ChatClient:
                 if e.code in (401, 403):
                     raise LLMFatal(f"{self.url} answered {e.code} ({self.redact(str(e.reason))}): check the API key "
                                    "(OPENAI_API_KEY or --llm-key-file) and that it may use this endpoint") from None
+                if e.code == 400 and "temperature" in detail.lower():  # reasoning models (o1, o3, gpt-5) take only 1
+                    raise LLMFatal(f"{self.url} answered 400: {self.model!r} refuses temperature {self.temperature:g}; "
+                                   "give the one it takes with --llm-temperature (Make: "
+                                   f"CORPUS_ARGS=\"--llm-temperature 1\"). Server said: {detail}") from None
                 if e.code == 404 or "model" in detail.lower() and e.code == 400:
                     raise LLMFatal(f"{self.url} answered {e.code}: model {self.model!r} not found? "
                                    f"Server said: {detail}") from None
@@ -230,7 +249,7 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
     """
     from tqdm import tqdm
     model = client.model
-    stats = dict(done=0, cached=0, failed=0)
+    stats = dict(done=0, cached=0, failed=0, thinking=0)
     total = len(classnames) * (1 + 5 * cupl_answers)
     bar = tqdm(total=total, desc="llm", disable=not (progress and sys.stderr.isatty()))
     started = last_line = time.time()  # in a log file (no terminal): a line every 30 s instead of the bar
@@ -238,6 +257,15 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
     fatal = threading.Event()  # set by the first answer that retrying cannot fix: no thread sends another request
 
     def answer(prompt, cls, sample):
+        """The answer's text without a reasoning model's thinking (the cache keeps it whole)."""
+        text = asked(prompt, cls, sample)
+        shown = visible_text(text)
+        if shown != text:
+            with lock:
+                stats["thinking"] += 1
+        return shown
+
+    def asked(prompt, cls, sample):
         cached = cache.get(model, prompt, classnames[cls], sample)
         if cached is not None:
             with lock:

@@ -21,10 +21,12 @@ FORMATS = (
 class FakeLLM:
     """mode: 'ok', 'fail500' (two 500s per prompt first), '429' (one 429 with Retry-After first), 'hang' (first
     request per prompt sleeps past the client's timeout), 'short' (first answer has 6 items), '401', '404',
+    'fixedtemperature' (a 400 for any temperature but 1, as OpenAI's reasoning models answer),
     'broken' (classes named 'odd ...' always get a 500 whose text echoes the Authorization header), and first answers
     that are broken: 'nullcontent' (content null), 'nullchoices' (choices null), 'dropped' (the connection closes
     mid-body), 'badutf8' (bytes that are not UTF-8; 'badutf8always': every answer), 'trickle' (the answer comes a
-    byte every 0.05 s)."""
+    byte every 0.05 s), 'thinking' (a reasoning model's numbered thinking before the list, in <think> tags or after
+    a chat template's opening tag; for 'odd ...' classes the first answer is cut off while thinking)."""
 
     def __init__(self, mode="ok", delay=0.0, hang_seconds=1.5):
         self.mode, self.delay, self.hang_seconds = mode, delay, hang_seconds
@@ -45,6 +47,10 @@ class FakeLLM:
                     fake.auth.add(self.headers.get("Authorization", ""))
                 if fake.mode == "401":
                     return self.reply(401, {"error": {"message": "invalid api key"}})
+                if fake.mode == "fixedtemperature" and body["temperature"] != 1:  # as OpenAI's reasoning models
+                    return self.reply(400, {"error": {"message": f"Unsupported value: 'temperature' does not support "
+                                                                 f"{body['temperature']} with this model. Only the "
+                                                                 f"default (1) value is supported."}})
                 if fake.mode == "404":
                     return self.reply(404, {"error": {"message": f"The model {body['model']} does not exist"}})
                 if fake.mode == "broken" and "odd" in prompt:
@@ -105,7 +111,13 @@ class FakeLLM:
         items = [f"feature {k} of {name}" for k in range(10)]
         if self.mode == "short" and "exactly" not in prompt:  # the client's re-ask asks for exactly M lines
             items = items[:6]
-        return FORMATS[sum(map(ord, name)) % len(FORMATS)](items)
+        answer = FORMATS[sum(map(ord, name)) % len(FORMATS)](items)
+        if self.mode == "thinking":
+            steps = "Okay, the user wants features. Let me list candidates:\n1. its size\n2. where it is found\n"
+            if "odd" in name and "exactly" not in prompt:
+                return "<think>\n" + steps  # cut off before the thinking ended
+            return ("<think>\n" if sum(map(ord, name)) % 2 else "") + steps + "</think>\n\n" + answer
+        return answer
 
     def __enter__(self):
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

@@ -42,6 +42,21 @@ def test_parse_list_formats():
         assert llm.parse_list(fmt) == ["a", "b"], fmt
 
 
+def test_a_reasoning_models_thinking_is_not_read_as_descriptors(world20, tmp_path, capsys):
+    think = "<think>\nSteps:\n1. size\n2. place\n</think>\n\n1. a\n2. b"
+    for answer in (think, think.replace("<think>", "<THINK>"), think.replace("<think>\n", ""), "1. a\n2. b"):
+        assert llm.parse_list(llm.visible_text(answer)) == ["a", "b"], answer
+    assert llm.visible_text("<think>\n1. size\n2. place") == ""  # cut off while thinking: no descriptor in it
+    with FakeLLM("thinking") as server:
+        corpus = run_stage(world20, tmp_path / "corpus.json", server.url)
+    for name, raw in zip(corpus["classnames"], corpus["descriptors_raw"]):
+        assert raw == [f"feature {k} of {name}" for k in range(10)]
+    assert server.requests == 20 + 7  # the seven 'odd' classes' first answers held no list: asked again
+    assert "note: 27 answers held a reasoning model's <think> block" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "llm_cache.jsonl").read_text().splitlines()]
+    assert sum("Let me list candidates" in r["answer"] for r in rows) == 27  # the cache keeps each answer whole
+
+
 @pytest.mark.parametrize("mode", ["ok", "fail500", "429", "hang", "short"])
 def test_twenty_classes_get_ten_descriptors(world20, tmp_path, mode):
     with FakeLLM(mode) as server:
@@ -165,6 +180,17 @@ def test_unknown_model_stops_at_once(world20, tmp_path):
     msg = str(e.value)
     assert "'fake-gpt' not found" in msg and server.url in msg and "does not exist" in msg
     assert server.requests == 1  # no retry, and no other class's request once the first answer said 404
+
+
+def test_a_model_that_refuses_the_temperature_says_which_flag_sets_it(world20, tmp_path):
+    with FakeLLM("fixedtemperature") as server:
+        with pytest.raises(SystemExit) as e:
+            run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "1")
+        msg = str(e.value)
+        assert "'fake-gpt' refuses temperature 0.7" in msg and "--llm-temperature" in msg and "not found" not in msg
+        assert server.requests == 1  # no retry: every request would get the same answer
+        corpus = run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-temperature", "1")
+    assert [len(d) for d in corpus["descriptors"]] == [10] * 20
 
 
 @pytest.mark.parametrize("mode", ["nullcontent", "nullchoices", "dropped", "badutf8"])
