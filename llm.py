@@ -199,6 +199,12 @@ class ChatClient:
                     raise LLMFatal(f"{self.url} answered 400: {self.model!r} refuses temperature {self.temperature:g}; "
                                    "give the one it takes with --llm-temperature (Make: "
                                    f"CORPUS_ARGS=\"--llm-temperature 1\"). Server said: {detail}") from None
+                if e.code == 404 and "model" not in detail.lower():  # a page the server does not have
+                    base = self.url[:-len("/chat/completions")]
+                    hint = "" if base.endswith("/v1") else f" OpenAI-compatible servers (vLLM, Ollama) serve them " \
+                                                           f"under /v1: {base}/v1?"
+                    raise LLMFatal(f"{self.url} answered 404 (server said: {detail[:100].strip()}): no chat completions "
+                                   f"at this address.{hint} Check OPENAI_BASE_URL or --llm-base-url") from None
                 if e.code == 404 or "model" in detail.lower() and e.code == 400:
                     raise LLMFatal(f"{self.url} answered {e.code}: model {self.model!r} not found? "
                                    f"Server said: {detail}") from None

@@ -21,7 +21,8 @@ FORMATS = (
 class FakeLLM:
     """mode: 'ok', 'fail500' (two 500s per prompt first), '429' (one 429 with Retry-After first), 'hang' (first
     request per prompt sleeps past the client's timeout), 'short' (first answer has 6 items), '401', '404',
-    'fixedtemperature' (a 400 for any temperature but 1, as OpenAI's reasoning models answer),
+    'fixedtemperature' (a 400 for any temperature but 1, as OpenAI's reasoning models answer), 'nopage' (a 404 that
+    names no model, as a server answers a path it does not serve),
     'broken' (classes named 'odd ...' always get a 500 whose text echoes the Authorization header), and first answers
     that are broken: 'nullcontent' (content null), 'nullchoices' (choices null), 'dropped' (the connection closes
     mid-body), 'badutf8' (bytes that are not UTF-8; 'badutf8always': every answer), 'trickle' (the answer comes a
@@ -51,6 +52,8 @@ class FakeLLM:
                     return self.reply(400, {"error": {"message": f"Unsupported value: 'temperature' does not support "
                                                                  f"{body['temperature']} with this model. Only the "
                                                                  f"default (1) value is supported."}})
+                if fake.mode == "nopage":  # a server whose chat completions are under another path
+                    return self.reply(404, {"detail": "Not Found"})
                 if fake.mode == "404":
                     return self.reply(404, {"error": {"message": f"The model {body['model']} does not exist"}})
                 if fake.mode == "broken" and "odd" in prompt:

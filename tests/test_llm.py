@@ -182,6 +182,20 @@ def test_unknown_model_stops_at_once(world20, tmp_path):
     assert server.requests == 1  # no retry, and no other class's request once the first answer said 404
 
 
+def test_an_address_without_chat_completions_says_to_check_the_base_url_not_the_model(world20, tmp_path):
+    with FakeLLM("nopage") as server:
+        with pytest.raises(SystemExit) as e:
+            run_stage(world20, tmp_path / "corpus.json", server.url.removesuffix("/v1"), "--llm-concurrency", "1")
+    msg = str(e.value)
+    assert f"{server.url}/chat/completions" not in msg and "no chat completions at this address" in msg
+    assert f"under /v1: {server.url}?" in msg and "OPENAI_BASE_URL" in msg and "not found?" not in msg
+    assert server.requests == 1
+    with FakeLLM("nopage") as server:  # an address that has /v1 already is not sent to /v1/v1
+        with pytest.raises(SystemExit) as e:
+            run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "1")
+    assert "no chat completions at this address. Check OPENAI_BASE_URL" in str(e.value)
+
+
 def test_a_model_that_refuses_the_temperature_says_which_flag_sets_it(world20, tmp_path):
     with FakeLLM("fixedtemperature") as server:
         with pytest.raises(SystemExit) as e:
