@@ -247,6 +247,7 @@ def read_key(args):
 def ask_llm(args, classnames):
     """Descriptors (and CuPL sentences) from a chat model, through the on-disk answer cache."""
     llm.fill(args.llm_question, args.num_descriptors, "x")  # an unknown placeholder stops here, before any request
+    args.llm_base_url = llm.endpoint_base(args.llm_base_url)
     cache = llm.Cache(args.llm_cache or Path(args.out).with_name("llm_cache.jsonl"), args.llm_base_url,
                       args.llm_temperature)
     if cache.other_source:

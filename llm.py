@@ -92,6 +92,12 @@ def split_sentences(text):
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.replace("\n", " ")) if len(s.strip()) > 3]
 
 
+def endpoint_base(url):
+    """The base URL the chat-completions path is added to: one pasted with that path already (as some providers'
+    pages show the endpoint) or a trailing slash is the same endpoint, for the requests and the cache alike."""
+    return url.rstrip("/").removesuffix("/chat/completions").rstrip("/")
+
+
 class Cache:
     """Append-only JSONL of answers, keyed by (endpoint, model, temperature, prompt, class, sample): another endpoint or
     temperature asks again rather than reuse answers it did not give. A torn last line (a killed run) is ignored on

@@ -196,6 +196,14 @@ def test_an_address_without_chat_completions_says_to_check_the_base_url_not_the_
     assert "no chat completions at this address. Check OPENAI_BASE_URL" in str(e.value)
 
 
+def test_a_base_url_pasted_with_the_endpoint_path_is_the_same_endpoint(world20, tmp_path):
+    with FakeLLM() as server:
+        first = run_stage(world20, tmp_path / "corpus.json", server.url + "/chat/completions/")
+        again = run_stage(world20, tmp_path / "corpus.json", server.url)
+    assert server.requests == 20 and first["descriptors"] == again["descriptors"]  # the rerun's answers all cached
+    assert first["meta"]["llm"]["base_url"] == server.url
+
+
 def test_a_model_that_refuses_the_temperature_says_which_flag_sets_it(world20, tmp_path):
     with FakeLLM("fixedtemperature") as server:
         with pytest.raises(SystemExit) as e:
