@@ -207,8 +207,8 @@ class ChatClient:
                                    f"CORPUS_ARGS=\"--llm-temperature 1\"). Server said: {detail}") from None
                 if e.code == 404 and "model" not in detail.lower():  # a page the server does not have
                     base = self.url[:-len("/chat/completions")]
-                    hint = "" if base.endswith("/v1") else f" OpenAI-compatible servers (vLLM, Ollama) serve them " \
-                                                           f"under /v1: {base}/v1?"
+                    hint = "" if base.endswith("/v1") else (" OpenAI-compatible servers (vLLM, Ollama) serve them "
+                                                            f"under /v1: {base}/v1?")
                     raise LLMFatal(f"{self.url} answered 404 (server said: {detail[:100].strip()}): no chat completions "
                                    f"at this address.{hint} Check OPENAI_BASE_URL or --llm-base-url") from None
                 if e.code == 404 or "model" in detail.lower() and e.code == 400:
@@ -270,14 +270,14 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
 
     def answer(prompt, cls, sample):
         """The answer's text without a reasoning model's thinking (the cache keeps it whole)."""
-        text = asked(prompt, cls, sample)
+        text = whole_answer(prompt, cls, sample)
         shown = visible_text(text)
         if shown != text:
             with lock:
                 stats["thinking"] += 1
         return shown
 
-    def asked(prompt, cls, sample):
+    def whole_answer(prompt, cls, sample):
         cached = cache.get(model, prompt, classnames[cls], sample)
         if cached is not None:
             with lock:
