@@ -105,7 +105,7 @@ class Cache:
 
     def __init__(self, path, base_url="", temperature=None):
         self.path = Path(path)
-        self.base_url, self.temperature = base_url.rstrip("/"), temperature
+        self.base_url, self.temperature = endpoint_base(base_url), temperature
         self.lock = threading.Lock()
         self.answers, self.other_source = {}, 0
         if self.path.exists():
@@ -145,7 +145,8 @@ class ChatClient:
     """POST {base_url}/chat/completions with retries for timeouts, 429 (Retry-After) and 5xx."""
 
     def __init__(self, base_url, model, api_key="", temperature=0.7, timeout=60.0, max_retries=6, backoff=1.0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base = endpoint_base(base_url)
+        self.url = self.base + "/chat/completions"
         self.model, self.temperature, self.timeout = model, temperature, timeout
         self.max_retries, self.backoff = max_retries, backoff
         self._key = api_key
@@ -206,9 +207,8 @@ class ChatClient:
                                    "give the one it takes with --llm-temperature (Make: "
                                    f"CORPUS_ARGS=\"--llm-temperature 1\"). Server said: {detail}") from None
                 if e.code == 404 and "model" not in detail.lower():  # a page the server does not have
-                    base = self.url[:-len("/chat/completions")]
-                    hint = "" if base.endswith("/v1") else (" OpenAI-compatible servers (vLLM, Ollama) serve them "
-                                                            f"under /v1: {base}/v1?")
+                    hint = "" if self.base.endswith("/v1") else (" OpenAI-compatible servers (vLLM, Ollama) serve "
+                                                                 f"them under /v1: {self.base}/v1?")
                     raise LLMFatal(f"{self.url} answered 404 (server said: {detail[:100].strip()}): no chat completions "
                                    f"at this address.{hint} Check OPENAI_BASE_URL or --llm-base-url") from None
                 if e.code == 404 or "model" in detail.lower() and e.code == 400:
