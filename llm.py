@@ -9,6 +9,8 @@ The cache is a JSONL file: one line per answer, appended and flushed the moment 
 environment or a key file, is sent in a header, and is never written or printed; server text that is printed has it
 cut out.
 """
+import datetime
+import email.utils
 import http.client
 import json
 import os
@@ -141,6 +143,42 @@ class Cache:
             self.answers[self.key(model, prompt, cls, sample)] = answer
 
 
+MAX_RETRY_AFTER = 600  # seconds: a server that asks for longer is not waited for, request after request
+
+
+def retry_after(value, now=None):
+    """The seconds a Retry-After header asks to wait, given as seconds or as an HTTP date; None without one."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as HTTP dates are
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def chunk_text(part):
+    """The text of one content chunk: a text chunk's text, a thinking chunk's (its text or its own chunks) in <think>
+    tags, nothing for other kinds (references, images)."""
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict):
+        raise TypeError(f"a content chunk is {type(part).__name__}, not an object")
+    if part.get("type") == "text":
+        return part["text"]
+    if part.get("type") == "thinking":
+        inner = part.get("thinking")
+        inner = "".join(map(chunk_text, inner)) if isinstance(inner, list) else str(inner or "")
+        return f"<think>{inner}</think>"
+    return ""
+
+
 class ChatClient:
     """POST {base_url}/chat/completions with retries for timeouts, 429 (Retry-After) and 5xx."""
 
@@ -180,8 +218,12 @@ class ChatClient:
 
     @staticmethod
     def content(raw):
-        """The text of a chat-completions answer; anything else (no choices, null content) is a format error."""
+        """The text of a chat-completions answer; anything else (no choices, null content) is a format error. Content
+        given as a list of chunks (Mistral's Magistral models: a "thinking" chunk, then "text") is joined, its
+        thinking put in <think> tags so the cache keeps it and visible_text leaves it out as any other's."""
         text = json.loads(raw.decode("utf-8"))["choices"][0]["message"]["content"]
+        if isinstance(text, list):
+            text = "".join(chunk_text(part) for part in text)
         if not isinstance(text, str):
             raise TypeError(f"message content is {type(text).__name__}, not text")
         return text
@@ -209,18 +251,23 @@ class ChatClient:
                 if e.code == 404 and "model" not in detail.lower():  # a page the server does not have
                     hint = "" if self.base.endswith("/v1") else (" OpenAI-compatible servers (vLLM, Ollama) serve "
                                                                  f"them under /v1: {self.base}/v1?")
-                    raise LLMFatal(f"{self.url} answered 404 (server said: {detail[:100].strip()}): no chat completions "
-                                   f"at this address.{hint} Check OPENAI_BASE_URL or --llm-base-url") from None
+                    said = detail[:100].strip()
+                    raise LLMFatal(f"{self.url} answered 404 (server said: {said}): no chat completions at this "
+                                   f"address.{hint} Check OPENAI_BASE_URL or --llm-base-url") from None
                 if e.code == 404 or "model" in detail.lower() and e.code == 400:
                     raise LLMFatal(f"{self.url} answered {e.code}: model {self.model!r} not found? "
                                    f"Server said: {detail}") from None
+                if e.code == 429 and "insufficient_quota" in detail:  # OpenAI's: no retry brings it back
+                    raise LLMFatal(f"{self.url} answered 429 insufficient_quota: the account's credit or quota is "
+                                   "spent (check its plan and billing). The answers so far are cached; a rerun "
+                                   f"resumes from them. Server said: {detail}") from None
                 if e.code == 429 or e.code >= 500:
-                    retry_after = e.headers.get("Retry-After")
-                    if retry_after:
-                        try:
-                            wait = max(wait, float(retry_after))
-                        except ValueError:
-                            pass
+                    asked = retry_after(e.headers.get("Retry-After"))
+                    if asked is not None and asked > MAX_RETRY_AFTER:
+                        raise LLMFatal(f"{self.url} answered {e.code} and asks to wait {asked / 60:.0f} minutes "
+                                       "before the next request (a daily limit?). The answers so far are cached; rerun "
+                                       f"when it has passed. Server said: {detail}") from None
+                    wait = max(wait, asked or 0)
                     error = f"HTTP {e.code}: {detail[:200]}"
                 else:
                     raise LLMFatal(f"{self.url} answered {e.code}: {detail}") from None

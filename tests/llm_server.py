@@ -1,5 +1,6 @@
 """A chat-completions server on 127.0.0.1 for the LLM tests: list answers in several formats, and failures on
 demand. `python tests/llm_server.py` serves until Ctrl-C (the 1,000-class measurement in docs/text.md uses it)."""
+import email.utils
 import json
 import re
 import threading
@@ -27,7 +28,10 @@ class FakeLLM:
     that are broken: 'nullcontent' (content null), 'nullchoices' (choices null), 'dropped' (the connection closes
     mid-body), 'badutf8' (bytes that are not UTF-8; 'badutf8always': every answer), 'trickle' (the answer comes a
     byte every 0.05 s), 'thinking' (a reasoning model's numbered thinking before the list, in <think> tags or after
-    a chat template's opening tag; for 'odd ...' classes the first answer is cut off while thinking)."""
+    a chat template's opening tag; for 'odd ...' classes the first answer is cut off while thinking), 'chunks' (the
+    content a list of a thinking chunk and a text chunk, as Mistral's Magistral models answer); after five answers,
+    'quota' (429 insufficient_quota, as OpenAI answers an account out of credit) and 'tomorrow' (429 with a
+    Retry-After date a day ahead)."""
 
     def __init__(self, mode="ok", delay=0.0, hang_seconds=1.5):
         self.mode, self.delay, self.hang_seconds = mode, delay, hang_seconds
@@ -58,6 +62,13 @@ class FakeLLM:
                     return self.reply(404, {"error": {"message": f"The model {body['model']} does not exist"}})
                 if fake.mode == "broken" and "odd" in prompt:
                     return self.reply(500, {"error": f"upstream failed for {self.headers.get('Authorization')}"})
+                if fake.mode == "quota" and fake.requests > 5:
+                    quota = {"message": "You exceeded your current quota, please check your plan and billing "
+                                        "details.", "type": "insufficient_quota", "code": "insufficient_quota"}
+                    return self.reply(429, {"error": quota})
+                if fake.mode == "tomorrow" and fake.requests > 5:
+                    return self.reply(429, {"error": "daily limit reached"},
+                                      {"Retry-After": email.utils.formatdate(time.time() + 86400, usegmt=True)})
                 if fake.mode == "fail500" and n <= 2:
                     return self.reply(500, {"error": "boom"})
                 if fake.mode == "429" and n == 1:
@@ -66,6 +77,10 @@ class FakeLLM:
                     time.sleep(fake.hang_seconds)
                 time.sleep(fake.delay)
                 answer = {"choices": [{"message": {"role": "assistant", "content": fake.answer(prompt, n)}}]}
+                if fake.mode == "chunks":
+                    thinking = [{"type": "text", "text": "Okay. Candidates:\n1. its size\n2. where it is found"}]
+                    answer["choices"][0]["message"]["content"] = [
+                        {"type": "thinking", "thinking": thinking}, {"type": "text", "text": fake.answer(prompt, n)}]
                 first = n == 1
                 if fake.mode == "nullcontent" and first:
                     answer["choices"][0]["message"]["content"] = None

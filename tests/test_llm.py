@@ -1,4 +1,5 @@
 """Stage 01 against a real chat-completions server on 127.0.0.1."""
+import email.utils
 import json
 import os
 import subprocess
@@ -55,6 +56,17 @@ def test_a_reasoning_models_thinking_is_not_read_as_descriptors(world20, tmp_pat
     assert "note: 27 answers held a reasoning model's <think> block" in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "llm_cache.jsonl").read_text().splitlines()]
     assert sum("Let me list candidates" in r["answer"] for r in rows) == 27  # the cache keeps each answer whole
+
+
+def test_an_answer_in_chunks_gives_its_text_chunks_and_keeps_its_thinking_in_the_cache(world20, tmp_path, capsys):
+    with FakeLLM("chunks") as server:
+        corpus = run_stage(world20, tmp_path / "corpus.json", server.url)
+    for name, raw in zip(corpus["classnames"], corpus["descriptors_raw"]):
+        assert raw == [f"feature {k} of {name}" for k in range(10)]  # not "its size", the thinking's first step
+    assert server.requests == 20  # each first answer is read, none asked again
+    assert "note: 20 answers held a reasoning model's <think> block" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "llm_cache.jsonl").read_text().splitlines()]
+    assert all(r["answer"].startswith("<think>Okay. Candidates:") for r in rows)
 
 
 @pytest.mark.parametrize("mode", ["ok", "fail500", "429", "hang", "short"])
@@ -213,6 +225,26 @@ def test_a_model_that_refuses_the_temperature_says_which_flag_sets_it(world20, t
         assert server.requests == 1  # no retry: every request would get the same answer
         corpus = run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-temperature", "1")
     assert [len(d) for d in corpus["descriptors"]] == [10] * 20
+
+
+@pytest.mark.parametrize("mode", ["quota", "tomorrow"])
+def test_a_spent_quota_or_a_day_s_wait_stops_the_run_at_once_keeping_the_answers(world20, tmp_path, mode):
+    with FakeLLM(mode) as server:
+        with pytest.raises(SystemExit) as e:
+            run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "1")
+    msg = str(e.value)
+    assert {"quota": "insufficient_quota: the account's credit or quota is spent",
+            "tomorrow": "asks to wait 1440 minutes"}[mode] in msg and "The answers so far are cached" in msg
+    assert server.requests == 6  # no retry of the sixth, no request for the classes after it
+    assert len((tmp_path / "llm_cache.jsonl").read_text().splitlines()) == 5
+
+
+def test_retry_after_is_read_as_seconds_or_as_an_http_date():
+    now = 1_800_000_000.0
+    assert llm.retry_after("7", now) == 7.0 and llm.retry_after(None, now) is None and llm.retry_after("soon") is None
+    assert llm.retry_after(email.utils.formatdate(now + 30, usegmt=True), now) == 30.0
+    assert llm.retry_after(email.utils.formatdate(now + 30).replace("+0000", "-0000"), now) == 30.0
+    assert llm.retry_after(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0  # a date already past
 
 
 @pytest.mark.parametrize("mode", ["nullcontent", "nullchoices", "dropped", "badutf8"])
