@@ -498,7 +498,7 @@ toy-seeds: ## make tables and make compare for SEED=0, 1, 2, then their mean, sp
 	$(foreach s,0 1 2,$(MAKE) tables compare DATASET=toy SEED=$(s) PY=$(PY) $(call seed_args,$(s)) &&) true
 	$(PY) make_tables.py --seeds $(SEED_RUNS) --out $(dir $(firstword $(SEED_RUNS)))toy-seeds.md
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt constraints.txt
 	@$(VENV_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	    found=$$(command -v $(VENV_PYTHON) >/dev/null && $(VENV_PYTHON) --version 2>&1 || echo not found); \
 	    echo "the kit needs Python 3.11 or newer (its pinned numpy and torch): $(VENV_PYTHON) is $$found. Name another" \

@@ -157,7 +157,7 @@ def test_links_into_a_folder_with_a_space_are_the_way_round_it(tmp_path):
 
 def test_an_old_python_is_stopped_before_the_environment_is_made(tmp_path):
     """numpy 2.4 needs Python 3.11: an older python3 would make .venv and then fail in pip, naming no version."""
-    for name in ("Makefile", "requirements.txt"):
+    for name in ("Makefile", "requirements.txt", "constraints.txt"):
         shutil.copy(ROOT / name, tmp_path / name)
     old = tmp_path / "python3.9"
     old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.9.18" || exit 1\n')
@@ -168,6 +168,34 @@ def test_an_old_python_is_stopped_before_the_environment_is_made(tmp_path):
         assert out.returncode != 0 and f"needs Python 3.11 or newer (its pinned numpy and torch): {python} is {shown}" \
             in out.stderr, out.stderr
     assert not (tmp_path / ".venv").exists()
+
+
+def test_the_pins_cover_every_package_the_kit_installs():
+    """requirements.txt pins what the kit asks for and constraints.txt what those bring in, so a fresh environment
+    gets the versions the kit was tested with; a dependency added by a version bump and left unpinned fails here."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    pinned = {}
+    for name in ("requirements.txt", "constraints.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            if line.strip() and not line.startswith(("#", "-")):
+                req = Requirement(line)
+                assert str(req.specifier).startswith("=="), f"{name}: {line} is not pinned to one version"
+                pinned[canonicalize_name(req.name)] = str(req.specifier)[2:]
+    todo, seen = [n for n in pinned if n in {canonicalize_name(Requirement(line).name) for line in (
+        ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith(("#", "-"))}], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for spec in metadata.requires(name) or []:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    assert not seen - set(pinned), f"installed by the kit's requirements but pinned nowhere: {sorted(seen - set(pinned))}"
 
 
 def test_a_mistyped_variable_is_refused_naming_the_one_meant_and_others_pass_to_the_stages(tmp_path):
