@@ -177,25 +177,21 @@ def test_the_pins_cover_every_package_the_kit_installs():
 
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
-    pinned = {}
-    for name in ("requirements.txt", "constraints.txt"):
-        for line in (ROOT / name).read_text().splitlines():
-            if line.strip() and not line.startswith(("#", "-")):
-                req = Requirement(line)
-                assert str(req.specifier).startswith("=="), f"{name}: {line} is not pinned to one version"
-                pinned[canonicalize_name(req.name)] = str(req.specifier)[2:]
-    todo, seen = [n for n in pinned if n in {canonicalize_name(Requirement(line).name) for line in (
-        ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith(("#", "-"))}], set()
+
+    def pins(name):
+        lines = (ROOT / name).read_text().splitlines()
+        reqs = [Requirement(line) for line in lines if line.strip() and not line.startswith(("#", "-"))]
+        assert all(str(r.specifier).startswith("==") for r in reqs), f"{name}: not all pinned to one version"
+        return {canonicalize_name(r.name) for r in reqs}
+    asked, pinned = pins("requirements.txt"), pins("requirements.txt") | pins("constraints.txt")
+    todo, installed = list(asked), set()
     while todo:
         name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for spec in metadata.requires(name) or []:
-            req = Requirement(spec)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(canonicalize_name(req.name))
-    assert not seen - set(pinned), f"installed by the kit's requirements but pinned nowhere: {sorted(seen - set(pinned))}"
+        if name not in installed:
+            installed.add(name)
+            todo += [canonicalize_name(r.name) for r in map(Requirement, metadata.requires(name) or [])
+                     if r.marker is None or r.marker.evaluate({"extra": ""})]
+    assert not installed - pinned, f"installed with the kit's requirements, pinned nowhere: {installed - pinned}"
 
 
 def test_a_mistyped_variable_is_refused_naming_the_one_meant_and_others_pass_to_the_stages(tmp_path):
