@@ -189,6 +189,7 @@ class ChatClient:
         self.max_retries, self.backoff = max_retries, backoff
         self._key = api_key
         self.requests = 0
+        self.heard = None  # time.monotonic() of the server's last HTTP answer, of any status
 
     def __repr__(self):  # never shows the key
         return f"ChatClient({self.url!r}, model={self.model!r})"
@@ -203,6 +204,7 @@ class ChatClient:
         deadline = time.monotonic() + self.timeout
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            self.heard = time.monotonic()
             sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
             chunks = []
             while True:
@@ -240,6 +242,7 @@ class ChatClient:
                 self.requests += 1
                 return self.content(self._post(body, headers))
             except urllib.error.HTTPError as e:
+                self.heard = time.monotonic()
                 detail = self.redact(e.read()[:300].decode(errors="replace"))
                 if e.code in (401, 403):
                     raise LLMFatal(f"{self.url} answered {e.code} ({self.redact(str(e.reason))}): check the API key "
@@ -332,22 +335,31 @@ def generate(classnames, client, cache, num_descriptors=10, cupl_answers=0, conc
             return cached
         if fatal.is_set():
             raise _Skipped
+        first_try = time.monotonic()
         try:
             text = client.ask(prompt)
         except LLMFatal:
             fatal.set()
             raise
         except RuntimeError as e:  # out of retries
+            # a wrong URL, no network, a server that died or hangs: each class would wait out its own retries, hours
+            # for a thousand classes, before the run said so. A class the server keeps answering with an error
+            # (others' answers arrive meanwhile) fails alone
             with cache.lock:
                 never = not cache.answers  # nothing from this endpoint, in this run or in the cache
-            if not never:
-                raise
-            # a wrong URL, no network, a dead server: each class would wait out its own retries, hours for a
-            # thousand classes, before the run said so
-            fatal.set()
-            raise LLMFatal(f"{e}. This endpoint has answered nothing, in this run or in the cache, so no more "
-                           "requests are sent: check it (OPENAI_BASE_URL or --llm-base-url), the network and the "
-                           "model name") from None
+            if never:
+                fatal.set()
+                raise LLMFatal(f"{e}. This endpoint has answered nothing, in this run or in the cache, so no more "
+                               "requests are sent: check it (OPENAI_BASE_URL or --llm-base-url), the network and the "
+                               "model name") from None
+            if client.heard is None or client.heard < first_try:
+                fatal.set()
+                raise LLMFatal(f"{e}. The endpoint has sent no answer, not even an error, for the "
+                               f"{time.monotonic() - first_try:.0f} s of these tries: it stopped or cannot be "
+                               f"reached (or each answer takes longer than --llm-timeout, {client.timeout:g} s), so "
+                               "no more requests are sent. The answers so far are cached; a rerun resumes from "
+                               "them") from None
+            raise
         cache.put(model, prompt, classnames[cls], sample, text)
         with lock:
             stats["done"] += 1

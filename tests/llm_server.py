@@ -31,7 +31,7 @@ class FakeLLM:
     a chat template's opening tag; for 'odd ...' classes the first answer is cut off while thinking), 'chunks' (the
     content a list of a thinking chunk and a text chunk, as Mistral's Magistral models answer); after five answers,
     'quota' (429 insufficient_quota, as OpenAI answers an account out of credit) and 'tomorrow' (429 with a
-    Retry-After date a day ahead)."""
+    Retry-After date a day ahead), and 'dies' (every connection closed with no answer, as a server that stopped)."""
 
     def __init__(self, mode="ok", delay=0.0, hang_seconds=1.5):
         self.mode, self.delay, self.hang_seconds = mode, delay, hang_seconds
@@ -62,6 +62,9 @@ class FakeLLM:
                     return self.reply(404, {"error": {"message": f"The model {body['model']} does not exist"}})
                 if fake.mode == "broken" and "odd" in prompt:
                     return self.reply(500, {"error": f"upstream failed for {self.headers.get('Authorization')}"})
+                if fake.mode == "dies" and fake.requests > 5:
+                    self.close_connection = True  # nothing sent: the client reads an empty reply
+                    return
                 if fake.mode == "quota" and fake.requests > 5:
                     quota = {"message": "You exceeded your current quota, please check your plan and billing "
                                         "details.", "type": "insufficient_quota", "code": "insufficient_quota"}

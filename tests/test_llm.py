@@ -239,6 +239,18 @@ def test_a_spent_quota_or_a_day_s_wait_stops_the_run_at_once_keeping_the_answers
     assert len((tmp_path / "llm_cache.jsonl").read_text().splitlines()) == 5
 
 
+def test_an_endpoint_that_stops_answering_mid_run_stops_the_run_after_one_class_s_retries(world20, tmp_path):
+    """A server that dies after answering some classes: without the stop, each of the rest would wait out its own
+    retries (hours for a benchmark's classes when each try hangs to the timeout)."""
+    with FakeLLM("dies") as server:
+        with pytest.raises(SystemExit) as e:
+            run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "1", "--llm-backoff", "0.01")
+    msg = str(e.value)
+    assert "sent no answer, not even an error" in msg and "a rerun resumes" in msg and server.url in msg, msg
+    assert server.requests == 5 + 7  # the sixth class's seven tries, none for the classes after it
+    assert len((tmp_path / "llm_cache.jsonl").read_text().splitlines()) == 5
+
+
 def test_retry_after_is_read_as_seconds_or_as_an_http_date():
     now = 1_800_000_000.0
     assert llm.retry_after("7", now) == 7.0 and llm.retry_after(None, now) is None and llm.retry_after("soon") is None
