@@ -421,10 +421,14 @@ def image_autocast(device, precision="auto"):
                           enabled=effective_precision(device, precision) == "bf16")
 
 
-def pick_device(name="auto"):
-    """'auto' (CUDA when there is one, else the CPU) or a device torch knows that this machine has."""
+def pick_device(name="auto", probe=True):
+    """'auto' (CUDA when there is one, else the CPU) or a device torch knows that this machine has. A CUDA device is
+    probed with one small kernel (probe=False leaves it to the caller: under torchrun, once a process has its GPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if cuda_available_or_refused() else "cpu")
+        if device.type == "cuda" and probe:
+            check_cuda_runs(device)
+        return device
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -436,7 +440,58 @@ def pick_device(name="auto"):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name} (DEVICE={name}): this machine has {torch.cuda.device_count()} CUDA "
                              f"device(s), numbered from 0")
+        if probe:
+            check_cuda_runs(device)
     return device
+
+
+def driver_needed():
+    """The NVIDIA driver this torch build needs (the pinned one is a CUDA 13.0 build)."""
+    cuda = torch.version.cuda or "?"
+    return f"a driver for CUDA {cuda}" + (" (580 or newer)" if cuda.startswith("13.") else "")
+
+
+def cuda_available_or_refused():
+    """torch.cuda.is_available(), except where this machine shows an NVIDIA GPU (its /dev/nvidiaN) that torch cannot
+    use: a driver too old for torch's CUDA, or a CPU-only torch. DEVICE=auto would then run a benchmark on the CPU,
+    for days, without a word; that stops here with torch's reason. CUDA_VISIBLE_DEVICES set hides GPUs on purpose."""
+    import glob
+    import warnings
+    with warnings.catch_warnings(record=True) as said:  # torch gives its reason as a warning, the first time only
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return True
+    gpus = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    if not gpus or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return False
+    reason = " ".join(str(w.message).split(". ")[0] for w in said if "CUDA" in str(w.message)) or (
+        "a CPU-only build" if torch.version.cuda is None else "torch.cuda.is_available() is False")
+    needs = "" if torch.version.cuda is None else f"; it needs {driver_needed()}"
+    raise ValueError(f"DEVICE=auto: this machine has an NVIDIA GPU ({gpus[0]}) that torch {torch.__version__} "
+                     f"cannot use ({reason}{needs}). Update the driver, or run with your own torch and torchvision "
+                     "built for this machine (PY=, docs/make.md); DEVICE=cpu runs on the CPU instead")
+
+
+def tiny_kernel(device):
+    torch.ones(8, device=device).add_(1).sum().item()
+
+
+def check_cuda_runs(device):
+    """Run one small kernel on a CUDA device, so that a GPU this torch build has no code for (the pinned build starts
+    at compute capability 7.5: no V100, no P100) or a driver it cannot start stops with what to do, not with CUDA's
+    "no kernel image is available" at a stage's first layer."""
+    try:
+        tiny_kernel(device)
+    except RuntimeError as e:
+        try:
+            major, minor = torch.cuda.get_device_capability(device)
+            gpu = f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+        except Exception:  # noqa: BLE001 - the same failure again: say what is known
+            gpu = "its name and capability unknown"
+        raise ValueError(f"DEVICE={device}: torch {torch.__version__} cannot run on this GPU ({gpu}): "
+                         f"{str(e).strip().splitlines()[0]}. This build has code for "
+                         f"{' '.join(torch.cuda.get_arch_list()) or '?'} and needs {driver_needed()}. Run with your "
+                         "own torch and torchvision built for this GPU (PY=, docs/make.md), or DEVICE=cpu") from None
 
 
 def is_vit(visual):
@@ -511,14 +566,14 @@ def init_distributed(device_arg="auto"):
         return 0, 1, pick_device(device_arg)
     import torch.distributed as dist
     local = int(os.environ["LOCAL_RANK"])
-    kind = "auto" if device_arg == "auto" else pick_device(device_arg.split(":")[0]).type  # CUDA refused where none
-    if kind not in ("auto", "cuda", "cpu"):
+    kind = pick_device(device_arg.split(":")[0], probe=False).type  # CUDA refused where none
+    if kind not in ("cuda", "cpu"):
         raise ValueError(f"--device {device_arg} (DEVICE={device_arg}): under torchrun (GPUS=) the kit runs on cuda or "
                          "cpu")
-    if kind == "cuda" and device_arg != "cuda":
+    if kind == "cuda" and device_arg not in ("cuda", "auto"):
         warn_once(f"note: under torchrun each process takes the GPU of its LOCAL_RANK; the index of --device "
                   f"{device_arg} is not used (CUDA_VISIBLE_DEVICES picks the GPUs)")
-    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+    if kind == "cuda":
         count = torch.cuda.device_count()
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if per_node > count:  # every process stops, before set_device's "invalid device ordinal" in some of them
@@ -527,6 +582,7 @@ def init_distributed(device_arg="auto"):
                              f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use GPUS={count}")
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
+        check_cuda_runs(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend)

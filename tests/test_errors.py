@@ -300,9 +300,63 @@ def test_a_device_this_machine_lacks_is_named_before_anything_loads(monkeypatch)
         common.pick_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(common, "tiny_kernel", lambda device: None)  # as on a GPU this torch runs on
     with pytest.raises(ValueError, match=r"--device cuda:2 \(DEVICE=cuda:2\): this machine has 2 CUDA device"):
         common.pick_device("cuda:2")
     assert common.pick_device("cuda:1") == torch.device("cuda", 1) and common.pick_device("cpu").type == "cpu"
+
+
+def test_a_gpu_torch_cannot_use_stops_auto_rather_than_run_on_the_cpu(monkeypatch):
+    """A driver too old for the pinned CUDA 13 build: torch says so in a warning and reports no CUDA, and DEVICE=auto
+    went on to a CPU run of a whole benchmark."""
+    import glob
+    import warnings
+
+    def too_old():
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 12040). Please "
+                      "update your GPU driver by downloading and installing a new version")
+        return False
+    monkeypatch.setattr(torch.cuda, "is_available", too_old)
+    monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/nvidia0"] if pattern == "/dev/nvidia[0-9]*" else [])
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ValueError) as e:
+        common.pick_device("auto")
+    assert "an NVIDIA GPU (/dev/nvidia0) that torch" in str(e.value) and "found version 12040)" in str(e.value)
+    assert "needs a driver for CUDA 13.0 (580 or newer)" in str(e.value) and "DEVICE=cpu" in str(e.value)
+    assert common.pick_device("cpu").type == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden on purpose
+    assert common.pick_device("auto").type == "cpu"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])  # no GPU at all: the CPU, as ever
+    assert common.pick_device("auto").type == "cpu"
+
+
+def test_a_gpu_this_torch_has_no_code_for_stops_naming_its_capability(monkeypatch):
+    """A V100 (compute capability 7.0) under the pinned torch, whose code starts at 7.5: CUDA's "no kernel image"
+    came at a stage's first layer, after the model had loaded."""
+    import torch.distributed as dist
+
+    def no_code(device):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nCUDA kernel errors "
+                           "might be asynchronously reported")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
+    monkeypatch.setattr(common, "tiny_kernel", no_code)
+    for device in ("auto", "cuda", "cuda:1"):
+        with pytest.raises(ValueError) as e:
+            common.pick_device(device)
+        assert "cannot run on this GPU (Tesla V100-SXM2-32GB, compute capability 7.0): CUDA error: no kernel image " \
+               "is available for execution on the device. This build has code for sm_75 sm_80 sm_90" in str(e.value)
+    for key, value in dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", LOCAL_RANK="1", RANK="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: pytest.fail("the group was joined"))
+    with pytest.raises(ValueError, match=r"DEVICE=cuda:1: torch .* cannot run on this GPU"):
+        common.init_distributed("auto")
 
 
 def test_a_number_out_of_range_is_refused_by_name_before_anything_loads(tmp_path):
@@ -389,6 +443,7 @@ def test_a_cuda_device_under_torchrun_is_not_a_silent_cpu_run(monkeypatch):
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(common.torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(common, "tiny_kernel", lambda device: None)
     monkeypatch.setattr(dist, "init_process_group", lambda backend: None)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     assert common.init_distributed("cuda:0") == (1, 2, torch.device("cuda", 1))
