@@ -185,6 +185,7 @@ def main(argv=None):
                    classname=classname_feats, corpus_norm=corpus_norm)
     meta = common.make_meta("02_cache_descriptors", args, dataset=corpus["meta"]["dataset"], num_classes=num_classes,
                             model=name, pretrained=args.pretrained, embed_dim=int(embed_dim),
+                            precision=common.effective_precision(device, args.precision),
                             model_fingerprint=common.model_fingerprint(args.model, args.pretrained),
                             classnames_digest=common.names_digest(classnames),
                             corpus_digest=common.file_digest(args.corpus),

@@ -277,7 +277,8 @@ def main(argv=None):
     facts = common.training_facts(classnames, samples, args.data_root, text)
     meta = common.make_meta("03_train_coarse", args, dataset=args.dataset, num_classes=num_classes, model=model_name,
                             pretrained=args.pretrained, embed_dim=int(model.w_cls.shape[1]), world_size=world,
-                            text_features=str(args.features), **facts)
+                            text_features=str(args.features),
+                            precision=common.effective_precision(device, args.precision), **facts)
     checkpoint = common.Checkpoint(last_path, meta, args, writer=rank == 0,
                                    defaults=common.parser_defaults(p, args))
     state, start_epoch, history = checkpoint.start(), 0, []

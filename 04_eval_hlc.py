@@ -339,7 +339,8 @@ def main(argv=None):
                                        model=model_name, pretrained=args.pretrained, seconds=round(time.time() - t0, 1),
                                        coarse_digest=coarse_digest, split=split,
                                        eval_split_digest=common.split_digest(samples, args.data_root),
-                                       shot_rule=args.shot_rule, **facts)
+                                       shot_rule=args.shot_rule,
+                                       precision=common.effective_precision(device, args.precision), **facts)
     common.atomic_write_text(out.with_name("results.md"), results_table(results))
     common.atomic_write_json(out, results)
     if args.report:

@@ -454,7 +454,7 @@ DECODE_MODES = {
     "device": "the workers read JPEG bytes; decoding (nvJPEG on CUDA), crop, resize, normalise on the device",
 }
 PRECISIONS = {
-    "auto": "bf16 autocast on CUDA, float32 elsewhere",
+    "auto": "bf16 autocast on CUDA GPUs of compute capability 8.0 or more (Ampere on), float32 elsewhere",
     "fp32": "float32 everywhere (on CUDA: slower, and the image features are not rounded)",
     "bf16": "bf16 autocast on any device (on a CPU: to measure what bf16 changes)",
 }

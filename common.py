@@ -410,8 +410,13 @@ def count_parameters(module):
 
 
 def effective_precision(device, precision="auto"):
-    """What the image tower computes in: "bf16" on CUDA under auto, or when asked; "fp32" otherwise."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda") else "fp32"
+    """What the image tower computes in: "bf16" when asked, or under auto on a GPU with bf16 arithmetic (compute
+    capability 8.0 on: Ampere and later); "fp32" otherwise. A T4 or an RTX 20xx (7.5) has none: torch would emulate
+    it, no faster than float32 and less precise."""
+    device = torch.device(device)
+    if precision == "auto" and device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+    return "bf16" if precision == "bf16" else "fp32"
 
 
 def image_autocast(device, precision="auto"):

@@ -45,6 +45,9 @@ def test_make_all_writes_every_output(made_run):
         assert key in results
     meta = results["meta"]
     assert meta["num_classes"] == 5 and meta["model"] == "tiny-clip" and "torch" in meta["versions"]
+    trained = torch.load(made_run / "coarse.pt", weights_only=True)["meta"]
+    text = torch.load(made_run / "text_features.pt", weights_only=True)["meta"]
+    assert meta["precision"] == trained["precision"] == text["precision"] == "fp32"  # auto, as run: on a CPU
 
 
 def recompute_all(z, k_sweep=(1, 3, 5, 7, 9, 11, "all")):
@@ -315,6 +318,16 @@ def test_precision_switch_decides_the_arithmetic():
         assert (a @ b).dtype == torch.bfloat16
     with common.image_autocast("cpu", "fp32"):
         assert (a @ b).dtype == torch.float32
+
+
+def test_auto_precision_is_bf16_only_on_gpus_with_bf16_arithmetic(monkeypatch):
+    """A T4 or RTX 20xx (compute capability 7.5) has no bf16 arithmetic: torch would emulate it, no faster than
+    float32 and less precise, so auto keeps those in float32."""
+    for capability, expected in (((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert common.effective_precision("cuda") == expected and common.effective_precision("cuda:1") == expected
+        assert [common.effective_precision("cuda", p) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert common.effective_precision("cpu") == "fp32" and common.effective_precision("cpu", "bf16") == "bf16"
 
 
 def test_a_loaded_clip_leaves_float32_convolutions_float32_on_a_gpu(tiny_world, monkeypatch):
