@@ -27,7 +27,7 @@ import common
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets (without sparsity).
 PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
-             "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
+             "RTX 4090": 165.0, "RTX 3090": 71.0}
 TINY = {"embed_dim": 64, "quick_gelu": True,
         "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
@@ -254,7 +254,8 @@ def run_bench(args, tmp):
         opt.step()
 
     figures = dict(device=name_gpu, model=name, batch=batch, image_size=size, prompt_tokens=args.prompt_tokens,
-                   prompt_depth=vpt.depth, torch=str(torch.__version__), peak_bf16_tflops=peak or None,
+                   prompt_depth=vpt.depth, torch=str(torch.__version__), precision=common.effective_precision(device),
+                   peak_bf16_tflops=peak or None,
                    gflops_forward_per_image=round(fwd / 1e9, 3))
 
     def report(key, per_second, flops_per_item):
@@ -282,7 +283,7 @@ def run_bench(args, tmp):
 
     report("eval", batch / timed(eval_step, steps, warmup, device), fwd + fwd_plain)
 
-    # ---- text encoding, as stage 02 (bf16 autocast on CUDA) ----
+    # ---- text encoding, as stage 02 (under --precision auto) ----
     import open_clip
     tokenizer = open_clip.get_tokenizer(name)
     sentences = [f"a photo of a thing number {i}, which has a long and detailed description." for i in range(batch * 4)]
@@ -292,7 +293,7 @@ def run_bench(args, tmp):
 
     @torch.no_grad()
     def text_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with common.image_autocast(device):  # stage 02's switch for the text tower
             clip.encode_text(tokens)
 
     report("text", len(sentences) / timed(text_step, steps, warmup, device), text_flops)
@@ -316,7 +317,8 @@ def run_bench(args, tmp):
     # ---- report ----
     mfu = lambda f: f"MFU {f['mfu']:.1%}" if f["mfu"] is not None else "MFU n/a (no known peak: --peak-tflops)"
     print(f"{name_gpu}, {name} at {size} px, {args.prompt_tokens} prompts x {vpt.depth} layers, batch {batch}, "
-          f"torch {figures['torch']}; {figures['gflops_forward_per_image']} GFLOPs forward per image")
+          f"torch {figures['torch']}, {figures['precision']}; {figures['gflops_forward_per_image']} GFLOPs forward per "
+          "image")
     rows = [("train_step", "training step (synthetic)", "images/s"), ("eval", "evaluation (VPT + plain)", "images/s"),
             ("text", "text encoding", "sentences/s")]
     rows += [(f"train_end_to_end_{m}", f"training from JPEGs, {m}", "images/s") for m in args.decode]
