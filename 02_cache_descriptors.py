@@ -130,6 +130,7 @@ def main(argv=None):
     p.add_argument("--precision", choices=sorted(common.PRECISIONS), default="auto",
                    help="text tower arithmetic: " + "; ".join(f"{k}: {v}" for k, v in common.PRECISIONS.items()))
     args = p.parse_args(argv)
+    common.note_for_memory(f'FEATURE_ARGS="--batch-size {max(1, args.batch_size // 4)}" needs less')
 
     # ---- setup ----
     t0 = time.time()

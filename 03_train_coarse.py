@@ -203,6 +203,8 @@ def main(argv=None):
                         "--resume, a last.pt stops the run")
     args = p.parse_args(argv)
     common.apply_recipe(args, RECIPES)
+    common.note_for_memory('TRAIN_ARGS="--grad-checkpointing" recomputes activations instead of keeping them (RESUME=1 '
+                           'may add it), --accum-steps 2 takes each batch in two halves (a new training)')
     common.refuse_out_of_range(
         args, least=[("--epochs", 1), ("--batch-size", 1), ("--accum-steps", 1), ("--warmup-epochs", 0),
                         ("--weight-decay", 0), ("--corpus-ratio", 0), ("--mixup-alpha", 0), ("--desc-temp", 0),

@@ -219,6 +219,7 @@ def main(argv=None):
                    help="check the arguments and stop: make runs this before the training, so that a typo in "
                         "EVAL_ARGS is found then and not after it")
     args = p.parse_args(argv)
+    basics.note_for_memory(f'EVAL_ARGS="--batch-size {max(1, args.batch_size // 4)}" needs less')
     basics.refuse_out_of_range(args, least=[("--k", 1), ("--explain", 0), ("--batch-size", 1), ("--workers", 0)])
     basics.check_folder_to_be(args.feature_cache, "feature cache folder (--feature-cache, FEATURE_CACHE=)")
     if args.check_args:

@@ -566,12 +566,30 @@ def note_for_interrupt(text=INTERRUPT_KEPT):
     _interrupt_note = text
 
 
+_memory_note = "other processes on the GPU (nvidia-smi lists them) take from it too, or a GPU with more memory runs it"
+
+
+def note_for_memory(text):
+    """What frees GPU memory in this script, said in run_script's one line when the GPU runs out of it."""
+    global _memory_note
+    _memory_note = text
+
+
 def run_script(main):
     """A script's entry point: bad input (a missing or unreadable file, a value the kit refuses, a full disk) ends
-    with its message on one line and exit status 1 instead of a traceback, and an interrupt (Ctrl-C) with a line
-    saying what is kept and exit status 130; HLC_TRACEBACK=1 shows the traceback."""
+    with its message on one line and exit status 1 instead of a traceback, and so does a GPU out of memory, with what
+    frees some; an interrupt (Ctrl-C) ends with a line saying what is kept and exit status 130; HLC_TRACEBACK=1 shows
+    the traceback."""
     try:
         main()
+    except RuntimeError as e:  # torch.OutOfMemoryError, without importing torch here
+        if type(e).__name__ != "OutOfMemoryError" or os.environ.get("HLC_TRACEBACK"):
+            raise
+        said = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else "out of memory"
+        print(f"{Path(sys.argv[0]).name}: error: the GPU ran out of memory ({said}): {_memory_note}. "
+              f"{_interrupt_note[0].upper()}{_interrupt_note[1:]}  (HLC_TRACEBACK=1 shows where)", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         if os.environ.get("HLC_TRACEBACK"):
             raise

@@ -203,6 +203,7 @@ def main(argv=None):
     p.add_argument("--scale-dir", default="", help="--scale: folder for the synthetic world and run (kept)")
     p.add_argument("--val-list", default="", help="--scale: take the labels from this iNaturalist18_val.txt")
     args = p.parse_args(argv)
+    common.note_for_memory('BENCH_ARGS="--batch-size 32" needs less')
     if args.scale:
         return scale_run(args)
     with tempfile.TemporaryDirectory(prefix="hlc-bench-") as tmp:  # the JPEG files go with it

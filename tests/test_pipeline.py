@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import basics
 import common
 import make_tables
 from conftest import ROOT, load_stage, make_args, train_args
@@ -150,6 +151,26 @@ def test_resume_matches_uninterrupted_run(made_run, tiny_world, tmp_path, monkey
     for key in ("prompts", "w_cls", "w_llm", "class_counts"):
         assert torch.equal(a[key], b[key]), key
     assert len((broken.parent / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_gpu_out_of_memory_is_one_line_saying_what_needs_less_and_what_is_kept(made_run, tiny_world, tmp_path,
+                                                                                 monkeypatch, capsys):
+    stage = load_stage("03_train_coarse.py")
+    original = common.Checkpoint.save
+
+    def save_then_run_out(self, state):
+        original(self, state)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "15.57 GiB of which 1.02 GiB is free.")
+    monkeypatch.setattr(common.Checkpoint, "save", save_then_run_out)
+    out = tmp_path / "oom" / "coarse.pt"
+    args = train_args(tiny_world, made_run / "text_features.pt", out, "--epochs", "3")
+    with pytest.raises(SystemExit) as e:
+        basics.run_script(lambda: stage.main(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert "error: the GPU ran out of memory (CUDA out of memory): TRAIN_ARGS=\"--grad-checkpointing\"" in err, err
+    assert f"{out.parent / 'last.pt'} holds epoch 1 of 3: RESUME=1 continues it" in err
 
 
 def test_stage03_refuses_features_of_another_model(made_run, tiny_world, tmp_path):
