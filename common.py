@@ -440,8 +440,10 @@ def pick_device(name="auto", probe=True):
         raise ValueError(f"--device {name} (DEVICE={name}): not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} (DEVICE={name}): this machine has no CUDA device torch can use (no "
-                             f"NVIDIA driver, or a torch built without CUDA); use DEVICE=cpu or DEVICE=auto")
+            why = "this torch is built without CUDA" if torch.version.cuda is None else (
+                f"no NVIDIA driver, or not {driver_needed()}")
+            raise ValueError(f"--device {name} (DEVICE={name}): this machine has no CUDA device torch can use ({why}); "
+                             "use DEVICE=cpu or DEVICE=auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name} (DEVICE={name}): this machine has {torch.cuda.device_count()} CUDA "
                              f"device(s), numbered from 0")
