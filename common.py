@@ -470,6 +470,8 @@ def cuda_available_or_refused():
             return True
     gpus = sorted(glob.glob("/dev/nvidia[0-9]*"))
     if not gpus or "CUDA_VISIBLE_DEVICES" in os.environ:
+        for w in said:  # what torch said, said as it would have been
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return False
     reason = " ".join(str(w.message).split(". ")[0] for w in said if "CUDA" in str(w.message)) or (
         "a CPU-only build" if torch.version.cuda is None else "torch.cuda.is_available() is False")
