@@ -23,7 +23,8 @@ models/peft_vit.py, scripts/run_tab1to4_main_results.sh), which tests the last w
 - Evaluation without TTE uses CLIP's evaluation transform (resize to the model's size, centre crop), as every method
   of the kit; LIFT resizes to 8/7 of it first. TTE follows LIFT: resize to size + 24 (scaled with the input size, so
   3 px on the toy world's 32 px), five crops, logits averaged.
-- LIFT trains in fp16 autocast with a gradient scaler; the kit uses bf16 autocast on CUDA (no scaler needed).
+- LIFT trains in fp16 autocast with a gradient scaler; the kit uses bf16 autocast on CUDA GPUs from Ampere on, float32
+  below (no scaler needed).
 - LIFT picks one tuner or combines them; here --tuner picks one.
 As the code: AdaptFormer's bottleneck is 2^floor(log2(C / 2L)) wide (C classes, L blocks: 32 for ImageNet-LT with
 ViT-B/16, 8 for Places-LT, 4 for CIFAR-100); weight decay 5e-4 on every trained parameter; the cosine schedule steps
