@@ -163,6 +163,31 @@ def retry_after(value, now=None):
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"([0-9.]+)s"')  # Google's RetryInfo, in the body of its 429s
+
+
+def asked_wait(headers, body):
+    """The seconds a 429 or 5xx asks to wait: its Retry-After header or, from Google's Gemini endpoint (which sends
+    none), the RetryInfo retryDelay in its body; None where neither says."""
+    asked = retry_after(headers.get("Retry-After")) if headers is not None else None
+    found = RETRY_DELAY.search(body)
+    return asked if asked is not None or not found else float(found.group(1))
+
+
+def spent_quota(body):
+    """Why a 429 will not pass within a run, read from its body; None for a rate limit that does. OpenAI answers an
+    account out of credit with insufficient_quota; Google's Gemini names the quotas it enforced (quotaId
+    "GenerateRequestsPerDayPerProjectPerModel-FreeTier" is the day's requests) and says "limit: 0" for a model the
+    account may not use at all, and sends neither as a Retry-After."""
+    if "insufficient_quota" in body:
+        return "insufficient_quota: the account's credit or quota is spent (check its plan and billing)"
+    if re.search(r"per[ _]?day", body, re.IGNORECASE):  # also OpenAI's "on requests per day (RPD)"
+        return "a daily quota is spent: rerun when the provider resets it (Gemini: midnight Pacific time)"
+    if re.search(r"\blimit: 0\b", body):
+        return "limit 0: this account's plan has no quota for this model (another model, or a paid plan)"
+    return None
+
+
 def chunk_text(part):
     """The text of one content chunk: a text chunk's text, a thinking chunk's (its text or its own chunks) in <think>
     tags, nothing for other kinds (references, images)."""
@@ -243,7 +268,8 @@ class ChatClient:
                 return self.content(self._post(body, headers))
             except urllib.error.HTTPError as e:
                 self.heard = time.monotonic()
-                detail = self.redact(e.read()[:300].decode(errors="replace"))
+                page = self.redact(e.read(65536).decode(errors="replace"))  # Gemini's quota details pass 300 bytes
+                detail = page[:300]
                 if e.code in (401, 403):
                     raise LLMFatal(f"{self.url} answered {e.code} ({self.redact(str(e.reason))}): check the API key "
                                    "(OPENAI_API_KEY or --llm-key-file) and that it may use this endpoint") from None
@@ -260,12 +286,12 @@ class ChatClient:
                 if e.code == 404 or "model" in detail.lower() and e.code == 400:
                     raise LLMFatal(f"{self.url} answered {e.code}: model {self.model!r} not found? "
                                    f"Server said: {detail}") from None
-                if e.code == 429 and "insufficient_quota" in detail:  # OpenAI's: no retry brings it back
-                    raise LLMFatal(f"{self.url} answered 429 insufficient_quota: the account's credit or quota is "
-                                   "spent (check its plan and billing). The answers so far are cached; a rerun "
+                spent = spent_quota(page) if e.code == 429 else None
+                if spent:  # no retry brings it back
+                    raise LLMFatal(f"{self.url} answered 429, {spent}. The answers so far are cached; a rerun "
                                    f"resumes from them. Server said: {detail}") from None
                 if e.code == 429 or e.code >= 500:
-                    asked = retry_after(e.headers.get("Retry-After"))
+                    asked = asked_wait(e.headers, page)
                     if asked is not None and asked > MAX_RETRY_AFTER:
                         raise LLMFatal(f"{self.url} answered {e.code} and asks to wait {asked / 60:.0f} minutes "
                                        "before the next request (a daily limit?). The answers so far are cached; rerun "

@@ -19,6 +19,29 @@ FORMATS = (
 )
 
 
+def gemini_quota(kind):
+    """The body of a 429 from Gemini's OpenAI-compatible endpoint (a list holding one error, as it sends): the quotas
+    exceeded, a help link and a RetryInfo. 'daily' has spent the day's requests as well as the minute's; 'nofreetier'
+    is a model the free tier has no quota for; 'perminute' is only the minute's."""
+    ids = {"daily": ["GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                     "GenerateRequestsPerDayPerProjectPerModel-FreeTier"],
+           "nofreetier": ["GenerateRequestsPerMinutePerProjectPerModel-FreeTier"],
+           "perminute": ["GenerateRequestsPerMinutePerProjectPerModel-FreeTier"]}[kind]
+    limit = 0 if kind == "nofreetier" else 10
+    message = ("You exceeded your current quota, please check your plan and billing details. For more information "
+               "on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.\n* Quota exceeded for "
+               f"metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: {limit}, "
+               "model: gemini-2.5-pro\nPlease retry in 0.5s.")
+    violations = [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                   "quotaId": i, "quotaDimensions": {"location": "global", "model": "gemini-2.5-pro"}} for i in ids]
+    return [{"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED", "details": [
+        {"@type": "type.googleapis.com/google.rpc.Help",
+         "links": [{"description": "Learn more about Gemini API quotas",
+                    "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+        {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": violations},
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s"}]}}]
+
+
 class FakeLLM:
     """mode: 'ok', 'fail500' (two 500s per prompt first), '429' (one 429 with Retry-After first), 'hang' (first
     request per prompt sleeps past the client's timeout), 'short' (first answer has 6 items), '401', '404',
@@ -31,7 +54,9 @@ class FakeLLM:
     a chat template's opening tag; for 'odd ...' classes the first answer is cut off while thinking), 'chunks' (the
     content a list of a thinking chunk and a text chunk, as Mistral's Magistral models answer); after five answers,
     'quota' (429 insufficient_quota, as OpenAI answers an account out of credit) and 'tomorrow' (429 with a
-    Retry-After date a day ahead), and 'dies' (every connection closed with no answer, as a server that stopped)."""
+    Retry-After date a day ahead), 'daily' and 'nofreetier' (Gemini's 429s for a spent daily quota and for a model
+    the plan may not use), and 'dies' (every connection closed with no answer, as a server that stopped); 'perminute'
+    (Gemini's 429 for its per-minute limit, no Retry-After but a RetryInfo of 1 s) first for every prompt."""
 
     def __init__(self, mode="ok", delay=0.0, hang_seconds=1.5):
         self.mode, self.delay, self.hang_seconds = mode, delay, hang_seconds
@@ -72,6 +97,8 @@ class FakeLLM:
                 if fake.mode == "tomorrow" and fake.requests > 5:
                     return self.reply(429, {"error": "daily limit reached"},
                                       {"Retry-After": email.utils.formatdate(time.time() + 86400, usegmt=True)})
+                if fake.mode in ("daily", "nofreetier") and fake.requests > 5 or fake.mode == "perminute" and n == 1:
+                    return self.reply(429, gemini_quota(fake.mode))
                 if fake.mode == "fail500" and n <= 2:
                     return self.reply(500, {"error": "boom"})
                 if fake.mode == "429" and n == 1:

@@ -69,7 +69,7 @@ def test_an_answer_in_chunks_gives_its_text_chunks_and_keeps_its_thinking_in_the
     assert all(r["answer"].startswith("<think>Okay. Candidates:") for r in rows)
 
 
-@pytest.mark.parametrize("mode", ["ok", "fail500", "429", "hang", "short"])
+@pytest.mark.parametrize("mode", ["ok", "fail500", "429", "perminute", "hang", "short"])
 def test_twenty_classes_get_ten_descriptors(world20, tmp_path, mode):
     with FakeLLM(mode) as server:
         corpus = run_stage(world20, tmp_path / "corpus.json", server.url)
@@ -77,7 +77,7 @@ def test_twenty_classes_get_ten_descriptors(world20, tmp_path, mode):
     for name, descs, raw in zip(corpus["classnames"], corpus["descriptors"], corpus["descriptors_raw"]):
         assert raw == [f"feature {k} of {name}" for k in range(10)]  # no closing remark among them
         assert all(d == f"{name}, which has feature {k} of {name}" for k, d in enumerate(descs))
-    bound = {"ok": 20, "fail500": 60, "429": 40, "hang": 40, "short": 40}[mode]
+    bound = {"ok": 20, "fail500": 60, "429": 40, "perminute": 40, "hang": 40, "short": 40}[mode]
     assert server.requests == bound, (mode, server.requests)
     assert corpus["meta"]["llm"]["model"] == "fake-gpt" and not corpus["meta"]["llm"]["short"]
     rows = [json.loads(line) for line in (tmp_path / "llm_cache.jsonl").read_text().splitlines()]
@@ -227,14 +227,18 @@ def test_a_model_that_refuses_the_temperature_says_which_flag_sets_it(world20, t
     assert [len(d) for d in corpus["descriptors"]] == [10] * 20
 
 
-@pytest.mark.parametrize("mode", ["quota", "tomorrow"])
+@pytest.mark.parametrize("mode", ["quota", "tomorrow", "daily", "nofreetier"])
 def test_a_spent_quota_or_a_day_s_wait_stops_the_run_at_once_keeping_the_answers(world20, tmp_path, mode):
+    """OpenAI's spent credit, a Retry-After a day ahead, and Gemini's two that say so only in the body, past its first
+    300 bytes: without the stop, every class would wait out its retries and fail, for hours on a benchmark."""
     with FakeLLM(mode) as server:
         with pytest.raises(SystemExit) as e:
             run_stage(world20, tmp_path / "corpus.json", server.url, "--llm-concurrency", "1")
     msg = str(e.value)
     assert {"quota": "insufficient_quota: the account's credit or quota is spent",
-            "tomorrow": "asks to wait 1440 minutes"}[mode] in msg and "The answers so far are cached" in msg
+            "tomorrow": "asks to wait 1440 minutes", "daily": "429, a daily quota is spent",
+            "nofreetier": "429, limit 0: this account's plan has no quota for this model"}[mode] in msg, msg
+    assert "The answers so far are cached" in msg
     assert server.requests == 6  # no retry of the sixth, no request for the classes after it
     assert len((tmp_path / "llm_cache.jsonl").read_text().splitlines()) == 5
 
@@ -249,6 +253,16 @@ def test_an_endpoint_that_stops_answering_mid_run_stops_the_run_after_one_class_
     assert "sent no answer, not even an error" in msg and "a rerun resumes" in msg and server.url in msg, msg
     assert server.requests == 5 + 7  # the sixth class's seven tries, none for the classes after it
     assert len((tmp_path / "llm_cache.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_wait_is_read_from_retry_after_or_else_from_gemini_s_retry_info():
+    from llm_server import gemini_quota
+    body = json.dumps(gemini_quota("perminute"))
+    assert llm.asked_wait({}, body) == 1.0 and llm.asked_wait({"Retry-After": "7"}, body) == 7.0
+    assert llm.asked_wait({}, '{"error": "slow down"}') is None and llm.spent_quota(body) is None
+    openai = "Rate limit reached for gpt-4o-mini in organization org-x on requests per day (RPD): Limit 200, Used 200"
+    assert llm.spent_quota(openai).startswith("a daily quota is spent")
+    assert llm.spent_quota("Rate limit reached on tokens per min (TPM): Limit 30000, Used 29878") is None
 
 
 def test_retry_after_is_read_as_seconds_or_as_an_http_date():
