@@ -252,13 +252,30 @@ endif
 endif
 endif
 
+# ---- make report (alone) redraws a run's page from the results it holds: a RUN with no results.json, a typo in RUN
+#      or a run not made yet, is named with the runs beside it, not made from scratch (hours on a benchmark) ----
+REPORT_ONLY := $(filter report,$(sort $(MAKECMDGOALS)))$(filter-out report,$(MAKECMDGOALS))
+ifeq ($(REPORT_ONLY),report)
+ifeq ($(wildcard $(RUN)/results.json),)
+RUNS_MADE := $(patsubst %/results.json,%,$(wildcard $(dir $(RUN:%/=%))*/results.json))
+RUN_GUESS := $(shell python3 -c 'import difflib, os, sys; name = os.path.basename; runs = {name(r): r for r in \
+  sys.argv[2:]}; print(*(runs[m] for m in difflib.get_close_matches(name(sys.argv[1]), runs, 1, 0.6)))' \
+  '$(RUN:%/=%)' $(RUNS_MADE) 2>/dev/null)
+$(error RUN=$(RUN) holds no results.json, so there is no report to redraw$(if $(RUN_GUESS), (did you mean \
+  RUN=$(RUN_GUESS)?)). make all RUN=$(RUN:%/=%) makes a run and its report$(if $(RUNS_MADE),; runs with results \
+  here: $(wordlist 1,5,$(RUNS_MADE))))
+endif
+endif
+
 # ---- one make at a time per RUN: the first takes $(RUN)/.make.lock for its whole life (runlock.py), a second is
-#      refused at once, as is a RUN holding another dataset's outputs. Previews (-n, -q) take nothing ----
+#      refused at once, as is a RUN holding another dataset's outputs (but for make report, which reads only the
+#      run). Previews (-n, -q) take nothing ----
 NO_RUN_GOALS := help test test-all setup bench bench-scale clean clean-toy toy-seeds toy-clip
 MAKE_PID := $(shell echo $$PPID)
 ifneq ($(filter-out $(NO_RUN_GOALS),$(or $(MAKECMDGOALS),all)),)
 ifeq ($(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS))),)
-RUN_LOCK := $(shell python3 runlock.py $(RUN) $(MAKE_PID) $(DATASET) 2>&1)
+RUN_LOCK := $(shell python3 runlock.py $(RUN) $(MAKE_PID) $(if $(filter report,$(REPORT_ONLY)),-,$(DATASET)) \
+  2>&1)
 ifneq ($(RUN_LOCK),ok)
 $(error $(RUN_LOCK))
 endif
@@ -480,7 +497,8 @@ table1 table2 table3: table%: $(RUN)/tables/table%.md ## the paper's comparisons
 	@cat $<
 	@$(PY) report.py --run $(RUN) --quiet
 
-report: $(RUN)/results.json ## rewrite $(RUN)/report.html from whatever results the run holds
+REPORT_NEEDS := $(if $(wildcard $(RUN)/results.json),,$(RUN)/results.json)  # made only when missing
+report: $(REPORT_NEEDS) ## rewrite $(RUN)/report.html from whatever results the run holds, rerunning nothing
 	$(PY) report.py --run $(RUN)
 
 # ---- the toy comparison's learning rates, picked on the val split from one shared grid (docs/systems.md) ----

@@ -1,6 +1,6 @@
 """One make at a time per run directory: the Makefile calls this while it reads itself, before any stage runs.
 
-    python3 runlock.py RUN MAKE_PID DATASET      (prints "ok", or one line saying why not)
+    python3 runlock.py RUN MAKE_PID DATASET      (prints "ok", or one line saying why not; DATASET - takes any)
 
 The stages lock their own output folder while they run, but between two stages a run holds nothing, so a second
 `make all` on the same RUN could slip in and the first would then fail. Here the first make takes RUN/.make.lock for
@@ -32,13 +32,13 @@ def alive(pid):
 
 
 def other_dataset(run, dataset):
-    """The dataset whose outputs RUN already holds, when it is not this one."""
+    """The dataset whose outputs RUN already holds, when it is not this one ("-": any dataset, for make report)."""
     corpus = run / "corpus.json"
     try:
         held = json.loads(corpus.read_text(encoding="utf-8"))["meta"]["dataset"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return held if held != dataset else None
+    return held if held != dataset and dataset != "-" else None
 
 
 def tidy(run, created, lock):

@@ -86,6 +86,25 @@ def test_a_training_seed_in_train_args_retrains_on_the_same_world(small_toy, tmp
     assert not torch.equal(old["prompts"], new["prompts"])
 
 
+def test_make_report_redraws_the_run_it_names_and_makes_no_other(small_toy, tmp_path):
+    """make report rewrites report.html from what the run holds: a RUN with a typo is named with the run beside it,
+    not made from scratch, and a run's changed settings or another DATASET rerun nothing."""
+    tmp, args = small_toy
+    args = [a for a in args if not a.startswith("RUN=")]
+    typo = tmp / "rnu"
+    out = make("report", *args, f"RUN={typo}")
+    assert out.returncode != 0 and f"(did you mean RUN={tmp / 'run'}?)" in out.stderr, out.stderr[-1500:]
+    assert "make all RUN=" in out.stderr and not typo.exists()
+    out = make("-n", "report", *args, f"RUN={tmp / 'run'}", "EVAL_ARGS=--tau 0.5")
+    ran = [line for line in out.stdout.splitlines() if not line.startswith("make")]
+    assert out.returncode == 0 and ran == [f"{sys.executable} report.py --run {tmp / 'run'}"], out.stdout
+    page = tmp / "run" / "report.html"
+    os.utime(page, ns=(0, 0))
+    out = make("report", *[a for a in args if not a.startswith("DATASET=")], f"RUN={tmp / 'run'}",
+               "DATASET=imagenet_lt")  # a run holding the toy's outputs: report reads only the run
+    assert out.returncode == 0 and page.stat().st_mtime_ns > 0, out.stdout[-1500:] + out.stderr[-1500:]
+
+
 def test_an_old_make_is_stopped_with_the_fix():
     out = make("MAKE_VERSION=3.81", "-n", "help")
     assert out.returncode != 0 and "needs GNU make 4.2 or newer" in out.stderr and "gmake" in out.stderr
