@@ -140,6 +140,40 @@ def test_cupl_imagenet_file_maps_onto_all_1000_classes():
     assert per_class[27] == data["newt"] and per_class[638] == data["tights"]
 
 
+@pytest.mark.parametrize("dataset, name, split, per_class", [("imagenet_lt", "ImageNet_LT_val.txt", "val", 20),
+                                                            ("imagenet_lt", "ImageNet_LT_test.txt", "test", 50),
+                                                            ("inat2018", "iNaturalist18_val.txt", "val", 3)])
+def test_the_public_split_lists_read_as_their_benchmarks_define_them(tmp_path, dataset, name, split, per_class):
+    """OLTR's lists and the LT codebases' iNaturalist list, in a data root as users lay it out: every class has its
+    benchmark's balanced share, a line is named by file and number, and ImageNet-LT's labels follow the sorted WordNet
+    ids, the order of open_clip's class names that the kit indexes by label."""
+    (tmp_path / name).symlink_to(shared(name))
+    classes = common.dataset_info(dataset)["num_classes"]
+    samples = common.read_split(tmp_path, dataset, split, classes, check_files=False)
+    counts = np.bincount([label for _, label, _ in samples], minlength=classes)
+    assert counts.min() == counts.max() == per_class and samples[1][2] == f"{tmp_path / name}:2"
+    if dataset == "imagenet_lt":  # train/<wnid>/<wnid>_<n>.JPEG (val) and val/<wnid>/ILSVRC2012_val_<n>.JPEG (test)
+        wnids = {label: Path(path).parent.name for path, label, _ in samples}
+        assert len(set(wnids.values())) == 1000 and [wnids[c] for c in range(1000)] == sorted(wnids.values())
+        assert wnids[0] == "n01440764" and imagenet_names()[0] == "tench"
+    else:  # train_val2018/<kingdom>/<label>/<file>.jpg
+        assert all(Path(path).parent.name == str(label) for path, label, _ in samples)
+
+
+def test_imagenet_s_own_flat_val_folder_serves_oltr_s_test_list(tmp_path):
+    """ImageNet's val/ holds its 50,000 images in one folder, where ImageNet_LT_test.txt names val/<wnid>/<file>: the
+    list is read one folder up, and what is missing is counted there."""
+    (tmp_path / "ImageNet_LT_test.txt").symlink_to(shared("ImageNet_LT_test.txt"))
+    first = tmp_path / "val" / "ILSVRC2012_val_00029930.JPEG"  # the list's first line, one folder up
+    first.parent.mkdir()
+    first.write_bytes(b"\xff\xd8 not decoded here")
+    with pytest.raises(FileNotFoundError) as e:
+        common.read_split(tmp_path, "imagenet_lt", "test", 1000)
+    second = tmp_path / "val" / "ILSVRC2012_val_00017700.JPEG"
+    assert f"ImageNet_LT_test.txt:2: image not found: {second}" in str(e.value)
+    assert "(images missing from ImageNet_LT_test.txt: 49999 of 50000)" in str(e.value)
+
+
 def test_places365_name_forms():
     classnames = [common.readable_name(n) for n in ("/a/airfield", "/a/apartment_building/outdoor", "/a/arcade",
                                                      "/b/bazaar/indoor", "/b/bazaar/outdoor", "/l/lock_chamber")]
