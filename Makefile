@@ -254,8 +254,8 @@ endif
 
 # ---- make report (alone) redraws a run's page from the results it holds: a RUN with no results.json, a typo in RUN
 #      or a run not made yet, is named with the runs beside it, not made from scratch (hours on a benchmark) ----
-REPORT_ONLY := $(filter report,$(sort $(MAKECMDGOALS)))$(filter-out report,$(MAKECMDGOALS))
-ifeq ($(REPORT_ONLY),report)
+REPORT_ONLY := $(if $(filter-out report,$(MAKECMDGOALS)),,$(filter report,$(MAKECMDGOALS)))
+ifneq ($(REPORT_ONLY),)
 ifeq ($(wildcard $(RUN)/results.json),)
 RUNS_MADE := $(patsubst %/results.json,%,$(wildcard $(dir $(RUN:%/=%))*/results.json))
 RUN_GUESS := $(shell python3 -c 'import difflib, os, sys; name = os.path.basename; runs = {name(r): r for r in \
@@ -274,8 +274,7 @@ NO_RUN_GOALS := help test test-all setup bench bench-scale clean clean-toy toy-s
 MAKE_PID := $(shell echo $$PPID)
 ifneq ($(filter-out $(NO_RUN_GOALS),$(or $(MAKECMDGOALS),all)),)
 ifeq ($(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS))),)
-RUN_LOCK := $(shell python3 runlock.py $(RUN) $(MAKE_PID) $(if $(filter report,$(REPORT_ONLY)),-,$(DATASET)) \
-  2>&1)
+RUN_LOCK := $(shell python3 runlock.py $(RUN) $(MAKE_PID) $(if $(REPORT_ONLY),-,$(DATASET)) 2>&1)
 ifneq ($(RUN_LOCK),ok)
 $(error $(RUN_LOCK))
 endif

@@ -169,7 +169,7 @@ RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"([0-9.]+)s"')  # Google's RetryIn
 def asked_wait(headers, body):
     """The seconds a 429 or 5xx asks to wait: its Retry-After header or, from Google's Gemini endpoint (which sends
     none), the RetryInfo retryDelay in its body; None where neither says."""
-    asked = retry_after(headers.get("Retry-After")) if headers is not None else None
+    asked = retry_after(headers.get("Retry-After"))
     found = RETRY_DELAY.search(body)
     return asked if asked is not None or not found else float(found.group(1))
 
